@@ -1,0 +1,32 @@
+"""Neural Block Linearization: replace the most linear attention sub-blocks of an LLM by LMMSE maps."""
+
+from nbl.accounting import FlopModel, kv_cache_bytes_per_token, model_kv_bytes_per_token, parameter_report
+from nbl.adapters import SUPPORTED_MODEL_TYPES, UnsupportedModelError, get_adapter
+from nbl.calibration import CalibrationResult, calibrate
+from nbl.checkpoint import load_linearized, save_linearized
+from nbl.linalg import canonical_correlations, cca_bound, fit_lmmse
+from nbl.stats import CovarianceAccumulator
+from nbl.surgery import LinearizedDecoderLayer, linearize, replaced_layers
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "SUPPORTED_MODEL_TYPES",
+    "CalibrationResult",
+    "CovarianceAccumulator",
+    "FlopModel",
+    "LinearizedDecoderLayer",
+    "UnsupportedModelError",
+    "calibrate",
+    "canonical_correlations",
+    "cca_bound",
+    "fit_lmmse",
+    "get_adapter",
+    "kv_cache_bytes_per_token",
+    "linearize",
+    "load_linearized",
+    "model_kv_bytes_per_token",
+    "parameter_report",
+    "replaced_layers",
+    "save_linearized",
+]

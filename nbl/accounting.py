@@ -1,0 +1,112 @@
+"""What a replacement saves: parameters, sparsity (the paper's definition), KV cache and a FLOP model."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass
+
+import torch
+from transformers import AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
+
+from nbl.adapters import adapter_for_config
+from nbl.surgery import ReplacementMode, replaced_layers
+
+
+def _count(module: torch.nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())  # shared (tied) parameters count once
+
+
+def _embedding_params(model: PreTrainedModel) -> int:
+    embed = model.get_input_embeddings().weight
+    head = model.get_output_embeddings()
+    n = embed.numel()
+    if head is not None and head.weight is not embed:  # tied heads share the embedding Parameter
+        n += head.weight.numel()
+    return n
+
+
+@dataclass(frozen=True)
+class ParameterReport:
+    base_params: int
+    params: int
+    removed: int
+    non_embedding_base: int
+    sparsity: float  # removed / non-embedding parameters of the base model
+
+    def as_dict(self) -> dict[str, float]:
+        return asdict(self)
+
+
+def parameter_report(model: PreTrainedModel) -> ParameterReport:
+    """Compare ``model`` with the unmodified architecture built (weightless, on meta) from its config."""
+    with torch.device("meta"):
+        base = AutoModelForCausalLM.from_config(model.config)
+    base_params = _count(base)
+    non_embedding = base_params - _embedding_params(base)
+    params = _count(model)
+    removed = base_params - params
+    return ParameterReport(base_params, params, removed, non_embedding, removed / non_embedding)
+
+
+def kv_cache_bytes_per_token(
+    config: PretrainedConfig, replaced: Mapping[int, ReplacementMode] | None = None, bytes_per_value: int = 2
+) -> int:
+    """Bytes of K and V one token adds to the cache (all layers that keep attention)."""
+    adapter = adapter_for_config(config)
+    n_attention = config.num_hidden_layers - len(replaced or {})
+    return n_attention * 2 * adapter.num_kv_heads(config) * adapter.head_dim(config) * bytes_per_value
+
+
+def model_kv_bytes_per_token(model: PreTrainedModel) -> int:
+    return kv_cache_bytes_per_token(model.config, replaced_layers(model), next(model.parameters()).element_size())
+
+
+@dataclass(frozen=True)
+class FlopModel:
+    """Forward FLOPs (2 per multiply-add) of one token seeing ``context`` tokens, per component."""
+
+    config: PretrainedConfig
+
+    def _dims(self) -> tuple[int, int, int, int, int, int]:
+        c = self.config
+        adapter = adapter_for_config(c)
+        return (
+            adapter.hidden_size(c),
+            c.num_attention_heads,
+            adapter.num_kv_heads(c),
+            adapter.head_dim(c),
+            c.intermediate_size,
+            c.vocab_size,
+        )
+
+    def layer(self, mode: ReplacementMode | None, context: float) -> float:
+        d, h, kv, hd, ff, _ = self._dims()
+        mlp = 2 * 3 * d * ff  # gated MLP: gate, up, down
+        if mode == "drop":
+            return mlp
+        if mode == "linear":
+            return mlp + 2 * d * d
+        projections = 2 * (d * h * hd + 2 * d * kv * hd + h * hd * d)
+        scores_and_values = 2 * 2 * context * h * hd
+        return mlp + projections + scores_and_values
+
+    def lm_head(self) -> float:
+        d, *_, vocab = self._dims()
+        return 2 * d * vocab
+
+    def token(self, replaced: Mapping[int, ReplacementMode], context: float) -> float:
+        return sum(self.layer(replaced.get(i), context) for i in range(self.config.num_hidden_layers))
+
+    def prefill(self, replaced: Mapping[int, ReplacementMode], n: int) -> float:
+        """A causal prompt of n tokens (token t attends to t tokens: mean context (n+1)/2), logits for the last."""
+        return n * self.token(replaced, (n + 1) / 2) + self.lm_head()
+
+    def decode(self, replaced: Mapping[int, ReplacementMode], context: int) -> float:
+        """One cached decoding step at the given context length, logits included."""
+        return self.token(replaced, context) + self.lm_head()
+
+    def prefill_speedup(self, replaced: Mapping[int, ReplacementMode], n: int) -> float:
+        return self.prefill({}, n) / self.prefill(replaced, n)
+
+    def decode_speedup(self, replaced: Mapping[int, ReplacementMode], context: int) -> float:
+        return self.decode({}, context) / self.decode(replaced, context)

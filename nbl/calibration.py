@@ -1,0 +1,171 @@
+"""One streaming pass over calibration batches: per-layer (x, a) statistics via forward hooks."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Iterator, Mapping
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+from tqdm.auto import tqdm
+from transformers import PreTrainedModel
+
+from nbl.adapters import get_adapter
+from nbl.stats import CovarianceAccumulator
+from nbl.surgery import LinearizedDecoderLayer
+
+Batch = torch.Tensor | Mapping[str, torch.Tensor]
+
+
+class CalibrationResult(Mapping[int, CovarianceAccumulator]):
+    """Layer index -> accumulator, plus the per-layer sum of cos(x, x + a) for the drop baseline."""
+
+    def __init__(self, accumulators: dict[int, CovarianceAccumulator], cosine_sums: dict[int, float]) -> None:
+        self.accumulators = accumulators
+        self.cosine_sums = cosine_sums
+
+    def __getitem__(self, layer: int) -> CovarianceAccumulator:
+        return self.accumulators[layer]
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(sorted(self.accumulators))
+
+    def __len__(self) -> int:
+        return len(self.accumulators)
+
+    def mean_cosine(self, layer: int) -> float:
+        """Mean over calibration tokens of cos(x_t, x_t + a_t)."""
+        return self.cosine_sums[layer] / self.accumulators[layer].count
+
+    @property
+    def num_tokens(self) -> int:
+        return next(iter(self.accumulators.values())).count if self.accumulators else 0
+
+    def save(self, path: str | Path, metadata: Mapping[str, str] | None = None) -> None:
+        """One safetensors file (no pickle); ``metadata`` is kept as strings in its header."""
+        tensors: dict[str, torch.Tensor] = {}
+        for i, acc in self.accumulators.items():
+            for name, t in acc.state_dict().items():
+                tensors[f"layer{i}.{name}"] = t.contiguous()
+            tensors[f"layer{i}.cosine_sum"] = torch.tensor([self.cosine_sums[i]], dtype=torch.float64)
+        header = {"nbl_layers": json.dumps(sorted(self.accumulators)), **(metadata or {})}
+        save_file(tensors, str(path), metadata=header)
+
+    @classmethod
+    def load(cls, path: str | Path) -> CalibrationResult:
+        tensors = load_file(str(path))
+        layers = sorted({int(k.split(".", 1)[0][len("layer") :]) for k in tensors})
+        accs, cos = {}, {}
+        for i in layers:
+            prefix = f"layer{i}."
+            state = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
+            cos[i] = float(state.pop("cosine_sum").item())
+            accs[i] = CovarianceAccumulator.from_state_dict(state)
+        return cls(accs, cos)
+
+
+class _AttentionTap:
+    """Owns the hooks that feed (x, a) of chosen layers into accumulators; always removes them."""
+
+    def __init__(self, model: PreTrainedModel, layers: list[int], result: CalibrationResult) -> None:
+        self.model = model
+        self.layers = layers
+        self.result = result
+        self.mask: torch.Tensor | None = None
+        self._inputs: dict[int, torch.Tensor] = {}
+        self._handles: list[torch.utils.hooks.RemovableHandle] = []
+
+    def __enter__(self) -> _AttentionTap:
+        adapter = get_adapter(self.model)
+        decoder_layers = adapter.layers(self.model)
+        try:
+            for i in self.layers:
+                layer = decoder_layers[i]
+                self._handles.append(layer.register_forward_pre_hook(self._save_input(i), with_kwargs=True))
+                self._handles.append(adapter.attention(layer).register_forward_hook(self._accumulate(i)))
+        except BaseException:
+            self.__exit__(None, None, None)
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        self._inputs.clear()
+
+    def _save_input(self, i: int):
+        def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+            self._inputs[i] = args[0] if args else kwargs["hidden_states"]
+
+        return hook
+
+    def _accumulate(self, i: int):
+        def hook(module: nn.Module, args: tuple, output: object) -> None:
+            x = self._inputs.pop(i)
+            a = output[0] if isinstance(output, tuple) else output
+            mask = self.mask.to(x.device) if self.mask is not None else None
+            self.result.accumulators[i].update(x, a, mask)
+            cos = torch.nn.functional.cosine_similarity(x.float(), (x + a).float(), dim=-1)
+            if mask is not None:
+                cos = cos[mask.bool()]
+            self.result.cosine_sums[i] += float(cos.double().sum())
+
+        return hook
+
+
+def _unpack(batch: Batch, device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
+    if isinstance(batch, torch.Tensor):
+        input_ids, mask = batch, None
+    elif isinstance(batch, Mapping) and "input_ids" in batch:
+        input_ids, mask = batch["input_ids"], batch.get("attention_mask")
+    else:
+        raise TypeError("a calibration batch is a (batch, seq) tensor of input ids or a dict with 'input_ids'")
+    if input_ids.dim() != 2:
+        raise ValueError(f"input_ids must be shaped (batch, seq), got {tuple(input_ids.shape)}")
+    return input_ids.to(device), None if mask is None else mask.to(device)
+
+
+@torch.no_grad()
+def calibrate(
+    model: PreTrainedModel,
+    batches: Iterable[Batch],
+    layers: Iterable[int] | None = None,
+    progress: bool = True,
+) -> CalibrationResult:
+    """One pass over ``batches``; statistics for every attention-bearing layer (or only ``layers``).
+
+    The LM head is skipped (only the backbone runs); padding tokens (attention_mask == 0) are not
+    counted. Memory is O(L d^2) whatever the number of tokens.
+    """
+    adapter = get_adapter(model)
+    decoder_layers = adapter.layers(model)
+    if layers is None:
+        chosen = [i for i, layer in enumerate(decoder_layers) if not isinstance(layer, LinearizedDecoderLayer)]
+    else:
+        chosen = sorted({int(i) for i in layers})
+        for i in chosen:
+            if not 0 <= i < len(decoder_layers):
+                raise IndexError(f"layer {i} out of range for {len(decoder_layers)} layers")
+            if isinstance(decoder_layers[i], LinearizedDecoderLayer):
+                raise ValueError(f"layer {i} has no attention left to calibrate")
+    d = adapter.hidden_size(model.config)
+    result = CalibrationResult({i: CovarianceAccumulator(d, d) for i in chosen}, {i: 0.0 for i in chosen})
+    device = next(adapter.backbone(model).parameters()).device
+    backbone = adapter.backbone(model)
+    was_training = model.training
+    model.eval()
+    total = len(batches) if hasattr(batches, "__len__") else None
+    try:
+        with _AttentionTap(model, chosen, result) as tap:
+            for batch in tqdm(batches, total=total, desc=f"calibrating {len(chosen)} layers", disable=not progress):
+                input_ids, mask = _unpack(batch, device)
+                tap.mask = mask
+                backbone(input_ids=input_ids, attention_mask=mask, use_cache=False)
+    finally:
+        model.train(was_training)
+    if result.num_tokens < 2:
+        raise ValueError("calibration saw fewer than 2 real tokens")
+    return result

@@ -1,0 +1,60 @@
+"""Self-contained checkpoints of linearized models: HF config + safetensors + a small nbl.json.
+
+Reloading needs no remote code, no pickle and no file outside the folder.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_model, save_model
+from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
+
+from nbl.adapters import adapter_for_config
+from nbl.surgery import apply_replacements, replaced_layers
+
+NBL_FILE = "nbl.json"
+WEIGHTS_FILE = "model.safetensors"
+FORMAT_VERSION = 1
+
+
+def save_linearized(model: PreTrainedModel, path: str | Path, tokenizer: PreTrainedTokenizerBase | None = None) -> Path:
+    """Write the (possibly) linearized ``model`` to the folder ``path``; returns the folder."""
+    folder = Path(path)
+    folder.mkdir(parents=True, exist_ok=True)
+    model.config.save_pretrained(folder)
+    save_model(model, str(folder / WEIGHTS_FILE))  # drops tied duplicates (lm_head = embed_tokens)
+    meta = {
+        "format_version": FORMAT_VERSION,
+        "model_type": model.config.model_type,
+        "replaced_layers": {str(i): mode for i, mode in sorted(replaced_layers(model).items())},
+    }
+    (folder / NBL_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+    if tokenizer is not None:
+        tokenizer.save_pretrained(folder)
+    return folder
+
+
+def load_linearized(
+    path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None
+) -> PreTrainedModel:
+    """Rebuild a model written by :func:`save_linearized` (standard classes, strict weight load)."""
+    folder = Path(path)
+    meta_file = folder / NBL_FILE
+    if not meta_file.is_file():
+        raise FileNotFoundError(f"{meta_file} not found: {folder} is not an NBL checkpoint")
+    meta = json.loads(meta_file.read_text())
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise ValueError(f"unsupported NBL checkpoint version {meta.get('format_version')}")
+    config = AutoConfig.from_pretrained(folder)
+    adapter_for_config(config)  # clear error for an unsupported family
+    model = AutoModelForCausalLM.from_config(config, dtype=dtype or config.dtype or torch.float32)
+    apply_replacements(model, {int(i): mode for i, mode in meta["replaced_layers"].items()})
+    missing, unexpected = load_model(model, str(folder / WEIGHTS_FILE), strict=False)
+    tied = {"lm_head.weight"} if getattr(config, "tie_word_embeddings", False) else set()
+    if set(missing) - tied or unexpected:
+        raise ValueError(f"checkpoint does not match the model: missing {missing}, unexpected {unexpected}")
+    model.tie_weights()
+    return model.to(device).eval()

