@@ -95,7 +95,7 @@ def load_texts(source: str, path: str | None = None) -> list[str]:
             raise ValueError("source 'local' needs a path")
         return local_text(path)
     if source not in TEXT_SOURCES:
-        raise ValueError(f"unknown text source {source!r}; choose from {sorted(TEXT_SOURCES) + ['local']}")
+        raise ValueError(f"unknown text source {source!r}; choose from {[*sorted(TEXT_SOURCES), 'local']}")
     return TEXT_SOURCES[source]()
 
 
