@@ -1,0 +1,121 @@
+"""Speed measurements that can be trusted: warm-up, interleaved repetitions, medians, device sync.
+
+Decode really passes the KV cache from step to step (one new token per forward).
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+import torch
+from transformers import DynamicCache, PreTrainedModel
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@dataclass(frozen=True)
+class Timing:
+    median_s: float
+    min_s: float
+    max_s: float
+    samples: int
+
+
+def timed(fn: Callable[[], object], device: torch.device | None = None) -> Callable[[], float]:
+    """Wrap ``fn`` into a callable that returns its own wall time, device synchronised."""
+    dev = device or torch.device("cpu")
+
+    def run() -> float:
+        _sync(dev)
+        start = time.perf_counter()
+        fn()
+        _sync(dev)
+        return time.perf_counter() - start
+
+    return run
+
+
+def interleaved(fns: Mapping[str, Callable[[], float]], repeats: int = 5, warmup: int = 1) -> dict[str, Timing]:
+    """Run each timing callable ``repeats`` times round-robin (A B A B ...) after ``warmup`` untimed rounds.
+
+    Each callable returns the seconds it measured (see :func:`timed`, :func:`decode_timer`).
+    """
+    if repeats < 1:
+        raise ValueError("repeats must be >= 1")
+    samples: dict[str, list[float]] = {name: [] for name in fns}
+    for round_ in range(warmup + repeats):
+        for name, fn in fns.items():
+            seconds = fn()
+            if round_ >= warmup:
+                samples[name].append(seconds)
+    return {n: Timing(statistics.median(s), min(s), max(s), len(s)) for n, s in samples.items()}
+
+
+def random_prompt(model: PreTrainedModel, batch: int, length: int, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, model.config.vocab_size, (batch, length), generator=g)
+    return ids.to(next(model.parameters()).device)
+
+
+@torch.no_grad()
+def prefill(model: PreTrainedModel, ids: torch.Tensor) -> DynamicCache:
+    """The prompt pass of generation: fills a fresh cache, logits for the last position only."""
+    cache = DynamicCache(config=model.config)
+    model(ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+    return cache
+
+
+def _start(model: PreTrainedModel, ids: torch.Tensor) -> tuple[object, torch.Tensor]:
+    out = model(ids, past_key_values=DynamicCache(config=model.config), use_cache=True, logits_to_keep=1)
+    return out, out.logits[:, -1:].argmax(-1)
+
+
+def _steps(model: PreTrainedModel, out: object, token: torch.Tensor, new_tokens: int) -> DynamicCache:
+    for _ in range(new_tokens):
+        out = model(token, past_key_values=out.past_key_values, use_cache=True)
+        token = out.logits[:, -1:].argmax(-1)
+    return out.past_key_values
+
+
+@torch.no_grad()
+def cached_decode(model: PreTrainedModel, ids: torch.Tensor, new_tokens: int) -> DynamicCache:
+    """Greedy decoding of ``new_tokens`` tokens after a prefill, one token per step, cache carried over."""
+    return _steps(model, *_start(model, ids), new_tokens)
+
+
+def decode_timer(model: PreTrainedModel, ids: torch.Tensor, new_tokens: int) -> Callable[[], float]:
+    """A timing callable for cached decoding: prefill untimed, then ``new_tokens`` single-token steps timed."""
+
+    @torch.no_grad()
+    def run() -> float:
+        out, token = _start(model, ids)
+        _sync(ids.device)
+        start = time.perf_counter()
+        _steps(model, out, token, new_tokens)
+        _sync(ids.device)
+        return time.perf_counter() - start
+
+    return run
+
+
+def peak_rss_bytes() -> int:
+    """Peak resident set size of this process (Linux VmHWM)."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError("VmHWM not found in /proc/self/status")
+
+
+def current_rss_bytes() -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError("VmRSS not found in /proc/self/status")

