@@ -1,0 +1,63 @@
+"""Content-keyed on-disk cache of calibration statistics, safe for concurrent sweep jobs."""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import os
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from pathlib import Path
+
+from nbl.calibration import CalibrationResult
+
+STATS_FORMAT = 1  # bump when what calibration computes changes (part of every key)
+
+
+def cache_key(fields: Mapping[str, object]) -> str:
+    """A stable hash of everything that changes the statistics."""
+    blob = json.dumps({"stats_format": STATS_FORMAT, **fields}, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:24]
+
+
+@contextmanager
+def _locked(path: Path) -> Iterator[None]:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)  # jobs starting together: one computes, the others wait and reuse
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def cached_calibration(
+    folder: Path, fields: Mapping[str, object], compute: Callable[[], CalibrationResult]
+) -> tuple[CalibrationResult, bool, Path]:
+    """Load the statistics for ``fields`` or compute and store them; returns (stats, hit, path)."""
+    key = cache_key(fields)
+    path = folder / f"{key}.safetensors"
+    with _locked(folder / f"{key}.lock"):
+        if path.is_file():
+            return CalibrationResult.load(path), True, path
+        stats = compute()
+        tmp = path.with_suffix(f".tmp{os.getpid()}")
+        stats.save(tmp, metadata={"fields": json.dumps(fields, sort_keys=True, default=str)})
+        os.replace(tmp, path)  # atomic: readers never see a partial file
+        (folder / f"{key}.fields.json").write_text(json.dumps(fields, indent=2, sort_keys=True, default=str) + "\n")
+    return stats, False, path
+
+
+def cached_json(folder: Path, fields: Mapping[str, object], compute: Callable[[], dict]) -> tuple[dict, bool]:
+    """The same contract for small JSON results (the base model's evaluation shared by a sweep)."""
+    key = cache_key(fields)
+    path = folder / f"{key}.json"
+    with _locked(folder / f"{key}.lock"):
+        if path.is_file():
+            return json.loads(path.read_text())["value"], True
+        value = compute()
+        tmp = path.with_suffix(f".tmp{os.getpid()}")
+        tmp.write_text(json.dumps({"fields": fields, "value": value}, indent=2, sort_keys=True, default=str) + "\n")
+        os.replace(tmp, path)
+    return value, False

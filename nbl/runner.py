@@ -1,0 +1,332 @@
+"""The experiment recipe: load -> calibrate -> score -> select -> replace -> evaluate -> speed -> write -> log.
+
+Each step is a plain function usable from Python without Hydra; :func:`run_experiment` chains them.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig, PreTrainedModel
+
+import nbl
+from nbl.accounting import FlopModel, kv_cache_bytes_per_token
+from nbl.adapters import adapter_for_config
+from nbl.cache import cached_calibration, cached_json
+from nbl.calibration import CalibrationResult
+from nbl.data import load_texts, token_sequences
+from nbl.evaluation import PACKAGED_SPLITS, average_headline, headline, perplexity, run_lm_eval
+from nbl.models import load_smollm2, random_model, smollm2_folder, tiny_config
+from nbl.selection import STRATEGIES, layer_scores, select_layers
+from nbl.speed import decode_timer, interleaved, prefill, random_prompt, timed
+from nbl.surgery import MODES
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+# -- checks before any heavy work ------------------------------------------------------------------
+def model_config(model_cfg: DictConfig) -> PretrainedConfig:
+    """The architecture of the configured model, read without loading weights."""
+    if model_cfg.source == "embedded":
+        return AutoConfig.from_pretrained(smollm2_folder())
+    if model_cfg.source == "hub":
+        return AutoConfig.from_pretrained(model_cfg.path, revision=model_cfg.revision)
+    if model_cfg.source == "tiny":
+        vocab = len(AutoTokenizer.from_pretrained(smollm2_folder()))
+        return tiny_config(model_cfg.path, vocab_size=vocab)
+    raise ValueError(f"unknown model source {model_cfg.source!r}; use embedded, hub or tiny")
+
+
+def validate(cfg: DictConfig) -> PretrainedConfig:
+    """Fail fast with a clear message; returns the model config it read."""
+    if cfg.selection.strategy not in STRATEGIES:
+        raise ValueError(f"unknown selection strategy {cfg.selection.strategy!r}; choose from {STRATEGIES}")
+    if cfg.replacement.mode not in MODES:
+        raise ValueError(f"unknown replacement mode {cfg.replacement.mode!r}; choose from {MODES}")
+    if cfg.model.dtype not in DTYPES:
+        raise ValueError(f"unknown dtype {cfg.model.dtype!r}; choose from {sorted(DTYPES)}")
+    if cfg.calibration.source == "local":
+        path = Path(str(cfg.calibration.path))
+        if not path.is_file():
+            raise FileNotFoundError(f"calibration.path={path} does not exist")
+    if cfg.calibration.mode != "one_pass":
+        raise ValueError(f"unknown calibration mode {cfg.calibration.mode!r}; use one_pass")
+    if cfg.eval.offline:
+        missing = [t for t in cfg.eval.tasks if t not in PACKAGED_SPLITS]
+        if missing:
+            raise ValueError(f"no packaged data for {missing}; offline tasks are {sorted(PACKAGED_SPLITS)}")
+    config = model_config(cfg.model)
+    adapter_for_config(config)  # unsupported architecture -> clear error
+    n = config.num_hidden_layers
+    if cfg.layers is not None:
+        bad = [i for i in cfg.layers if not 0 <= int(i) < n]
+        if bad:
+            raise ValueError(f"layers {bad} do not exist: {cfg.model.name} has layers 0..{n - 1}")
+    elif not 0 <= int(cfg.num_layers) <= n:
+        raise ValueError(f"num_layers={cfg.num_layers} is outside 0..{n} ({cfg.model.name} has {n} layers)")
+    return config
+
+
+# -- steps ---------------------------------------------------------------------------------------------
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def load_model(model_cfg: DictConfig, config: PretrainedConfig, device: torch.device, seed: int = 0):
+    """(model, tokenizer) for the configured source, in eval mode on ``device``."""
+    dtype = DTYPES[model_cfg.dtype]
+    if model_cfg.source == "embedded":
+        model, tokenizer = load_smollm2(dtype)
+        return model.to(device), tokenizer
+    if model_cfg.source == "tiny":
+        tokenizer = AutoTokenizer.from_pretrained(smollm2_folder())
+        return random_model(config, dtype, seed).to(device), tokenizer
+    tokenizer = AutoTokenizer.from_pretrained(model_cfg.path, revision=model_cfg.revision)
+    if model_cfg.random_weights:
+        with torch.device(device):
+            return random_model(config, dtype, seed), tokenizer
+    model = AutoModelForCausalLM.from_pretrained(
+        model_cfg.path, revision=model_cfg.revision, dtype=dtype, device_map=model_cfg.device_map
+    )
+    if model_cfg.device_map is None:
+        model = model.to(device)
+    return model.eval(), tokenizer
+
+
+def calibration_batches(tokenizer, cal_cfg: DictConfig) -> list[torch.Tensor]:
+    texts = load_texts(cal_cfg.source, cal_cfg.path)
+    ids = token_sequences(tokenizer, texts, cal_cfg.num_sequences, cal_cfg.seq_len, cal_cfg.seed)
+    return list(ids.split(cal_cfg.batch_size))
+
+
+def model_fields(cfg: DictConfig) -> dict[str, Any]:
+    """What identifies the model's weights (part of every cache key)."""
+    fields = OmegaConf.to_container(cfg.model, resolve=True)
+    fields.pop("name", None)
+    fields.pop("device_map", None)
+    if cfg.model.random_weights or cfg.model.source == "tiny":
+        fields["seed"] = cfg.seed
+    return fields
+
+
+def calibrate_cached(model: PreTrainedModel, tokenizer, cfg: DictConfig) -> tuple[CalibrationResult, dict]:
+    cal = OmegaConf.to_container(cfg.calibration, resolve=True)
+    cal.pop("batch_size")  # does not change the statistics
+    if cal["source"] == "local":
+        stat = Path(cal["path"]).stat()
+        cal["file"] = {"size": stat.st_size, "mtime": stat.st_mtime}
+    fields = {"model": model_fields(cfg), "calibration": cal, "nbl": nbl.__version__}
+    start = time.perf_counter()
+    stats, hit, path = cached_calibration(
+        Path(cfg.cache_dir) / "stats",
+        fields,
+        lambda: nbl.calibrate(model, calibration_batches(tokenizer, cfg.calibration)),
+    )
+    info = {
+        "tokens": stats.num_tokens,
+        "cache_hit": hit,
+        "cache_file": str(path),
+        "seconds": time.perf_counter() - start,
+    }
+    log.info("calibration: %s (%d tokens)", "cache hit" if hit else "computed", stats.num_tokens)
+    return stats, info
+
+
+def score_all(stats: CalibrationResult) -> dict[str, dict[int, float]]:
+    """Every selection score for every layer (the chosen one drives selection; all are reported)."""
+    return {
+        "cca": layer_scores(stats, "cca", "residual"),
+        "cca_attention": layer_scores(stats, "cca", "attention"),
+        "cosine": layer_scores(stats, "cosine"),
+    }
+
+
+def choose_layers(cfg: DictConfig, scores: dict[str, dict[int, float]], n_layers: int) -> list[int]:
+    if cfg.layers is not None:
+        return sorted(int(i) for i in cfg.layers)
+    strategy = cfg.selection.strategy
+    if strategy == "cca":
+        key = "cca" if cfg.selection.cca_target == "residual" else "cca_attention"
+        return select_layers(scores[key], cfg.num_layers, "cca")
+    if strategy == "cosine":
+        return select_layers(scores["cosine"], cfg.num_layers, "cosine")
+    return select_layers(dict.fromkeys(range(n_layers), 0.0), cfg.num_layers, "random", seed=cfg.selection.seed)
+
+
+def evaluate(model: PreTrainedModel, tokenizer, eval_cfg: DictConfig, cache_dir: Path) -> dict[str, Any]:
+    """lm-eval tasks and perplexity of one model."""
+    tasks = run_lm_eval(
+        model,
+        tokenizer,
+        list(eval_cfg.tasks),
+        cache_dir / "lm_eval_tasks",
+        offline=eval_cfg.offline,
+        limit=eval_cfg.limit,
+        batch_size=eval_cfg.batch_size,
+        num_fewshot=dict(eval_cfg.num_fewshot or {}),
+    )
+    out: dict[str, Any] = {"tasks": tasks, "average": average_headline(tasks)}
+    if eval_cfg.perplexity:
+        ppl = eval_cfg.perplexity
+        texts = load_texts(ppl.source)
+        ids = token_sequences(tokenizer, texts, ppl.num_sequences, ppl.seq_len, seed=0)
+        out["perplexity"] = perplexity(model, ids)
+        out["perplexity_text"] = ppl.source if ppl.source != "wikipedia" else "wikipedia (WikiText-2 stand-in)"
+    return out
+
+
+def measure_speed(base: PreTrainedModel, replaced: PreTrainedModel, speed_cfg: DictConfig) -> dict[str, Any]:
+    """Interleaved base vs replaced: prefill and cached-decode tokens/s, ratios, FLOP-model predictions."""
+    device = next(base.parameters()).device
+    prompt = random_prompt(base, speed_cfg.batch_size, speed_cfg.prompt_len)
+    times = interleaved(
+        {
+            "prefill_base": timed(lambda: prefill(base, prompt), device),
+            "prefill_nbl": timed(lambda: prefill(replaced, prompt), device),
+            "decode_base": decode_timer(base, prompt, speed_cfg.new_tokens),
+            "decode_nbl": decode_timer(replaced, prompt, speed_cfg.new_tokens),
+        },
+        repeats=speed_cfg.repeats,
+        warmup=speed_cfg.warmup,
+    )
+    n_prefill = speed_cfg.batch_size * speed_cfg.prompt_len
+    n_decode = speed_cfg.batch_size * speed_cfg.new_tokens
+    flops = FlopModel(base.config)
+    modes = nbl.replaced_layers(replaced)
+    mid_context = speed_cfg.prompt_len + speed_cfg.new_tokens // 2
+    return {
+        "device": str(device),
+        "prefill_tok_s_base": n_prefill / times["prefill_base"].median_s,
+        "prefill_tok_s_nbl": n_prefill / times["prefill_nbl"].median_s,
+        "decode_tok_s_base": n_decode / times["decode_base"].median_s,
+        "decode_tok_s_nbl": n_decode / times["decode_nbl"].median_s,
+        "prefill_speedup": times["prefill_base"].median_s / times["prefill_nbl"].median_s,
+        "decode_speedup": times["decode_base"].median_s / times["decode_nbl"].median_s,
+        "prefill_speedup_predicted": flops.prefill_speedup(modes, speed_cfg.prompt_len),
+        "decode_speedup_predicted": flops.decode_speedup(modes, mid_context),
+        "repeats": speed_cfg.repeats,
+        "settings": OmegaConf.to_container(speed_cfg, resolve=True),
+    }
+
+
+# -- the recipe ----------------------------------------------------------------------------------------
+@dataclass
+class RunContext:
+    output_dir: Path
+    wandb_group: str | None = None
+
+
+def run_experiment(cfg: DictConfig, ctx: RunContext) -> dict[str, Any]:
+    from nbl.report import summary_markdown
+    from nbl.tracking import Tracker
+
+    config = validate(cfg)  # before any weights are loaded
+    ctx.output_dir.mkdir(parents=True, exist_ok=True)
+    (ctx.output_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    torch.manual_seed(cfg.seed)
+    device = resolve_device(cfg.device)
+    model, tokenizer = load_model(cfg.model, config, device, cfg.seed)
+    n_layers = config.num_hidden_layers
+
+    stats, calibration_info = calibrate_cached(model, tokenizer, cfg)
+    scores = score_all(stats)
+    chosen = choose_layers(cfg, scores, n_layers)
+    cache_dir = Path(cfg.cache_dir)
+
+    eval_base = None
+    if cfg.eval.evaluate_base and (cfg.eval.tasks or cfg.eval.perplexity):
+        fields = {"model": model_fields(cfg), "eval": OmegaConf.to_container(cfg.eval, resolve=True)}
+        eval_base, _ = cached_json(
+            cache_dir / "base_eval", fields, lambda: evaluate(model, tokenizer, cfg.eval, cache_dir)
+        )
+
+    base = None
+    if cfg.speed.enabled:
+        if cfg.model.device_map is not None:
+            log.warning("speed test skipped: a sharded model (device_map) cannot be copied for an interleaved run")
+        else:
+            base = copy.deepcopy(model)
+    replaced = nbl.linearize(model, stats, chosen, mode=cfg.replacement.mode, ridge=cfg.replacement.ridge)
+    eval_nbl = evaluate(model, tokenizer, cfg.eval, cache_dir) if (cfg.eval.tasks or cfg.eval.perplexity) else None
+    speed = measure_speed(base, model, cfg.speed) if base is not None else None
+    del base
+
+    params = nbl.parameter_report(model).as_dict()
+    params["kv_bytes_per_token_base"] = kv_cache_bytes_per_token(config, {}, next(model.parameters()).element_size())
+    params["kv_bytes_per_token"] = nbl.model_kv_bytes_per_token(model)
+    results: dict[str, Any] = {
+        "model": cfg.model.name,
+        "selection": OmegaConf.to_container(cfg.selection, resolve=True),
+        "replacement": OmegaConf.to_container(cfg.replacement, resolve=True),
+        "num_layers": len(chosen),
+        "replaced_layers": chosen,
+        "replaced_modes": {str(i): m for i, m in replaced.items()},
+        "scores": {name: {str(i): s for i, s in s_.items()} for name, s_ in scores.items()},
+        "calibration": calibration_info,
+        "eval": eval_nbl["tasks"] if eval_nbl else {},
+        "eval_base": eval_base["tasks"] if eval_base else {},
+        "average": eval_nbl["average"] if eval_nbl else None,
+        "average_base": eval_base["average"] if eval_base else None,
+        "perplexity": {
+            "nbl": (eval_nbl or {}).get("perplexity"),
+            "base": (eval_base or {}).get("perplexity"),
+            "text": (eval_nbl or {}).get("perplexity_text"),
+        },
+        "speed": speed,
+        "params": params,
+    }
+    if results["average"] is not None and results["average_base"]:
+        results["retention"] = results["average"] / results["average_base"]
+    results["summary_row"] = _summary_row(results)
+    if cfg.save_checkpoint:
+        results["checkpoint"] = str(nbl.save_linearized(model, ctx.output_dir / "checkpoint", tokenizer))
+
+    (ctx.output_dir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    summary = summary_markdown(results)
+    (ctx.output_dir / "summary.md").write_text(summary)
+    print(summary)
+
+    tracker = Tracker(
+        cfg.logger.mode,
+        cfg.logger.project,
+        OmegaConf.to_container(cfg, resolve=True),
+        ctx.output_dir,
+        entity=cfg.logger.entity,
+        group=cfg.logger.group or ctx.wandb_group,
+        tags=list(cfg.logger.tags),
+        name=ctx.output_dir.name,
+    )
+    try:
+        tracker.log_results(results)
+    finally:
+        tracker.finish()
+    results["wandb_run_folder"] = tracker.run_folder
+    return results
+
+
+def _summary_row(results: dict[str, Any]) -> dict[str, Any]:
+    speed = results.get("speed") or {}
+    return {
+        "method": f"{results['selection']['strategy']}+{results['replacement']['mode']}",
+        "k": results["num_layers"],
+        "sparsity": results["params"]["sparsity"],
+        "avg_acc": results.get("average"),
+        "avg_acc_base": results.get("average_base"),
+        "perplexity": results["perplexity"]["nbl"],
+        "perplexity_base": results["perplexity"]["base"],
+        "prefill_x": speed.get("prefill_speedup"),
+        "decode_x": speed.get("decode_speedup"),
+        **{f"acc/{t}": headline(t, m) for t, m in results["eval"].items()},
+    }

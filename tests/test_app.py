@@ -1,0 +1,168 @@
+"""The Hydra app end to end: config composition, the real entry point, sweeps, fail-fast checks, W&B."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+
+from nbl.__main__ import CONF_DIR
+from nbl.runner import validate
+
+pytestmark = pytest.mark.slow
+REPO = Path(__file__).resolve().parent.parent
+GROUPS = ["model", "calibration", "selection", "replacement", "eval", "speed", "logger", "experiment"]
+
+
+def _options(group: str) -> list[str]:
+    return sorted(p.stem for p in (Path(CONF_DIR) / group).glob("*.yaml"))
+
+
+def _compose(*overrides: str, hydra: bool = False):
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        return compose("config", overrides=list(overrides), return_hydra_config=hydra)
+
+
+@pytest.mark.parametrize("group", GROUPS)
+def test_every_group_option_composes(group):
+    options = _options(group)
+    assert options, f"conf/{group} is empty"
+    for option in options:
+        cfg = _compose(f"{group}={option}")
+        OmegaConf.to_container(cfg.model, resolve=True)
+        assert cfg.model.source in ("embedded", "hub", "tiny")
+        assert cfg.selection.strategy in ("cca", "cosine", "random")
+        assert cfg.replacement.mode in ("linear", "drop")
+
+
+def test_defaults_are_the_embedded_model_and_packaged_data():
+    cfg = _compose()
+    assert (cfg.model.source, cfg.calibration.source, cfg.eval.offline) == ("embedded", "lambada", True)
+    assert _compose("experiment=paper_llama3.1_8b").model.path == "meta-llama/Llama-3.1-8B"
+
+
+@pytest.mark.parametrize(("launcher", "target"), [("slurm", "SlurmLauncher"), ("local", "LocalLauncher")])
+def test_launcher_configs(launcher, target):
+    cfg = _compose(f"hydra/launcher={launcher}", "hydra.launcher.timeout_min=30", hydra=True)
+    assert cfg.hydra.launcher._target_.endswith(target)
+    assert cfg.hydra.launcher.timeout_min == 30
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["num_layers=-1"], "outside 0..4"),
+        (["num_layers=5"], "outside 0..4"),
+        (["layers=[0,9]"], "do not exist"),
+        (["calibration=local", "calibration.path=/no/such/file.txt"], "does not exist"),
+        (["selection.strategy=magnitude"], "unknown selection strategy"),
+        (["eval=quick", "eval.tasks=[mmlu_anatomy]"], "no packaged data"),
+    ],
+)
+def test_bad_input_fails_before_loading_weights(overrides, message):
+    cfg = _compose("experiment=smoke", *overrides)
+    with pytest.raises((ValueError, FileNotFoundError), match=message):
+        validate(cfg)
+
+
+def test_unsupported_architecture_is_rejected_from_its_config(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"]}))
+    cfg = _compose("model=llama3.1-8b", f"model.path={tmp_path}")  # a folder with a config and no weights
+    with pytest.raises(ValueError, match="supports model types: llama, mistral, qwen2, qwen3"):
+        validate(cfg)
+
+
+def _run(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "NBL_CACHE": str(tmp_path / "cache"), "WANDB_SILENT": "true", "HF_HUB_OFFLINE": "1"}
+    return subprocess.run(
+        [sys.executable, "-m", "nbl", *args], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900
+    )
+
+
+def _results(root: Path) -> list[dict]:
+    return [json.loads(p.read_text()) for p in sorted(root.rglob("results.json"))]
+
+
+def test_full_run_writes_results_and_wandb_offline(tmp_path):
+    proc = _run(
+        tmp_path,
+        "experiment=smoke",
+        "eval=quick",
+        "eval.tasks=[piqa]",
+        "eval.limit=4",
+        "eval.perplexity.num_sequences=2",
+        "eval.perplexity.seq_len=64",
+        "logger=offline",
+        "save_checkpoint=true",
+        f"hydra.run.dir={tmp_path / 'run'}",
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (results,) = _results(tmp_path / "run")
+    for key in (
+        "model",
+        "selection",
+        "replacement",
+        "num_layers",
+        "replaced_layers",
+        "scores",
+        "eval",
+        "speed",
+        "params",
+    ):
+        assert key in results, key
+    assert results["num_layers"] == 2 and len(results["replaced_layers"]) == 2
+    assert set(results["scores"]["cca"]) == {"0", "1", "2", "3"}
+    assert 0.0 <= results["eval"]["piqa"]["acc"] <= 1.0 and "piqa" in results["eval_base"]
+    assert results["perplexity"]["nbl"] > 1.0 and results["speed"]["prefill_speedup"] > 0
+    assert (tmp_path / "run" / "summary.md").is_file() and (tmp_path / "run" / "config.yaml").is_file()
+    assert (tmp_path / "run" / "checkpoint" / "nbl.json").is_file()
+    assert list((tmp_path / "run" / "wandb").glob("offline-run-*")), "no offline W&B run folder"
+
+
+def test_multirun_calibrates_once(tmp_path):
+    proc = _run(
+        tmp_path,
+        "-m",
+        "experiment=smoke",
+        "selection=cca,cosine",
+        "num_layers=1,2",
+        "speed=none",
+        f"hydra.sweep.dir={tmp_path / 'sweep'}",
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    runs = _results(tmp_path / "sweep")
+    assert len(runs) == 4
+    assert sorted(r["calibration"]["cache_hit"] for r in runs) == [False, True, True, True]
+    assert len({r["calibration"]["cache_file"] for r in runs}) == 1
+    assert {(r["selection"]["strategy"], r["num_layers"]) for r in runs} == {
+        ("cca", 1),
+        ("cca", 2),
+        ("cosine", 1),
+        ("cosine", 2),
+    }
+
+
+def test_submitit_local_sweep(tmp_path):
+    proc = _run(
+        tmp_path,
+        "-m",
+        "hydra/launcher=local",
+        "experiment=smoke",
+        "replacement=linear,drop",
+        "speed=none",
+        f"hydra.sweep.dir={tmp_path / 'sweep'}",
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    runs = _results(tmp_path / "sweep")
+    assert sorted(r["replacement"]["mode"] for r in runs) == ["drop", "linear"]
+    assert list((tmp_path / "sweep" / ".submitit").glob("*/*_log.out")), "jobs did not run through submitit"
+
+
+def test_cli_reports_bad_input(tmp_path):
+    proc = _run(tmp_path, "experiment=smoke", "num_layers=7", f"hydra.run.dir={tmp_path / 'run'}")
+    assert proc.returncode != 0
+    assert "num_layers=7 is outside 0..4" in proc.stderr
