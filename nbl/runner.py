@@ -23,8 +23,9 @@ from nbl.adapters import adapter_for_config
 from nbl.cache import cached_calibration, cached_json
 from nbl.calibration import CalibrationResult
 from nbl.data import load_texts, token_sequences
-from nbl.evaluation import PACKAGED_SPLITS, average_headline, headline, perplexity, run_lm_eval
+from nbl.evaluation import average_headline, headline, perplexity, run_lm_eval
 from nbl.models import load_smollm2, random_model, smollm2_folder, tiny_config
+from nbl.offline_tasks import OFFLINE_TASKS
 from nbl.selection import STRATEGIES, layer_scores, select_layers
 from nbl.speed import decode_timer, interleaved, prefill, random_prompt, timed
 from nbl.surgery import MODES
@@ -62,9 +63,9 @@ def validate(cfg: DictConfig) -> PretrainedConfig:
     if cfg.calibration.mode != "one_pass":
         raise ValueError(f"unknown calibration mode {cfg.calibration.mode!r}; use one_pass")
     if cfg.eval.offline:
-        missing = [t for t in cfg.eval.tasks if t not in PACKAGED_SPLITS]
+        missing = [t for t in cfg.eval.tasks if t not in OFFLINE_TASKS]
         if missing:
-            raise ValueError(f"no packaged data for {missing}; offline tasks are {sorted(PACKAGED_SPLITS)}")
+            raise ValueError(f"no packaged data for {missing}; offline tasks are {', '.join(OFFLINE_TASKS)}")
     config = model_config(cfg.model)
     adapter_for_config(config)  # unsupported architecture -> clear error
     n = config.num_hidden_layers
