@@ -27,6 +27,7 @@ from nbl.evaluation import average_headline, headline, perplexity, run_lm_eval
 from nbl.models import load_smollm2, random_model, smollm2_folder, tiny_config
 from nbl.offline_tasks import OFFLINE_TASKS
 from nbl.selection import STRATEGIES, layer_scores, select_layers
+from nbl.sequential import linearize_sequentially
 from nbl.speed import decode_timer, interleaved, prefill, random_prompt, timed
 from nbl.surgery import MODES
 
@@ -60,8 +61,8 @@ def validate(cfg: DictConfig) -> PretrainedConfig:
         path = Path(str(cfg.calibration.path))
         if not path.is_file():
             raise FileNotFoundError(f"calibration.path={path} does not exist")
-    if cfg.calibration.mode != "one_pass":
-        raise ValueError(f"unknown calibration mode {cfg.calibration.mode!r}; use one_pass")
+    if cfg.calibration.mode not in ("one_pass", "sequential"):
+        raise ValueError(f"unknown calibration mode {cfg.calibration.mode!r}; use one_pass or sequential")
     if cfg.eval.offline:
         missing = [t for t in cfg.eval.tasks if t not in OFFLINE_TASKS]
         if missing:
@@ -122,9 +123,20 @@ def model_fields(cfg: DictConfig) -> dict[str, Any]:
     return fields
 
 
-def calibrate_cached(model: PreTrainedModel, tokenizer, cfg: DictConfig) -> tuple[CalibrationResult, dict]:
+def calibrate_cached(
+    model: PreTrainedModel, tokenizer, cfg: DictConfig, replaced_order: list[int] | None = None
+) -> tuple[CalibrationResult, dict]:
+    """Statistics of the model's attention layers, from the cache when the same pass ran before.
+
+    ``replaced_order`` (sequential mode) names the layers already replaced, in order; with the
+    replacement settings it determines the partially replaced model, so it is part of the key.
+    """
     cal = OmegaConf.to_container(cfg.calibration, resolve=True)
     cal.pop("batch_size")  # does not change the statistics
+    cal.pop("mode")  # the one-pass statistics are the first step of the sequential mode
+    if replaced_order:
+        cal["replaced_order"] = list(replaced_order)
+        cal["replacement"] = OmegaConf.to_container(cfg.replacement, resolve=True)
     if cal["source"] == "local":
         stat = Path(cal["path"]).stat()
         cal["file"] = {"size": stat.st_size, "mtime": stat.st_mtime}
@@ -259,7 +271,23 @@ def run_experiment(cfg: DictConfig, ctx: RunContext) -> dict[str, Any]:
             log.warning("speed test skipped: a sharded model (device_map) cannot be copied for an interleaved run")
         else:
             base = copy.deepcopy(model)
-    replaced = nbl.linearize(model, stats, chosen, mode=cfg.replacement.mode, ridge=cfg.replacement.ridge)
+    sequential = None
+    if cfg.calibration.mode == "sequential" and cfg.layers is None:
+        steps = linearize_sequentially(
+            model,
+            lambda m, order: stats if not order else calibrate_cached(m, tokenizer, cfg, order)[0],
+            len(chosen),
+            cfg.selection.strategy,
+            mode=cfg.replacement.mode,
+            ridge=cfg.replacement.ridge,
+            cca_target=cfg.selection.cca_target,
+            seed=cfg.selection.seed,
+        )
+        sequential = [{"layer": s.layer, "score": s.score} for s in steps]
+        chosen = sorted(s.layer for s in steps)
+        replaced = nbl.replaced_layers(model)
+    else:
+        replaced = nbl.linearize(model, stats, chosen, mode=cfg.replacement.mode, ridge=cfg.replacement.ridge)
     eval_nbl = evaluate(model, tokenizer, cfg.eval, cache_dir) if (cfg.eval.tasks or cfg.eval.perplexity) else None
     speed = measure_speed(base, model, cfg.speed) if base is not None else None
     del base
@@ -275,7 +303,7 @@ def run_experiment(cfg: DictConfig, ctx: RunContext) -> dict[str, Any]:
         "replaced_layers": chosen,
         "replaced_modes": {str(i): m for i, m in replaced.items()},
         "scores": {name: {str(i): s for i, s in s_.items()} for name, s_ in scores.items()},
-        "calibration": calibration_info,
+        "calibration": {**calibration_info, "mode": cfg.calibration.mode, "sequential_steps": sequential},
         "eval": eval_nbl["tasks"] if eval_nbl else {},
         "eval_base": eval_base["tasks"] if eval_base else {},
         "average": eval_nbl["average"] if eval_nbl else None,

@@ -161,3 +161,27 @@ def test_state_dict_round_trip():
     back = CovarianceAccumulator.from_state_dict(acc.state_dict())
     assert back.count == acc.count
     torch.testing.assert_close(back.cov_ax(), acc.cov_ax())
+
+
+def test_heldout_errors_equal_direct_residuals():
+    from nbl.diagnostics import heldout_errors
+
+    x_fit, a_fit = _correlated(800, 5, 5, noise=0.4, seed=10)
+    x, a = _correlated(600, 5, 5, noise=0.4, seed=11)
+    w, b = fit_lmmse(_acc(x_fit, a_fit))
+    errors = heldout_errors(_acc(x, a), w, b)
+    residual = a - x @ w.numpy().T - b.numpy()
+    variance = ((a - a.mean(0)) ** 2).sum(1).mean()
+    assert errors["relative"] == pytest.approx((residual**2).sum(1).mean() / variance, rel=1e-9)
+    assert errors["drop_relative"] == pytest.approx((a**2).sum(1).mean() / variance, rel=1e-9)
+
+
+def test_spearman_against_scipy():
+    from scipy.stats import spearmanr
+
+    from nbl.diagnostics import spearman
+
+    rng = np.random.default_rng(12)
+    x = rng.normal(size=30).round(1).tolist()  # rounding makes ties
+    y = (np.array(x) * 0.5 + rng.normal(size=30)).tolist()
+    assert spearman(x, y) == pytest.approx(spearmanr(x, y).statistic, abs=1e-12)
