@@ -28,7 +28,7 @@ from nbl.models import load_smollm2, random_model, smollm2_folder, tiny_config
 from nbl.offline_tasks import OFFLINE_TASKS
 from nbl.selection import STRATEGIES, layer_scores, select_layers
 from nbl.sequential import linearize_sequentially
-from nbl.speed import decode_timer, interleaved, prefill, random_prompt, timed
+from nbl.speed import decode_memory, decode_timer, interleaved, prefill, random_prompt, timed
 from nbl.surgery import MODES
 
 log = logging.getLogger(__name__)
@@ -219,6 +219,7 @@ def measure_speed(base: PreTrainedModel, replaced: PreTrainedModel, speed_cfg: D
     flops = FlopModel(base.config)
     modes = nbl.replaced_layers(replaced)
     mid_context = speed_cfg.prompt_len + speed_cfg.new_tokens // 2
+    memory = {name: decode_memory(m, prompt, speed_cfg.new_tokens) for name, m in (("base", base), ("nbl", replaced))}
     return {
         "device": str(device),
         "prefill_tok_s_base": n_prefill / times["prefill_base"].median_s,
@@ -229,6 +230,10 @@ def measure_speed(base: PreTrainedModel, replaced: PreTrainedModel, speed_cfg: D
         "decode_speedup": times["decode_base"].median_s / times["decode_nbl"].median_s,
         "prefill_speedup_predicted": flops.prefill_speedup(modes, speed_cfg.prompt_len),
         "decode_speedup_predicted": flops.decode_speedup(modes, mid_context),
+        "kv_cache_bytes_base": memory["base"]["kv_cache_bytes"],
+        "kv_cache_bytes_nbl": memory["nbl"]["kv_cache_bytes"],
+        "peak_memory_bytes_base": memory["base"]["peak_memory_bytes"],
+        "peak_memory_bytes_nbl": memory["nbl"]["peak_memory_bytes"],
         "repeats": speed_cfg.repeats,
         "settings": OmegaConf.to_container(speed_cfg, resolve=True),
     }

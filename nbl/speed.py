@@ -104,6 +104,26 @@ def decode_timer(model: PreTrainedModel, ids: torch.Tensor, new_tokens: int) -> 
     return run
 
 
+def cache_bytes(cache: DynamicCache) -> int:
+    """Bytes held by the keys and values of a cache (layers never written hold none)."""
+    total = 0
+    for layer in cache.layers:
+        for t in (getattr(layer, "keys", None), getattr(layer, "values", None)):
+            if isinstance(t, torch.Tensor):
+                total += t.numel() * t.element_size()
+    return total
+
+
+def decode_memory(model: PreTrainedModel, ids: torch.Tensor, new_tokens: int) -> dict[str, int | None]:
+    """KV-cache bytes after a cached decode, and the device's peak allocation during it (CUDA only)."""
+    device = ids.device
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    cache = cached_decode(model, ids, new_tokens)
+    peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
+    return {"kv_cache_bytes": cache_bytes(cache), "peak_memory_bytes": peak}
+
+
 def peak_rss_bytes() -> int:
     """Peak resident set size of this process (Linux VmHWM)."""
     with open("/proc/self/status") as f:

@@ -45,6 +45,28 @@ def test_defaults_are_the_embedded_model_and_packaged_data():
     assert _compose("experiment=paper_llama3.1_8b").model.path == "meta-llama/Llama-3.1-8B"
 
 
+def test_paper_grid_composes_into_the_full_grid():
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    cfg = _compose("experiment=paper_grid", hydra=True)
+    assert str(cfg.hydra.mode) == "RunMode.MULTIRUN"
+    overrides = [f"{key}={value}" for key, value in cfg.hydra.sweeper.params.items()]
+    batches = BasicSweeper.split_arguments(OverridesParser.create().parse_overrides(overrides), None)
+    jobs = [job for batch in batches for job in batch]
+    assert len(jobs) == 3 * 2 * 4  # {cca, cosine, random} x {linear, drop} x k in {4, 8, 12, 16}
+    assert cfg.eval.tasks == [
+        "mmlu",
+        "arc_easy",
+        "arc_challenge",
+        "boolq",
+        "hellaswag",
+        "openbookqa",
+        "piqa",
+        "winogrande",
+    ]
+
+
 @pytest.mark.parametrize(("launcher", "target"), [("slurm", "SlurmLauncher"), ("local", "LocalLauncher")])
 def test_launcher_configs(launcher, target):
     cfg = _compose(f"hydra/launcher={launcher}", "hydra.launcher.timeout_min=30", hydra=True)

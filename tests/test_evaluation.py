@@ -10,7 +10,7 @@ import nbl
 from nbl.evaluation import perplexity
 from nbl.report import table_rows, write_report
 from nbl.runner import measure_speed
-from nbl.speed import cached_decode
+from nbl.speed import cache_bytes, cached_decode
 from tests.conftest import make_tiny, token_batches
 
 
@@ -36,6 +36,7 @@ def test_cached_decode_really_grows_the_cache():
     assert cache.get_seq_length() == 17
     used = [layer for layer in cache.layers if getattr(layer, "keys", None) is not None]
     assert len(used) == 3 and all(layer.keys.shape[-2] == 17 for layer in used)
+    assert cache_bytes(cache) == 3 * 2 * (2 * 17 * 16) * 4  # layers x (K, V) x (kv heads x tokens x head dim) x fp32
 
 
 def test_speed_benchmark_returns_its_keys():
@@ -49,6 +50,9 @@ def test_speed_benchmark_returns_its_keys():
         assert speed[key] > 0
     assert speed["prefill_speedup_predicted"] > 1.0 and speed["decode_speedup_predicted"] > 1.0
     assert speed["prefill_speedup"] == pytest.approx(speed["prefill_tok_s_nbl"] / speed["prefill_tok_s_base"])
+    # 4 layers, 2 replaced: half the cache, for the 16 prompt + 4 decoded tokens
+    assert speed["kv_cache_bytes_base"] == 4 * 2 * 2 * 16 * 20 * 4
+    assert speed["kv_cache_bytes_nbl"] == speed["kv_cache_bytes_base"] // 2
 
 
 def _fixture_run(strategy, mode, k, avg, seed=0):
@@ -86,3 +90,14 @@ def test_report_writes_paper_shaped_table(tmp_path):
     assert "| Attn NBL-8 | 8 | 1 | 8.0% |" in text
     assert files["csv"].read_text().count("\n") == 6
     assert files["m_acc_vs_k"].stat().st_size > 1000 and files["m_acc_vs_speedup"].is_file()
+
+
+def test_unsupported_lm_eval_version_is_named(monkeypatch):
+    import importlib.metadata
+
+    from nbl.evaluation import check_lm_eval_version
+
+    assert check_lm_eval_version().startswith("0.4.")
+    monkeypatch.setattr(importlib.metadata, "version", lambda name: "0.3.0")
+    with pytest.raises(RuntimeError, match=r"lm-eval 0\.3\.0 is not supported"):
+        check_lm_eval_version()
