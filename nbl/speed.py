@@ -124,18 +124,18 @@ def decode_memory(model: PreTrainedModel, ids: torch.Tensor, new_tokens: int) ->
     return {"kv_cache_bytes": cache_bytes(cache), "peak_memory_bytes": peak}
 
 
-def peak_rss_bytes() -> int:
-    """Peak resident set size of this process (Linux VmHWM)."""
+def _proc_status_bytes(field: str) -> int:
     with open("/proc/self/status") as f:
         for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError("VmHWM not found in /proc/self/status")
+            if line.startswith(f"{field}:"):
+                return int(line.split()[1]) * 1024  # reported in kB
+    raise RuntimeError(f"{field} not found in /proc/self/status")
+
+
+def peak_rss_bytes() -> int:
+    """Peak resident set size of this process (Linux VmHWM)."""
+    return _proc_status_bytes("VmHWM")
 
 
 def current_rss_bytes() -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError("VmRSS not found in /proc/self/status")
+    return _proc_status_bytes("VmRSS")
