@@ -166,16 +166,20 @@ def score_all(stats: CalibrationResult) -> dict[str, dict[int, float]]:
     }
 
 
+def score_key(selection: DictConfig) -> str | None:
+    """Which of :func:`score_all`'s scores drives the selection (None: random)."""
+    if selection.strategy == "cca":
+        return "cca" if selection.cca_target == "residual" else "cca_attention"
+    return "cosine" if selection.strategy == "cosine" else None
+
+
 def choose_layers(cfg: DictConfig, scores: dict[str, dict[int, float]], n_layers: int) -> list[int]:
     if cfg.layers is not None:
         return sorted(int(i) for i in cfg.layers)
-    strategy = cfg.selection.strategy
-    if strategy == "cca":
-        key = "cca" if cfg.selection.cca_target == "residual" else "cca_attention"
-        return select_layers(scores[key], cfg.num_layers, "cca")
-    if strategy == "cosine":
-        return select_layers(scores["cosine"], cfg.num_layers, "cosine")
-    return select_layers(dict.fromkeys(range(n_layers), 0.0), cfg.num_layers, "random", seed=cfg.selection.seed)
+    key = score_key(cfg.selection)
+    if key is None:
+        return select_layers(dict.fromkeys(range(n_layers), 0.0), cfg.num_layers, "random", seed=cfg.selection.seed)
+    return select_layers(scores[key], cfg.num_layers, cfg.selection.strategy)
 
 
 def evaluate(model: PreTrainedModel, tokenizer, eval_cfg: DictConfig, cache_dir: Path) -> dict[str, Any]:
@@ -308,6 +312,7 @@ def run_experiment(cfg: DictConfig, ctx: RunContext) -> dict[str, Any]:
         "replaced_layers": chosen,
         "replaced_modes": {str(i): m for i, m in replaced.items()},
         "scores": {name: {str(i): s for i, s in s_.items()} for name, s_ in scores.items()},
+        "score_used": score_key(cfg.selection),
         "calibration": {**calibration_info, "mode": cfg.calibration.mode, "sequential_steps": sequential},
         "eval": eval_nbl["tasks"] if eval_nbl else {},
         "eval_base": eval_base["tasks"] if eval_base else {},

@@ -72,12 +72,12 @@ class Tracker:
             return
         import wandb
 
-        scores = results["scores"][results["selection"]["strategy"]]
         chosen = set(results["replaced_layers"])
-        table = wandb.Table(columns=["layer", "score", "replaced"])
-        for layer, score in scores.items():
-            table.add_data(int(layer), score, int(layer) in chosen)
-        self.run.log({"layer_scores": wandb.plot.bar(table, "layer", "score", title="per-layer selection score")})
+        for name, scores in results["scores"].items():  # every score, also for random selection
+            table = wandb.Table(columns=["layer", "score", "replaced"])
+            for layer, score in scores.items():
+                table.add_data(int(layer), score, int(layer) in chosen)
+            self.run.log({f"scores/{name}": wandb.plot.bar(table, "layer", "score", title=f"per-layer {name} score")})
         flat = _flatten({k: results[k] for k in ("eval", "perplexity", "speed", "params") if results.get(k)})
         self.run.log(flat)
         summary = wandb.Table(columns=list(results["summary_row"]), data=[list(results["summary_row"].values())])

@@ -113,6 +113,7 @@ def test_full_run_writes_results_and_wandb_offline(tmp_path):
     proc = _run(
         tmp_path,
         "experiment=smoke",
+        "selection=random",  # the W&B path must not depend on a selection score
         "eval=quick",
         "eval.tasks=[piqa]",
         "eval.limit=4",
