@@ -243,6 +243,28 @@ def measure_speed(base: PreTrainedModel, replaced: PreTrainedModel, speed_cfg: D
     }
 
 
+def replace(
+    model: PreTrainedModel, tokenizer, cfg: DictConfig, stats: CalibrationResult, chosen: list[int]
+) -> tuple[list[int], dict[int, str], list[dict[str, float]] | None]:
+    """One-pass: replace ``chosen`` with maps fitted on ``stats``. Sequential: choose and fit one layer at a
+    time on re-calibrated statistics. Returns (replaced layers, their modes, the sequential steps)."""
+    rep = cfg.replacement
+    if cfg.calibration.mode != "sequential" or cfg.layers is not None:
+        return chosen, nbl.linearize(model, stats, chosen, mode=rep.mode, ridge=rep.ridge), None
+    steps = linearize_sequentially(
+        model,
+        lambda m, order: stats if not order else calibrate_cached(m, tokenizer, cfg, order)[0],
+        len(chosen),
+        cfg.selection.strategy,
+        mode=rep.mode,
+        ridge=rep.ridge,
+        cca_target=cfg.selection.cca_target,
+        seed=cfg.selection.seed,
+    )
+    layers = sorted(s.layer for s in steps)
+    return layers, nbl.replaced_layers(model), [{"layer": s.layer, "score": s.score} for s in steps]
+
+
 # -- the recipe ----------------------------------------------------------------------------------------
 @dataclass
 class RunContext:
@@ -280,23 +302,7 @@ def run_experiment(cfg: DictConfig, ctx: RunContext) -> dict[str, Any]:
             log.warning("speed test skipped: a sharded model (device_map) cannot be copied for an interleaved run")
         else:
             base = copy.deepcopy(model)
-    sequential = None
-    if cfg.calibration.mode == "sequential" and cfg.layers is None:
-        steps = linearize_sequentially(
-            model,
-            lambda m, order: stats if not order else calibrate_cached(m, tokenizer, cfg, order)[0],
-            len(chosen),
-            cfg.selection.strategy,
-            mode=cfg.replacement.mode,
-            ridge=cfg.replacement.ridge,
-            cca_target=cfg.selection.cca_target,
-            seed=cfg.selection.seed,
-        )
-        sequential = [{"layer": s.layer, "score": s.score} for s in steps]
-        chosen = sorted(s.layer for s in steps)
-        replaced = nbl.replaced_layers(model)
-    else:
-        replaced = nbl.linearize(model, stats, chosen, mode=cfg.replacement.mode, ridge=cfg.replacement.ridge)
+    chosen, replaced, sequential = replace(model, tokenizer, cfg, stats, chosen)
     eval_nbl = evaluate(model, tokenizer, cfg.eval, cache_dir) if (cfg.eval.tasks or cfg.eval.perplexity) else None
     speed = measure_speed(base, model, cfg.speed) if base is not None else None
     del base

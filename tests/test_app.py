@@ -189,3 +189,16 @@ def test_cli_reports_bad_input(tmp_path):
     proc = _run(tmp_path, "experiment=smoke", "num_layers=7", f"hydra.run.dir={tmp_path / 'run'}")
     assert proc.returncode != 0
     assert "num_layers=7 is outside 0..4" in proc.stderr
+
+
+def test_sequential_mode_from_python_without_hydra(tmp_path, monkeypatch):
+    from nbl.runner import RunContext, run_experiment
+
+    monkeypatch.setenv("NBL_CACHE", str(tmp_path / "cache"))
+    cfg = _compose("experiment=smoke", "calibration.mode=sequential", "num_layers=3", "speed=none")
+    results = run_experiment(cfg, RunContext(tmp_path / "run"))
+    steps = results["calibration"]["sequential_steps"]
+    assert len(steps) == 3 and sorted(s["layer"] for s in steps) == results["replaced_layers"]
+    bounds = {int(i): b for i, b in results["scores"]["cca"].items()}
+    assert steps[0]["layer"] == min(bounds, key=bounds.get)  # step one is the one-pass choice
+    assert len(list((tmp_path / "cache" / "stats").glob("*.safetensors"))) == 3  # one pass per step, cached
