@@ -17,11 +17,17 @@ def test_calibration_accumulates_on_the_gpu_in_float64():
     assert stats.num_tokens == cpu_stats.num_tokens
 
 
-def test_bf16_cached_generation_equals_uncached_with_layer_zero_replaced():
+def test_bf16_surgery_keeps_the_model_dtype():
     model = make_tiny("qwen2").to("cuda", torch.bfloat16)
+    nbl.linearize(model, nbl.calibrate(model, token_batches(n_batches=2), progress=False), [0])
+    assert model.model.layers[0].attn_linear.weight.dtype == torch.bfloat16
+
+
+def test_cached_generation_equals_uncached_with_layer_zero_replaced():
+    # fp32: in bf16 the cached and uncached kernels round differently, which can flip near-tied greedy steps
+    model = make_tiny("qwen2").to("cuda")
     stats = nbl.calibrate(model, token_batches(n_batches=2), progress=False)
     nbl.linearize(model, stats, [0, 3])
-    assert model.model.layers[0].attn_linear.weight.dtype == torch.bfloat16
     prompt = torch.randint(3, 256, (1, 8), device="cuda")
     kwargs = {"max_new_tokens": 12, "do_sample": False, "pad_token_id": 0}
     assert torch.equal(
