@@ -70,7 +70,10 @@ PAPER_NAMES = {("cca", "linear"): "Attn NBL", ("cosine", "drop"): "Attn DROP"}
 
 def method_name(results: dict[str, Any]) -> str:
     key = (results["selection"]["strategy"], results["replacement"]["mode"])
-    return PAPER_NAMES.get(key, f"{key[0]}+{key[1]}")
+    name = PAPER_NAMES.get(key, f"{key[0]}+{key[1]}")
+    if results.get("calibration", {}).get("mode") == "sequential":
+        name += " seq"
+    return name
 
 
 def collect(paths: list[Path]) -> list[dict[str, Any]]:
@@ -110,7 +113,7 @@ def table_rows(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
         avgs = [m["average"] for m in members if m.get("average") is not None]
         speed = [m["speed"] for m in members if m.get("speed")]
         row = {
-            "method": f"{method}-{k}" if method in PAPER_NAMES.values() else method,
+            "method": f"{method}-{k}" if method.startswith("Attn") else method,
             "k": k,
             "n": len(members),
             "sparsity": _mean([m["params"]["sparsity"] for m in members]),
