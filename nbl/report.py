@@ -183,23 +183,27 @@ def _plots(rows: list[dict[str, Any]], out: Path, prefix: str = "") -> dict[str,
                 r["method"].rsplit("-", 1)[0] if r["method"].startswith("Attn") else r["method"], []
             ).append(r)
     files = {}
-    for name, x_key, xlabel in (
-        ("acc_vs_k", "k", "replaced attention layers k"),
-        ("acc_vs_speedup", "prefill_x", "prefill speed-up"),
-    ):
+    panels = (
+        ("acc_vs_k", "k", "replaced attention layers k", "avg", "average accuracy"),
+        ("acc_vs_speedup", "prefill_x", "prefill speed-up", "avg", "average accuracy"),
+        ("ppl_vs_k", "k", "replaced attention layers k", "perplexity", "perplexity (log scale)"),
+    )
+    for name, x_key, xlabel, y_key, ylabel in panels:
         fig, ax = plt.subplots(figsize=(5.5, 4))
         for method, members in sorted(methods.items()):
-            pts = sorted((m[x_key], m["avg"]) for m in members if m[x_key] is not None and m["avg"] is not None)
-            if base is not None and base["avg"] is not None:
-                pts = [(base[x_key], base["avg"]), *pts]
+            pts = sorted((m[x_key], m[y_key]) for m in members if m[x_key] is not None and m[y_key] is not None)
+            if base is not None and base[y_key] is not None:
+                pts = [(base[x_key], base[y_key]), *pts]
             if pts:
                 ax.plot(*zip(*pts, strict=True), marker="o", label=method)
+        if y_key == "perplexity":
+            ax.set_yscale("log")
         ax.set_xlabel(xlabel)
-        ax.set_ylabel("average accuracy")
-        ax.grid(alpha=0.3)
-        ax.legend()
-        fig.tight_layout()
+        ax.set_ylabel(ylabel)
         ax.set_title(prefix.rstrip("_"))
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+        fig.tight_layout()
         files[prefix + name] = out / f"{prefix}{name}.png"
         fig.savefig(files[prefix + name], dpi=120)
         plt.close(fig)

@@ -90,6 +90,7 @@ def test_report_writes_paper_shaped_table(tmp_path):
     assert "| Attn NBL-8 | 8 | 1 | 8.0% |" in text
     assert files["csv"].read_text().count("\n") == 6
     assert files["m_acc_vs_k"].stat().st_size > 1000 and files["m_acc_vs_speedup"].is_file()
+    assert files["m_ppl_vs_k"].is_file()
 
 
 def test_unsupported_lm_eval_version_is_named(monkeypatch):
