@@ -82,7 +82,7 @@ def test_launcher_configs(launcher, target):
         (["layers=[0,9]"], "do not exist"),
         (["calibration=local", "calibration.path=/no/such/file.txt"], "does not exist"),
         (["selection.strategy=magnitude"], "unknown selection strategy"),
-        (["eval=quick", "eval.tasks=[mmlu_anatomy]"], "no packaged data"),
+        (["eval=quick", "eval.tasks=[lambada_openai]"], "no packaged data"),
     ],
 )
 def test_bad_input_fails_before_loading_weights(overrides, message):
