@@ -9,8 +9,11 @@ import os
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TypeVar
 
 from nbl.calibration import CalibrationResult
+
+T = TypeVar("T")
 
 STATS_FORMAT = 1  # bump when what calibration computes changes (part of every key)
 
@@ -32,32 +35,46 @@ def _locked(path: Path) -> Iterator[None]:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
+def _cached(
+    path: Path, lock: Path, load: Callable[[Path], T], compute: Callable[[], T], save: Callable[[T, Path], None]
+) -> tuple[T, bool]:
+    """Load ``path`` or compute, write atomically and return; under a lock so concurrent jobs compute once."""
+    with _locked(lock):
+        if path.is_file():
+            return load(path), True
+        value = compute()
+        tmp = path.with_suffix(f".tmp{os.getpid()}")
+        save(value, tmp)
+        os.replace(tmp, path)  # atomic: readers never see a partial file
+    return value, False
+
+
+def _dump(fields: Mapping[str, object]) -> str:
+    return json.dumps(fields, indent=2, sort_keys=True, default=str) + "\n"
+
+
 def cached_calibration(
     folder: Path, fields: Mapping[str, object], compute: Callable[[], CalibrationResult]
 ) -> tuple[CalibrationResult, bool, Path]:
     """Load the statistics for ``fields`` or compute and store them; returns (stats, hit, path)."""
     key = cache_key(fields)
     path = folder / f"{key}.safetensors"
-    with _locked(folder / f"{key}.lock"):
-        if path.is_file():
-            return CalibrationResult.load(path), True, path
-        stats = compute()
-        tmp = path.with_suffix(f".tmp{os.getpid()}")
+
+    def save(stats: CalibrationResult, tmp: Path) -> None:
         stats.save(tmp, metadata={"fields": json.dumps(fields, sort_keys=True, default=str)})
-        os.replace(tmp, path)  # atomic: readers never see a partial file
-        (folder / f"{key}.fields.json").write_text(json.dumps(fields, indent=2, sort_keys=True, default=str) + "\n")
-    return stats, False, path
+        (folder / f"{key}.fields.json").write_text(_dump(fields))
+
+    stats, hit = _cached(path, folder / f"{key}.lock", CalibrationResult.load, compute, save)
+    return stats, hit, path
 
 
 def cached_json(folder: Path, fields: Mapping[str, object], compute: Callable[[], dict]) -> tuple[dict, bool]:
     """The same contract for small JSON results (the base model's evaluation shared by a sweep)."""
     key = cache_key(fields)
-    path = folder / f"{key}.json"
-    with _locked(folder / f"{key}.lock"):
-        if path.is_file():
-            return json.loads(path.read_text())["value"], True
-        value = compute()
-        tmp = path.with_suffix(f".tmp{os.getpid()}")
-        tmp.write_text(json.dumps({"fields": fields, "value": value}, indent=2, sort_keys=True, default=str) + "\n")
-        os.replace(tmp, path)
-    return value, False
+    return _cached(
+        folder / f"{key}.json",
+        folder / f"{key}.lock",
+        lambda p: json.loads(p.read_text())["value"],
+        compute,
+        lambda value, tmp: tmp.write_text(_dump({"fields": fields, "value": value})),
+    )

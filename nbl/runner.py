@@ -289,8 +289,9 @@ def run_experiment(cfg: DictConfig, ctx: RunContext) -> dict[str, Any]:
     chosen = choose_layers(cfg, scores, n_layers)
     cache_dir = Path(cfg.cache_dir)
 
+    wants_eval = bool(cfg.eval.tasks or cfg.eval.perplexity)
     eval_base = None
-    if cfg.eval.evaluate_base and (cfg.eval.tasks or cfg.eval.perplexity):
+    if cfg.eval.evaluate_base and wants_eval:
         fields = {"model": model_fields(cfg), "eval": OmegaConf.to_container(cfg.eval, resolve=True)}
         eval_base, _ = cached_json(
             cache_dir / "base_eval", fields, lambda: evaluate(model, tokenizer, cfg.eval, cache_dir)
@@ -303,7 +304,7 @@ def run_experiment(cfg: DictConfig, ctx: RunContext) -> dict[str, Any]:
         else:
             base = copy.deepcopy(model)
     chosen, replaced, sequential = replace(model, tokenizer, cfg, stats, chosen)
-    eval_nbl = evaluate(model, tokenizer, cfg.eval, cache_dir) if (cfg.eval.tasks or cfg.eval.perplexity) else None
+    eval_nbl = evaluate(model, tokenizer, cfg.eval, cache_dir) if wants_eval else None
     speed = measure_speed(base, model, cfg.speed) if base is not None else None
     del base
 

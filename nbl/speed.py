@@ -66,9 +66,7 @@ def random_prompt(model: PreTrainedModel, batch: int, length: int, seed: int = 0
 @torch.no_grad()
 def prefill(model: PreTrainedModel, ids: torch.Tensor) -> DynamicCache:
     """The prompt pass of generation: fills a fresh cache, logits for the last position only."""
-    cache = DynamicCache(config=model.config)
-    model(ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
-    return cache
+    return _start(model, ids)[0].past_key_values
 
 
 def _start(model: PreTrainedModel, ids: torch.Tensor) -> tuple[object, torch.Tensor]:

@@ -12,6 +12,7 @@ import copy
 import json
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -31,15 +32,18 @@ def _child_peak(phase: str, args: argparse.Namespace) -> int:
     return int(out.strip().splitlines()[-1])
 
 
-def _run_child(phase: str, batches: list[torch.Tensor], model: torch.nn.Module) -> None:
-    start = current_rss_bytes()
-    with torch.no_grad():
-        if phase == "forward":
-            for b in batches:
-                model(b, use_cache=False)
-        else:
-            nbl.calibrate(model, batches, progress=False)
-    print(peak_rss_bytes() - start)
+def _phases(model: torch.nn.Module, batches: list[torch.Tensor]) -> dict[str, Callable[[], None]]:
+    """A plain no-grad forward (LM head included) and a calibration pass over the same tokens."""
+
+    @torch.no_grad()
+    def forward() -> None:
+        for b in batches:
+            model(b, use_cache=False)
+
+    def calibrate() -> None:
+        nbl.calibrate(model, batches, progress=False)
+
+    return {"forward": forward, "calibrate": calibrate}
 
 
 def main() -> None:
@@ -57,22 +61,17 @@ def main() -> None:
     n_seq = args.tokens // args.seq_len
     ids = token_sequences(tokenizer, lambada_passages(), n_seq, args.seq_len, seed=0)
     batches = list(ids.split(1))
-    if args.child:
-        _run_child(args.child, batches, model)
+    phases = _phases(model, batches)
+    if args.child:  # one phase in a fresh process: print its peak RSS beyond the loaded model and data
+        start = current_rss_bytes()
+        phases[args.child]()
+        print(peak_rss_bytes() - start)
         return
     d, n_layers = model.config.hidden_size, model.config.num_hidden_layers
     results: dict[str, object] = {"model": "SmolLM2-135M-Instruct fp32", "threads": torch.get_num_threads()}
 
     # 1. calibration vs a plain no-grad forward (full model, LM head included) over the same tokens
-    def plain() -> None:
-        with torch.no_grad():
-            for b in batches:
-                model(b, use_cache=False)
-
-    def calib() -> None:
-        nbl.calibrate(model, batches, progress=False)
-
-    t = interleaved({"forward": timed(plain), "calibrate": timed(calib)}, repeats=args.repeats, warmup=1)
+    t = interleaved({name: timed(fn) for name, fn in phases.items()}, repeats=args.repeats, warmup=1)
     results["calibration"] = {
         "tokens": n_seq * args.seq_len,
         "forward_s": t["forward"].median_s,
