@@ -4,16 +4,22 @@ from __future__ import annotations
 
 import logging
 import os
+import secrets
 from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 
 log = logging.getLogger("nbl")
+
+# ${nbl_uid:} in the output folder names: six random hex digits, drawn once per config like ${now:...}
+# (Hydra copies resolver caches into every sweep job), so two runs started in the same second, which
+# differ in a setting the folder name does not show, never share a folder.
+OmegaConf.register_new_resolver("nbl_uid", lambda: secrets.token_hex(3), use_cache=True, replace=True)
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
@@ -24,7 +30,8 @@ def _hydra_main(cfg: DictConfig) -> None:
     group = None
     if hydra_cfg.mode == RunMode.MULTIRUN:  # one W&B group per sweep
         group = "sweep-" + Path(hydra_cfg.sweep.dir).name.replace(os.sep, "-")
-    run_experiment(cfg, RunContext(Path(hydra_cfg.runtime.output_dir), wandb_group=group))
+    overrides = list(hydra_cfg.overrides.task)
+    run_experiment(cfg, RunContext(Path(hydra_cfg.runtime.output_dir), wandb_group=group, overrides=overrides))
 
 
 def main() -> None:

@@ -1,31 +1,49 @@
-"""Content-keyed on-disk cache of calibration statistics, safe for concurrent sweep jobs."""
+"""Content-keyed on-disk cache (calibration statistics, base-model evaluations), safe for concurrent jobs.
+
+Entries heal themselves: a file that cannot be read, or whose stored key fields differ from the ones
+asked for, is reported with its path, removed and recomputed. A failed write (a full disk) keeps the
+value just computed for the running job and only warns.
+"""
 
 from __future__ import annotations
 
 import fcntl
 import hashlib
 import json
+import logging
 import os
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TypeVar
 
+from safetensors import safe_open
+
 from nbl.calibration import CalibrationResult
 
 T = TypeVar("T")
+log = logging.getLogger(__name__)
 
-STATS_FORMAT = 1  # bump when what calibration computes changes (part of every key)
+STATS_FORMAT = 2  # bump when the layout of a cache entry changes (part of every key)
+
+
+class CacheEntryError(ValueError):
+    """A cache file that exists but cannot be trusted (unreadable, or stored for other key fields)."""
+
+
+def _canonical(fields: Mapping[str, object]) -> str:
+    return json.dumps(fields, sort_keys=True, default=str)
 
 
 def cache_key(fields: Mapping[str, object]) -> str:
-    """A stable hash of everything that changes the statistics."""
-    blob = json.dumps({"stats_format": STATS_FORMAT, **fields}, sort_keys=True, default=str)
+    """A stable hash of everything that changes the cached value."""
+    blob = _canonical({"stats_format": STATS_FORMAT, **fields})
     return hashlib.sha256(blob.encode()).hexdigest()[:24]
 
 
 @contextmanager
-def _locked(path: Path) -> Iterator[None]:
+def file_lock(path: Path) -> Iterator[None]:
+    """An exclusive lock held across processes (flock on ``path``), released even on errors."""
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a") as handle:
         fcntl.flock(handle, fcntl.LOCK_EX)  # jobs starting together: one computes, the others wait and reuse
@@ -39,13 +57,21 @@ def _cached(
     path: Path, lock: Path, load: Callable[[Path], T], compute: Callable[[], T], save: Callable[[T, Path], None]
 ) -> tuple[T, bool]:
     """Load ``path`` or compute, write atomically and return; under a lock so concurrent jobs compute once."""
-    with _locked(lock):
+    with file_lock(lock):
         if path.is_file():
-            return load(path), True
+            try:
+                return load(path), True
+            except Exception as err:  # truncated, garbage, or stored for other fields: never trusted
+                log.warning("cache entry %s is unusable (%s: %s); recomputing it", path, type(err).__name__, err)
+                path.unlink(missing_ok=True)
         value = compute()
         tmp = path.with_suffix(f".tmp{os.getpid()}")
-        save(value, tmp)
-        os.replace(tmp, path)  # atomic: readers never see a partial file
+        try:
+            save(value, tmp)
+            os.replace(tmp, path)  # atomic: readers never see a partial file
+        except OSError as err:
+            tmp.unlink(missing_ok=True)
+            log.warning("could not write cache entry %s (%s); the result is kept for this run only", path, err)
     return value, False
 
 
@@ -53,28 +79,60 @@ def _dump(fields: Mapping[str, object]) -> str:
     return json.dumps(fields, indent=2, sort_keys=True, default=str) + "\n"
 
 
+def stats_entry(folder: Path, fields: Mapping[str, object]) -> Path:
+    """Where the statistics for ``fields`` are (or would be) stored."""
+    return folder / f"{cache_key(fields)}.safetensors"
+
+
 def cached_calibration(
-    folder: Path, fields: Mapping[str, object], compute: Callable[[], CalibrationResult]
+    folder: Path,
+    fields: Mapping[str, object],
+    compute: Callable[[], CalibrationResult],
+    expect: Callable[[CalibrationResult], None] | None = None,
 ) -> tuple[CalibrationResult, bool, Path]:
-    """Load the statistics for ``fields`` or compute and store them; returns (stats, hit, path)."""
+    """Load the statistics for ``fields`` or compute and store them; returns (stats, hit, path).
+
+    A stored entry is used only if its header holds the same fields, its sums are finite and
+    consistent, and ``expect`` (e.g. "one d x d accumulator per attention layer of this model") passes.
+    """
     key = cache_key(fields)
-    path = folder / f"{key}.safetensors"
+    path = stats_entry(folder, fields)
+    canonical = _canonical(fields)
+
+    def load(p: Path) -> CalibrationResult:
+        with safe_open(str(p), framework="pt") as f:
+            stored = (f.metadata() or {}).get("fields")
+        if stored != canonical:
+            raise CacheEntryError("its header was written for other key fields")
+        stats = CalibrationResult.load(p)
+        stats.check()
+        if expect is not None:
+            expect(stats)
+        return stats
 
     def save(stats: CalibrationResult, tmp: Path) -> None:
-        stats.save(tmp, metadata={"fields": json.dumps(fields, sort_keys=True, default=str)})
+        stats.save(tmp, metadata={"fields": canonical})
         (folder / f"{key}.fields.json").write_text(_dump(fields))
 
-    stats, hit = _cached(path, folder / f"{key}.lock", CalibrationResult.load, compute, save)
+    stats, hit = _cached(path, folder / f"{key}.lock", load, compute, save)
     return stats, hit, path
 
 
 def cached_json(folder: Path, fields: Mapping[str, object], compute: Callable[[], dict]) -> tuple[dict, bool]:
     """The same contract for small JSON results (the base model's evaluation shared by a sweep)."""
     key = cache_key(fields)
+    canonical = _canonical(fields)
+
+    def load(p: Path) -> dict:
+        data = json.loads(p.read_text())
+        if _canonical(data.get("fields", {})) != canonical or "value" not in data:
+            raise CacheEntryError("it was written for other key fields")
+        return data["value"]
+
     return _cached(
         folder / f"{key}.json",
         folder / f"{key}.lock",
-        lambda p: json.loads(p.read_text())["value"],
+        load,
         compute,
         lambda value, tmp: tmp.write_text(_dump({"fields": fields, "value": value})),
     )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 
@@ -38,6 +39,26 @@ class CalibrationResult(Mapping[int, CovarianceAccumulator]):
     def mean_cosine(self, layer: int) -> float:
         """Mean over calibration tokens of cos(x_t, x_t + a_t)."""
         return self.cosine_sums[layer] / self.accumulators[layer].count
+
+    def check(self) -> None:
+        """Raise unless every layer holds finite sums over the same tokens with the same dimensions."""
+        if not self.accumulators:
+            raise ValueError("no layers in the calibration statistics")
+        first = next(iter(self.accumulators.values()))
+        for i, acc in self.accumulators.items():
+            if (acc.d_in, acc.d_out, acc.count) != (first.d_in, first.d_out, first.count):
+                raise ValueError(
+                    f"layer {i} has shape/count {(acc.d_in, acc.d_out, acc.count)}, others "
+                    f"{(first.d_in, first.d_out, first.count)}"
+                )
+            if acc.count < 2:
+                raise ValueError(f"layer {i} holds {acc.count} tokens")
+            try:
+                acc.check()
+            except ValueError as err:
+                raise ValueError(f"layer {i}: {err}") from None
+            if not math.isfinite(self.cosine_sums[i]):
+                raise ValueError(f"layer {i}: the cosine sum is not finite")
 
     @property
     def num_tokens(self) -> int:
@@ -160,12 +181,38 @@ def calibrate(
     total = len(batches) if hasattr(batches, "__len__") else None
     try:
         with _AttentionTap(model, chosen, result) as tap:
-            for batch in tqdm(batches, total=total, desc=f"calibrating {len(chosen)} layers", disable=not progress):
+            for b, batch in enumerate(
+                tqdm(batches, total=total, desc=f"calibrating {len(chosen)} layers", disable=not progress)
+            ):
                 input_ids, mask = _unpack(batch, device)
                 tap.mask = mask
                 backbone(input_ids=input_ids, attention_mask=mask, use_cache=False)
+                _raise_on_overflow(result, b, next(backbone.parameters()).dtype)
     finally:
         model.train(was_training)
-    if result.num_tokens < 2:
-        raise ValueError("calibration saw fewer than 2 real tokens")
+    if result.num_tokens <= d:
+        raise ValueError(
+            f"calibration saw {result.num_tokens} real tokens for hidden size {d}: the covariance of x needs "
+            f"more than {d} tokens to have full rank (otherwise every layer looks perfectly linear); "
+            "use more or longer calibration sequences"
+        )
     return result
+
+
+def _raise_on_overflow(result: CalibrationResult, batch: int, dtype: torch.dtype) -> None:
+    """Stop at the first batch whose activations hold NaN or inf, naming the layer and the tensor.
+
+    A non-finite x or a makes the running sum of x or a non-finite, so checking those O(d) sums (one
+    device sync per batch) catches it before it is cached or blamed on the statistics later.
+    """
+    layers = list(result.accumulators)
+    if not layers:
+        return
+    flags = torch.stack([torch.isfinite(t).all() for i in layers for t in (result[i].sum_x, result[i].sum_a)]).tolist()
+    for j, ok in enumerate(flags):
+        if not ok:
+            i, what = layers[j // 2], ("the residual stream entering" if j % 2 == 0 else "the attention output of")
+            raise FloatingPointError(
+                f"calibration batch {batch}: {what} layer {i} holds NaN or inf in {dtype}: the model's activations "
+                "overflow on this text (float16 overflows on many LLMs: load the model in bfloat16 or float32)"
+            )

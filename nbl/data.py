@@ -71,14 +71,34 @@ def wikitext2(split: str = "test") -> list[str]:
 
 
 def local_text(path: str | Path, field: str = "text") -> list[str]:
-    """A .txt file (one document) or a .jsonl file (one document per line, in ``field``)."""
+    """A .txt file (one document) or a .jsonl file (one document per line, in ``field``).
+
+    Errors name the file (and the line of a .jsonl file) instead of surfacing a bare KeyError.
+    """
     p = Path(path)
     if not p.is_file():
         raise FileNotFoundError(f"calibration text file {p} does not exist")
-    if p.suffix == ".jsonl":
-        with p.open() as f:
-            return [json.loads(line)[field] for line in f if line.strip()]
-    return [p.read_text()]
+    try:
+        text = p.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{p} is not UTF-8 text ({err.reason} at byte {err.start})") from None
+    if p.suffix != ".jsonl":
+        docs = [text]
+    else:
+        docs = []
+        for number, line in enumerate(text.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise ValueError(f"{p}, line {number}: not valid JSON ({err.msg})") from None
+            if not isinstance(row, dict) or not isinstance(row.get(field), str):
+                raise ValueError(f"{p}, line {number}: expected an object with a string field {field!r}")
+            docs.append(row[field])
+    if not any(doc.strip() for doc in docs):
+        raise ValueError(f"{p} holds no text")
+    return docs
 
 
 TEXT_SOURCES: dict[str, Callable[[], list[str]]] = {

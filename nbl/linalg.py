@@ -29,11 +29,12 @@ def fit_lmmse(acc: CovarianceAccumulator, ridge: float = 0.0) -> tuple[torch.Ten
     chol, info = torch.linalg.cholesky_ex(c_xx)
     if int(info) == 0:
         w_t = torch.cholesky_solve(c_ax.T.contiguous(), chol)
-    else:  # singular (rank-deficient calibration data, no ridge): minimum-norm least squares
-        driver = "gelsd" if c_xx.device.type == "cpu" else None
-        w_t = torch.linalg.lstsq(c_xx, c_ax.T.contiguous(), driver=driver).solution
+    else:  # singular (rank-deficient data, no ridge): the minimum-norm solution, the same on every device
+        w_t = _psd_pseudo_power(c_xx, -1.0, 1e-12) @ c_ax.T
     w = w_t.T.contiguous()
     b = acc.mean_a - w @ acc.mean_x
+    if not (torch.isfinite(w).all() and torch.isfinite(b).all()):
+        raise ValueError("the fitted map has NaN or inf entries (C_xx is too ill-conditioned: try a ridge > 0)")
     return w, b
 
 
@@ -42,14 +43,17 @@ def _check_finite(t: torch.Tensor, name: str) -> None:
         raise ValueError(f"{name} has NaN or inf entries: the calibration statistics are corrupt")
 
 
-def _inv_sqrt_psd(c: torch.Tensor, rel_floor: float) -> torch.Tensor:
-    """Pseudo-inverse square root of a PSD matrix; eigenvalues below rel_floor * max count as zero."""
+def _psd_pseudo_power(c: torch.Tensor, power: float, rel_floor: float) -> torch.Tensor:
+    """c^power of a symmetric PSD matrix on its range (eigenvalues below rel_floor * max count as zero).
+
+    By eigendecomposition, so the answer is the same on CPU and GPU up to round-off (the CUDA driver
+    of ``torch.linalg.lstsq`` assumes full rank).
+    """
     evals, evecs = torch.linalg.eigh(c)
-    top = evals.max().clamp_min(0.0)
-    keep = evals > rel_floor * top
-    inv = torch.zeros_like(evals)
-    inv[keep] = evals[keep].rsqrt()
-    return (evecs * inv) @ evecs.T
+    keep = evals > rel_floor * evals.max().clamp_min(0.0)
+    scaled = torch.zeros_like(evals)
+    scaled[keep] = evals[keep].pow(power)
+    return (evecs * scaled) @ evecs.T
 
 
 def canonical_correlations(
@@ -71,7 +75,7 @@ def canonical_correlations(
         raise ValueError(f"unknown CCA target {target!r}; use 'residual' or 'attention'")
     for m, name in ((c_xx, "C_xx"), (c_yx, "C_yx"), (c_yy, "C_yy")):
         _check_finite(m, name)
-    k = _inv_sqrt_psd((c_yy + c_yy.T) / 2, rel_floor) @ c_yx @ _inv_sqrt_psd(c_xx, rel_floor)
+    k = _psd_pseudo_power((c_yy + c_yy.T) / 2, -0.5, rel_floor) @ c_yx @ _psd_pseudo_power(c_xx, -0.5, rel_floor)
     return torch.linalg.svdvals(k).clamp(0.0, 1.0)
 
 

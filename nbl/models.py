@@ -46,27 +46,38 @@ def smollm2_gguf_path() -> Path:
 
 
 def smollm2_folder() -> Path:
-    """A plain safetensors copy of SmolLM2-135M-Instruct, converted from the GGUF file once."""
+    """A plain safetensors copy of SmolLM2-135M-Instruct, converted from the GGUF file once.
+
+    The conversion writes into a temporary folder renamed into place, under a lock; folders left by a
+    killed conversion are removed by the next one.
+    """
+    from nbl.cache import file_lock
+
     folder = cache_root() / "models" / SMOLLM2_NAME
     if (folder / "config.json").is_file():
         return folder
-    gguf = smollm2_gguf_path()
-    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    quantized = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
-    # GGUF-loaded models refuse save_pretrained: copy the dequantized weights into a plain model.
-    config = quantized.config
-    if hasattr(config, "quantization_config"):
-        del config.quantization_config
-    plain = LlamaForCausalLM(config)
-    plain.load_state_dict(quantized.state_dict())
     folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{SMOLLM2_NAME}-"))
-    plain.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    try:
-        tmp.rename(folder)  # atomic: a concurrent converter either wins or finds the finished folder
-    except OSError:
-        shutil.rmtree(tmp, ignore_errors=True)
+    with file_lock(folder.parent / f".{SMOLLM2_NAME}.lock"):
+        if (folder / "config.json").is_file():  # converted by another process while this one waited
+            return folder
+        for stale in folder.parent.glob(f".{SMOLLM2_NAME}-*"):  # only the lock holder converts: these are dead
+            shutil.rmtree(stale, ignore_errors=True)
+        gguf = smollm2_gguf_path()
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        quantized = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        # GGUF-loaded models refuse save_pretrained: copy the dequantized weights into a plain model.
+        config = quantized.config
+        if hasattr(config, "quantization_config"):
+            del config.quantization_config
+        plain = LlamaForCausalLM(config)
+        plain.load_state_dict(quantized.state_dict())
+        tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{SMOLLM2_NAME}-"))
+        try:
+            plain.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
+            tmp.rename(folder)  # atomic: the folder is complete or absent
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
     return folder
 
 

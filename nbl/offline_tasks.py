@@ -174,6 +174,11 @@ def _builtin_index() -> dict:
     return TaskManager().task_index  # indexing every lm-eval task takes seconds: once per process
 
 
+def is_builtin_task(task: str) -> bool:
+    """Whether lm-eval (installed version) knows ``task`` (a task or a group); reads no data."""
+    return task in _builtin_index()
+
+
 def builtin_yaml(task: str) -> Path:
     entry = _builtin_index().get(task)
     if entry is None or entry.yaml_path is None:

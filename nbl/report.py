@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import statistics
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -66,10 +67,19 @@ def summary_markdown(results: dict[str, Any]) -> str:
 
 # -- sweep reports -------------------------------------------------------------------------------------
 PAPER_NAMES = {("cca", "linear"): "Attn NBL", ("cosine", "drop"): "Attn DROP"}
+# config keys that vary a random draw: runs differing only in these are seeds of one row
+SEED_KEYS = ("seed", "selection.seed", "calibration.seed")
+# config sections that change no reported number
+NEUTRAL_SECTIONS = ("logger", "cache_dir", "save_checkpoint")
+# what the baseline row depends on (it is the same unmodified model whatever is selected or replaced)
+BASELINE_SECTIONS = ("model", "eval", "speed", "device", "seed")
 
 
 def method_name(results: dict[str, Any]) -> str:
-    key = (results["selection"]["strategy"], results["replacement"]["mode"])
+    """How the layers were chosen and replaced: the paper's name where there is one."""
+    sel = results["selection"]
+    chosen_by = "explicit" if sel.get("layers_from") == "explicit" else sel["strategy"]
+    key = (chosen_by, results["replacement"]["mode"])
     name = PAPER_NAMES.get(key, f"{key[0]}+{key[1]}")
     if results.get("calibration", {}).get("mode") == "sequential":
         name += " seq"
@@ -77,27 +87,116 @@ def method_name(results: dict[str, Any]) -> str:
 
 
 def collect(paths: list[Path]) -> list[dict[str, Any]]:
-    """Every results.json below the given files or folders."""
+    """Every results.json below the given files or folders (each run remembers its file as ``_path``)."""
     found: list[Path] = []
     for p in paths:
         found += [p] if p.is_file() else sorted(p.rglob("results.json"))
     if not found:
         raise FileNotFoundError(f"no results.json under {[str(p) for p in paths]}")
-    return [json.loads(f.read_text()) for f in found]
+    runs = []
+    for f in found:
+        run = json.loads(f.read_text())
+        if "config" not in run or "provenance" not in run:
+            raise ValueError(f"{f} records no config or provenance (written by an older nbl): rerun it")
+        runs.append({**run, "_path": str(f)})
+    return runs
 
 
-def table_rows(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """One row per (method, k), seeds averaged (spread kept), plus the base model's row."""
+def missing_jobs(paths: list[Path], runs: list[dict[str, Any]]) -> list[str]:
+    """Jobs of the Hydra sweeps under ``paths`` (their multirun.yaml) that left no results.json."""
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from omegaconf import OmegaConf
+
+    done = {tuple(sorted(r["overrides"])) for r in runs if r.get("overrides") is not None}
+    missing = []
+    for p in paths:
+        for spec in sorted(p.rglob("multirun.yaml")) if p.is_dir() else []:
+            hydra_cfg = OmegaConf.load(spec).hydra
+            params = [f"{k}={v}" for k, v in (hydra_cfg.sweeper.get("params") or {}).items()]
+            parsed = OverridesParser.create().parse_overrides([*params, *hydra_cfg.overrides.task])
+            for batch in BasicSweeper.split_arguments(parsed, None):
+                missing += [" ".join(job) for job in batch if tuple(sorted(job)) not in done]
+    return missing
+
+
+def _flat(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict) and value:
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = json.dumps(value, sort_keys=True) if isinstance(value, (list, dict)) else value
+    return out
+
+
+def _identity(run: dict[str, Any], sections: tuple[str, ...] | None = None) -> dict[str, Any]:
+    """What a run computed, seeds left out: its resolved config, the code and library versions, the weights."""
+    flat = {
+        k: v
+        for k, v in _flat(run["config"]).items()
+        if k not in SEED_KEYS
+        and k.split(".")[0] not in NEUTRAL_SECTIONS
+        and (sections is None or k.split(".")[0] in sections)
+    }
+    prov = run["provenance"]
+    flat["code_hash"] = prov.get("code_hash")
+    flat["model_revision"] = prov.get("model_revision")
+    flat.update({f"library.{k}": v for k, v in (prov.get("libraries") or {}).items()})
+    return flat
+
+
+@dataclass
+class _Group:
+    method: str
+    k: int
+    identity: dict[str, Any]
+    runs: list[dict[str, Any]] = field(default_factory=list)
+    superseded: list[str] = field(default_factory=list)
+
+
+def _groups(entries: list[tuple[str, int, dict[str, Any], dict[str, Any]]]) -> list[_Group]:
+    """Group (method, k, identity, run) entries by all three; a rerun with the same seeds replaces the older one.
+
+    Groups that share a method and k but differ elsewhere get the differing keys in their name.
+    """
+    groups: dict[str, _Group] = {}
+    for method, k, identity, run in entries:
+        key = json.dumps([method, k, identity], sort_keys=True, default=str)
+        groups.setdefault(key, _Group(method, k, identity)).runs.append(run)
+    for g in groups.values():
+        newest: dict[str, dict[str, Any]] = {}
+        for run in sorted(g.runs, key=lambda r: r["provenance"].get("finished") or ""):
+            seeds = json.dumps([_flat(run["config"]).get(s) for s in SEED_KEYS])
+            if seeds in newest:
+                g.superseded.append(newest[seeds]["_path"])
+            newest[seeds] = run
+        g.runs = list(newest.values())
+    by_label: dict[tuple[str, int], list[_Group]] = {}
+    for g in groups.values():
+        by_label.setdefault((g.method, g.k), []).append(g)
+    for same in by_label.values():
+        if len(same) > 1:
+            keys = sorted({k for g in same for k in g.identity})
+            differ = [k for k in keys if len({json.dumps(g.identity.get(k), default=str) for g in same}) > 1]
+            for g in same:
+                g.method += " [" + ", ".join(f"{k}={g.identity.get(k)}" for k in differ) + "]"
+    return list(groups.values())
+
+
+def table_rows(runs: list[dict[str, Any]], notes: list[str] | None = None) -> list[dict[str, Any]]:
+    """One row per distinct computation (method, k, config, code), seeds averaged with their spread.
+
+    ``notes`` collects what a reader must know: reruns that were superseded by a newer identical run.
+    """
     tasks = sorted({t for r in runs for t in r["eval"]})
-    groups: dict[tuple[str, int], list[dict[str, Any]]] = {}
-    for r in runs:
-        groups.setdefault((method_name(r), r["num_layers"]), []).append(r)
     rows = []
-    base = next((r for r in runs if r.get("eval_base")), None)
-    if base is not None:
+    base_entries = [("baseline", 0, _identity(r, BASELINE_SECTIONS), r) for r in runs if r.get("eval_base")]
+    for g in sorted(_groups(base_entries), key=lambda g: g.method):
+        base = g.runs[-1]
         rows.append(
             {
-                "method": "baseline",
+                "method": g.method,
                 "k": 0,
                 "n": 1,
                 "sparsity": 0.0,
@@ -107,24 +206,32 @@ def table_rows(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 "perplexity": base["perplexity"]["base"],
                 "prefill_x": 1.0,
                 "decode_x": 1.0,
+                "_series": g.method,
+                "_baseline": True,
             }
         )
-    for (method, k), members in sorted(groups.items()):
+    entries = [(method_name(r), r["num_layers"], _identity(r), r) for r in runs]
+    for g in sorted(_groups(entries), key=lambda g: (g.method, g.k)):
+        members = g.runs
+        if notes is not None and g.superseded:
+            notes.append(f"{g.method} k={g.k}: superseded by a newer identical run: {', '.join(g.superseded)}")
         avgs = [m["average"] for m in members if m.get("average") is not None]
         speed = [m["speed"] for m in members if m.get("speed")]
-        row = {
-            "method": f"{method}-{k}" if method.startswith("Attn") else method,
-            "k": k,
-            "n": len(members),
-            "sparsity": _mean([m["params"]["sparsity"] for m in members]),
-            **{t: _mean([headline(t, m["eval"][t]) for m in members if t in m["eval"]]) for t in tasks},
-            "avg": _mean(avgs),
-            "avg_std": statistics.stdev(avgs) if len(avgs) > 1 else None,
-            "perplexity": _mean([m["perplexity"]["nbl"] for m in members if m["perplexity"]["nbl"] is not None]),
-            "prefill_x": _mean([s["prefill_speedup"] for s in speed]),
-            "decode_x": _mean([s["decode_speedup"] for s in speed]),
-        }
-        rows.append(row)
+        rows.append(
+            {
+                "method": f"{g.method}-{g.k}" if g.method.startswith("Attn") else g.method,
+                "k": g.k,
+                "n": len(members),
+                "sparsity": _mean([m["params"]["sparsity"] for m in members]),
+                **{t: _mean([headline(t, m["eval"][t]) for m in members if t in m["eval"]]) for t in tasks},
+                "avg": _mean(avgs),
+                "avg_std": statistics.stdev(avgs) if len(avgs) > 1 else None,
+                "perplexity": _mean([m["perplexity"]["nbl"] for m in members if m["perplexity"]["nbl"] is not None]),
+                "prefill_x": _mean([s["prefill_speedup"] for s in speed]),
+                "decode_x": _mean([s["decode_speedup"] for s in speed]),
+                "_series": g.method,
+            }
+        )
     return rows
 
 
@@ -132,8 +239,13 @@ def _mean(values: list[float]) -> float | None:
     return statistics.fmean(values) if values else None
 
 
+def _columns(rows: list[dict[str, Any]]) -> list[str]:
+    """Every key of the rows in first-seen order; keys starting with "_" are internal."""
+    return [c for c in dict.fromkeys(k for row in rows for k in row) if not c.startswith("_")]
+
+
 def rows_markdown(rows: list[dict[str, Any]]) -> str:
-    columns = list(rows[0])
+    columns = _columns(rows)
     out = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     for row in rows:
         cells = []
@@ -151,19 +263,26 @@ def rows_markdown(rows: list[dict[str, Any]]) -> str:
     return "\n".join(out) + "\n"
 
 
-def write_report(runs: list[dict[str, Any]], out: Path) -> dict[str, Path]:
-    """report.md, report.csv and two plots (accuracy vs k, accuracy vs prefill speed-up) in ``out``."""
+def write_report(runs: list[dict[str, Any]], out: Path, missing: list[str] | None = None) -> dict[str, Path]:
+    """report.md, report.csv and plots (accuracy vs k, accuracy vs prefill speed-up, perplexity vs k) in ``out``.
+
+    ``missing`` (sweep jobs without results, see :func:`missing_jobs`) is listed under the tables.
+    """
     out.mkdir(parents=True, exist_ok=True)
     files = {"markdown": out / "report.md", "csv": out / "report.csv"}
-    sections, all_rows = [], []
+    sections, all_rows, notes = [], [], []
     for model in sorted({r["model"] for r in runs}):
-        rows = table_rows([r for r in runs if r["model"] == model])
+        rows = table_rows([r for r in runs if r["model"] == model], notes)
         sections.append(f"## {model}\n\n" + rows_markdown(rows))
         all_rows += [{"model": model, **row} for row in rows]
         files.update(_plots(rows, out, prefix=f"{model}_"))
+    if missing:
+        notes.append(f"{len(missing)} sweep job(s) left no results.json: " + "; ".join(missing))
+    if notes:
+        sections.append("## Notes\n\n" + "".join(f"- {n}\n" for n in notes))
     files["markdown"].write_text("\n".join(sections))
     with files["csv"].open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(dict.fromkeys(k for row in all_rows for k in row)))
+        writer = csv.DictWriter(f, fieldnames=_columns(all_rows), extrasaction="ignore")
         writer.writeheader()
         writer.writerows(all_rows)
     return files
@@ -176,12 +295,10 @@ def _plots(rows: list[dict[str, Any]], out: Path, prefix: str = "") -> dict[str,
     import matplotlib.pyplot as plt
 
     methods: dict[str, list[dict[str, Any]]] = {}
-    base = next((r for r in rows if r["method"] == "baseline"), None)
+    base = next((r for r in rows if r.get("_baseline")), None)
     for r in rows:
-        if r["method"] != "baseline":
-            methods.setdefault(
-                r["method"].rsplit("-", 1)[0] if r["method"].startswith("Attn") else r["method"], []
-            ).append(r)
+        if not r.get("_baseline"):
+            methods.setdefault(r["_series"], []).append(r)
     files = {}
     panels = (
         ("acc_vs_k", "k", "replaced attention layers k", "avg", "average accuracy"),

@@ -8,8 +8,12 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import os
+import platform
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -20,16 +24,19 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, Pretra
 import nbl
 from nbl.accounting import FlopModel, kv_cache_bytes_per_token
 from nbl.adapters import adapter_for_config
-from nbl.cache import cached_calibration, cached_json
+from nbl.cache import cached_calibration, cached_json, stats_entry
 from nbl.calibration import CalibrationResult
 from nbl.data import load_texts, token_sequences
 from nbl.evaluation import average_headline, headline, perplexity, run_lm_eval
 from nbl.models import load_smollm2, random_model, smollm2_folder, tiny_config
-from nbl.offline_tasks import OFFLINE_TASKS
-from nbl.selection import STRATEGIES, layer_scores, select_layers
+from nbl.offline_tasks import OFFLINE_TASKS, is_builtin_task
+from nbl.provenance import code_identity, file_digest, model_revision, provenance
+from nbl.report import method_name, summary_markdown
+from nbl.schema import ConfigError, checked_config
+from nbl.selection import layer_scores, select_layers
 from nbl.sequential import linearize_sequentially
 from nbl.speed import decode_memory, decode_timer, interleaved, prefill, random_prompt, timed
-from nbl.surgery import MODES
+from nbl.surgery import LinearizedDecoderLayer
 
 log = logging.getLogger(__name__)
 
@@ -49,34 +56,41 @@ def model_config(model_cfg: DictConfig) -> PretrainedConfig:
     raise ValueError(f"unknown model source {model_cfg.source!r}; use embedded, hub or tiny")
 
 
-def validate(cfg: DictConfig) -> PretrainedConfig:
-    """Fail fast with a clear message; returns the model config it read."""
-    if cfg.selection.strategy not in STRATEGIES:
-        raise ValueError(f"unknown selection strategy {cfg.selection.strategy!r}; choose from {STRATEGIES}")
-    if cfg.replacement.mode not in MODES:
-        raise ValueError(f"unknown replacement mode {cfg.replacement.mode!r}; choose from {MODES}")
-    if cfg.model.dtype not in DTYPES:
-        raise ValueError(f"unknown dtype {cfg.model.dtype!r}; choose from {sorted(DTYPES)}")
+def validate(cfg: DictConfig) -> tuple[DictConfig, PretrainedConfig]:
+    """Every setting checked before any weights load; returns (the typed config, the model's config).
+
+    Types, allowed values and ranges come from :mod:`nbl.schema`; here the checks that need the
+    model's architecture, the data files or lm-eval's task list.
+    """
+    cfg = checked_config(cfg)
     if cfg.calibration.source == "local":
-        path = Path(str(cfg.calibration.path))
-        if not path.is_file():
-            raise FileNotFoundError(f"calibration.path={path} does not exist")
-    if cfg.calibration.mode not in ("one_pass", "sequential"):
-        raise ValueError(f"unknown calibration mode {cfg.calibration.mode!r}; use one_pass or sequential")
+        load_texts("local", cfg.calibration.path)  # missing, undecodable or malformed file: named now
+    tasks = list(cfg.eval.tasks)
     if cfg.eval.offline:
-        missing = [t for t in cfg.eval.tasks if t not in OFFLINE_TASKS]
+        missing = [t for t in tasks if t not in OFFLINE_TASKS]
         if missing:
-            raise ValueError(f"no packaged data for {missing}; offline tasks are {', '.join(OFFLINE_TASKS)}")
+            raise ConfigError(f"no packaged data for {missing}; offline tasks are {', '.join(OFFLINE_TASKS)}")
+    elif tasks:
+        unknown = [t for t in tasks if not is_builtin_task(t)]
+        if unknown:
+            raise ConfigError(f"eval.tasks: lm-eval has no tasks named {unknown}")
     config = model_config(cfg.model)
-    adapter_for_config(config)  # unsupported architecture -> clear error
+    adapter = adapter_for_config(config)  # unsupported architecture -> clear error
     n = config.num_hidden_layers
     if cfg.layers is not None:
-        bad = [i for i in cfg.layers if not 0 <= int(i) < n]
+        bad = [i for i in cfg.layers if not 0 <= i < n]
         if bad:
-            raise ValueError(f"layers {bad} do not exist: {cfg.model.name} has layers 0..{n - 1}")
-    elif not 0 <= int(cfg.num_layers) <= n:
-        raise ValueError(f"num_layers={cfg.num_layers} is outside 0..{n} ({cfg.model.name} has {n} layers)")
-    return config
+            raise ConfigError(f"layers {bad} do not exist: {cfg.model.name} has layers 0..{n - 1}")
+    elif not cfg.num_layers <= n:
+        raise ConfigError(f"num_layers={cfg.num_layers} is outside 0..{n} ({cfg.model.name} has {n} layers)")
+    d = adapter.hidden_size(config)
+    tokens = cfg.calibration.num_sequences * cfg.calibration.seq_len
+    if tokens <= d:
+        raise ConfigError(
+            f"calibration.num_sequences x calibration.seq_len = {tokens} tokens; hidden size {d} needs more "
+            "than that for a full-rank covariance"
+        )
+    return cfg, config
 
 
 # -- steps ---------------------------------------------------------------------------------------------
@@ -86,25 +100,26 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def load_tokenizer(model_cfg: DictConfig):
+    if model_cfg.source in ("embedded", "tiny"):
+        return AutoTokenizer.from_pretrained(smollm2_folder())
+    return AutoTokenizer.from_pretrained(model_cfg.path, revision=model_cfg.revision)
+
+
 def load_model(model_cfg: DictConfig, config: PretrainedConfig, device: torch.device, seed: int = 0):
-    """(model, tokenizer) for the configured source, in eval mode on ``device``."""
+    """The configured model in eval mode on ``device``."""
     dtype = DTYPES[model_cfg.dtype]
     if model_cfg.source == "embedded":
-        model, tokenizer = load_smollm2(dtype)
-        return model.to(device), tokenizer
-    if model_cfg.source == "tiny":
-        tokenizer = AutoTokenizer.from_pretrained(smollm2_folder())
-        return random_model(config, dtype, seed).to(device), tokenizer
-    tokenizer = AutoTokenizer.from_pretrained(model_cfg.path, revision=model_cfg.revision)
-    if model_cfg.random_weights:
+        return load_smollm2(dtype)[0].to(device)
+    if model_cfg.source == "tiny" or model_cfg.random_weights:
         with torch.device(device):
-            return random_model(config, dtype, seed), tokenizer
+            return random_model(config, dtype, seed)
     model = AutoModelForCausalLM.from_pretrained(
         model_cfg.path, revision=model_cfg.revision, dtype=dtype, device_map=model_cfg.device_map
     )
     if model_cfg.device_map is None:
         model = model.to(device)
-    return model.eval(), tokenizer
+    return model.eval()
 
 
 def calibration_batches(tokenizer, cal_cfg: DictConfig) -> list[torch.Tensor]:
@@ -113,23 +128,23 @@ def calibration_batches(tokenizer, cal_cfg: DictConfig) -> list[torch.Tensor]:
     return list(ids.split(cal_cfg.batch_size))
 
 
-def model_fields(cfg: DictConfig) -> dict[str, Any]:
-    """What identifies the model's weights (part of every cache key)."""
+def model_fields(cfg: DictConfig, config: PretrainedConfig) -> dict[str, Any]:
+    """What identifies the model's weights (part of every cache key): the resolved hub commit included."""
     fields = OmegaConf.to_container(cfg.model, resolve=True)
     fields.pop("name", None)
     fields.pop("device_map", None)
     if cfg.model.random_weights or cfg.model.source == "tiny":
         fields["seed"] = cfg.seed
+    elif cfg.model.source == "hub":
+        fields["resolved_revision"] = model_revision(config)
     return fields
 
 
-def calibrate_cached(
-    model: PreTrainedModel, tokenizer, cfg: DictConfig, replaced_order: list[int] | None = None
-) -> tuple[CalibrationResult, dict]:
-    """Statistics of the model's attention layers, from the cache when the same pass ran before.
+def calibration_fields(cfg: DictConfig, config: PretrainedConfig, replaced_order: list[int] | None = None) -> dict:
+    """The statistics cache key: model, data, calibration settings, the partial replacement, the code.
 
     ``replaced_order`` (sequential mode) names the layers already replaced, in order; with the
-    replacement settings it determines the partially replaced model, so it is part of the key.
+    replacement settings it determines the partially replaced model.
     """
     cal = OmegaConf.to_container(cfg.calibration, resolve=True)
     cal.pop("batch_size")  # does not change the statistics
@@ -138,14 +153,38 @@ def calibrate_cached(
         cal["replaced_order"] = list(replaced_order)
         cal["replacement"] = OmegaConf.to_container(cfg.replacement, resolve=True)
     if cal["source"] == "local":
-        stat = Path(cal["path"]).stat()
-        cal["file"] = {"size": stat.st_size, "mtime": stat.st_mtime}
-    fields = {"model": model_fields(cfg), "calibration": cal, "nbl": nbl.__version__}
+        cal["sha256"] = file_digest(cal["path"])  # the content, not the name, identifies the text
+    return {"model": model_fields(cfg, config), "calibration": cal, "code": code_identity()}
+
+
+def _expect_layers(model: PreTrainedModel) -> Callable[[CalibrationResult], None]:
+    """A check for cached statistics: one d x d accumulator per layer of ``model`` that keeps attention."""
+    adapter = nbl.get_adapter(model)
+    d = adapter.hidden_size(model.config)
+    live = [i for i, layer in enumerate(adapter.layers(model)) if not isinstance(layer, LinearizedDecoderLayer)]
+
+    def expect(stats: CalibrationResult) -> None:
+        if list(stats) != live or any((stats[i].d_in, stats[i].d_out) != (d, d) for i in stats):
+            raise ValueError(
+                f"it holds layers {list(stats)} of size {stats[next(iter(stats))].d_in}, "
+                f"the model has attention layers {live} of size {d}"
+            )
+
+    return expect
+
+
+def calibrate_cached(
+    model: PreTrainedModel,
+    batches: Callable[[], list[torch.Tensor]],
+    cfg: DictConfig,
+    config: PretrainedConfig,
+    replaced_order: list[int] | None = None,
+) -> tuple[CalibrationResult, dict]:
+    """Statistics of the model's attention layers, from the cache when the same pass ran before."""
+    fields = calibration_fields(cfg, config, replaced_order)
     start = time.perf_counter()
     stats, hit, path = cached_calibration(
-        Path(cfg.cache_dir) / "stats",
-        fields,
-        lambda: nbl.calibrate(model, calibration_batches(tokenizer, cfg.calibration)),
+        Path(cfg.cache_dir) / "stats", fields, lambda: nbl.calibrate(model, batches()), expect=_expect_layers(model)
     )
     info = {
         "tokens": stats.num_tokens,
@@ -175,7 +214,7 @@ def score_key(selection: DictConfig) -> str | None:
 
 def choose_layers(cfg: DictConfig, scores: dict[str, dict[int, float]], n_layers: int) -> list[int]:
     if cfg.layers is not None:
-        return sorted(int(i) for i in cfg.layers)
+        return sorted(cfg.layers)
     key = score_key(cfg.selection)
     if key is None:
         return select_layers(dict.fromkeys(range(n_layers), 0.0), cfg.num_layers, "random", seed=cfg.selection.seed)
@@ -234,32 +273,35 @@ def measure_speed(base: PreTrainedModel, replaced: PreTrainedModel, speed_cfg: D
         "decode_speedup": times["decode_base"].median_s / times["decode_nbl"].median_s,
         "prefill_speedup_predicted": flops.prefill_speedup(modes, speed_cfg.prompt_len),
         "decode_speedup_predicted": flops.decode_speedup(modes, mid_context),
-        "kv_cache_bytes_base": memory["base"]["kv_cache_bytes"],
-        "kv_cache_bytes_nbl": memory["nbl"]["kv_cache_bytes"],
-        "peak_memory_bytes_base": memory["base"]["peak_memory_bytes"],
-        "peak_memory_bytes_nbl": memory["nbl"]["peak_memory_bytes"],
+        **{f"{key}_{name}": value for name, m in memory.items() for key, value in m.items()},
         "repeats": speed_cfg.repeats,
         "settings": OmegaConf.to_container(speed_cfg, resolve=True),
     }
 
 
 def replace(
-    model: PreTrainedModel, tokenizer, cfg: DictConfig, stats: CalibrationResult, chosen: list[int]
+    model: PreTrainedModel,
+    cfg: DictConfig,
+    stats: CalibrationResult,
+    chosen: list[int],
+    recalibrate: Callable[[PreTrainedModel, list[int]], CalibrationResult],
 ) -> tuple[list[int], dict[int, str], list[dict[str, float]] | None]:
-    """One-pass: replace ``chosen`` with maps fitted on ``stats``. Sequential: choose and fit one layer at a
-    time on re-calibrated statistics. Returns (replaced layers, their modes, the sequential steps)."""
+    """One-pass: replace ``chosen`` with maps fitted on ``stats``. Sequential: one layer at a time, each map
+    fitted on re-calibrated statistics of the partially replaced model; the layers are the explicit ones
+    (front to back) or chosen step by step by the strategy. Returns (layers, their modes, the steps)."""
     rep = cfg.replacement
-    if cfg.calibration.mode != "sequential" or cfg.layers is not None:
+    if cfg.calibration.mode != "sequential":
         return chosen, nbl.linearize(model, stats, chosen, mode=rep.mode, ridge=rep.ridge), None
     steps = linearize_sequentially(
         model,
-        lambda m, order: stats if not order else calibrate_cached(m, tokenizer, cfg, order)[0],
+        lambda m, order: stats if not order else recalibrate(m, order),
         len(chosen),
         cfg.selection.strategy,
         mode=rep.mode,
         ridge=rep.ridge,
         cca_target=cfg.selection.cca_target,
         seed=cfg.selection.seed,
+        order=chosen if cfg.layers is not None else None,
     )
     layers = sorted(s.layer for s in steps)
     return layers, nbl.replaced_layers(model), [{"layer": s.layer, "score": s.score} for s in steps]
@@ -270,21 +312,51 @@ def replace(
 class RunContext:
     output_dir: Path
     wandb_group: str | None = None
+    overrides: list[str] | None = None  # the command-line overrides of this job (Hydra's job overrides)
+
+
+RUN_MARKER = "nbl-run.json"
+
+
+def claim_output_dir(folder: Path) -> dict[str, Any]:
+    """Make ``folder`` this run's own: refuse one that already holds another run's marker or results.
+
+    The marker is created exclusively, so two processes given the same folder cannot both write there.
+    """
+    folder.mkdir(parents=True, exist_ok=True)
+    run = {"run_id": folder.name, "pid": os.getpid(), "host": platform.node(), "started": _now()}
+    if (folder / "results.json").exists():
+        raise FileExistsError(f"{folder} already holds a results.json: choose another output folder")
+    try:
+        with open(folder / RUN_MARKER, "x") as f:
+            f.write(json.dumps(run, indent=2) + "\n")
+    except FileExistsError:
+        raise FileExistsError(
+            f"{folder} is used by another run ({folder / RUN_MARKER}): choose another output folder"
+        ) from None
+    return run
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
 def run_experiment(cfg: DictConfig, ctx: RunContext) -> dict[str, Any]:
-    from nbl.report import summary_markdown
     from nbl.tracking import Tracker
 
-    config = validate(cfg)  # before any weights are loaded
-    ctx.output_dir.mkdir(parents=True, exist_ok=True)
+    cfg, config = validate(cfg)  # before any weights are loaded
+    run = claim_output_dir(ctx.output_dir)
     (ctx.output_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
     torch.manual_seed(cfg.seed)
     device = resolve_device(cfg.device)
-    model, tokenizer = load_model(cfg.model, config, device, cfg.seed)
+    tokenizer = load_tokenizer(cfg.model)
+    batches = _memo(lambda: calibration_batches(tokenizer, cfg.calibration))
+    if not stats_entry(Path(cfg.cache_dir) / "stats", calibration_fields(cfg, config)).is_file():
+        batches()  # too little or unreadable text fails here, before the weights load
+    model = load_model(cfg.model, config, device, cfg.seed)
     n_layers = config.num_hidden_layers
 
-    stats, calibration_info = calibrate_cached(model, tokenizer, cfg)
+    stats, calibration_info = calibrate_cached(model, batches, cfg, config)
     scores = score_all(stats)
     chosen = choose_layers(cfg, scores, n_layers)
     cache_dir = Path(cfg.cache_dir)
@@ -292,7 +364,11 @@ def run_experiment(cfg: DictConfig, ctx: RunContext) -> dict[str, Any]:
     wants_eval = bool(cfg.eval.tasks or cfg.eval.perplexity)
     eval_base = None
     if cfg.eval.evaluate_base and wants_eval:
-        fields = {"model": model_fields(cfg), "eval": OmegaConf.to_container(cfg.eval, resolve=True)}
+        fields = {
+            "model": model_fields(cfg, config),
+            "eval": OmegaConf.to_container(cfg.eval, resolve=True),
+            "code": code_identity(),
+        }
         eval_base, _ = cached_json(
             cache_dir / "base_eval", fields, lambda: evaluate(model, tokenizer, cfg.eval, cache_dir)
         )
@@ -303,7 +379,9 @@ def run_experiment(cfg: DictConfig, ctx: RunContext) -> dict[str, Any]:
             log.warning("speed test skipped: a sharded model (device_map) cannot be copied for an interleaved run")
         else:
             base = copy.deepcopy(model)
-    chosen, replaced, sequential = replace(model, tokenizer, cfg, stats, chosen)
+    recalibrate = lambda m, order: calibrate_cached(m, batches, cfg, config, order)[0]  # noqa: E731
+    chosen, replaced, sequential = replace(model, cfg, stats, chosen, recalibrate)
+    del stats
     eval_nbl = evaluate(model, tokenizer, cfg.eval, cache_dir) if wants_eval else None
     speed = measure_speed(base, model, cfg.speed) if base is not None else None
     del base
@@ -311,15 +389,16 @@ def run_experiment(cfg: DictConfig, ctx: RunContext) -> dict[str, Any]:
     params = nbl.parameter_report(model).as_dict()
     params["kv_bytes_per_token_base"] = kv_cache_bytes_per_token(config, {}, next(model.parameters()).element_size())
     params["kv_bytes_per_token"] = nbl.model_kv_bytes_per_token(model)
+    how = "explicit" if cfg.layers is not None else "strategy"
     results: dict[str, Any] = {
         "model": cfg.model.name,
-        "selection": OmegaConf.to_container(cfg.selection, resolve=True),
+        "selection": {**OmegaConf.to_container(cfg.selection, resolve=True), "layers_from": how},
         "replacement": OmegaConf.to_container(cfg.replacement, resolve=True),
         "num_layers": len(chosen),
         "replaced_layers": chosen,
         "replaced_modes": {str(i): m for i, m in replaced.items()},
         "scores": {name: {str(i): s for i, s in s_.items()} for name, s_ in scores.items()},
-        "score_used": score_key(cfg.selection),
+        "score_used": score_key(cfg.selection) if how == "strategy" else None,
         "calibration": {**calibration_info, "mode": cfg.calibration.mode, "sequential_steps": sequential},
         "eval": eval_nbl["tasks"] if eval_nbl else {},
         "eval_base": eval_base["tasks"] if eval_base else {},
@@ -332,6 +411,14 @@ def run_experiment(cfg: DictConfig, ctx: RunContext) -> dict[str, Any]:
         },
         "speed": speed,
         "params": params,
+        "config": OmegaConf.to_container(cfg, resolve=True),
+        "overrides": ctx.overrides,
+        "provenance": {
+            **provenance(),
+            "model_revision": model_revision(config),
+            **run,
+            "finished": _now(),
+        },
     }
     if results["average"] is not None and results["average_base"]:
         results["retention"] = results["average"] / results["average_base"]
@@ -347,7 +434,7 @@ def run_experiment(cfg: DictConfig, ctx: RunContext) -> dict[str, Any]:
     tracker = Tracker(
         cfg.logger.mode,
         cfg.logger.project,
-        OmegaConf.to_container(cfg, resolve=True),
+        {**results["config"], "provenance": results["provenance"]},
         ctx.output_dir,
         entity=cfg.logger.entity,
         group=cfg.logger.group or ctx.wandb_group,
@@ -362,10 +449,22 @@ def run_experiment(cfg: DictConfig, ctx: RunContext) -> dict[str, Any]:
     return results
 
 
+def _memo(fn: Callable[[], Any]) -> Callable[[], Any]:
+    """``fn`` evaluated once, on first call."""
+    box: list[Any] = []
+
+    def call() -> Any:
+        if not box:
+            box.append(fn())
+        return box[0]
+
+    return call
+
+
 def _summary_row(results: dict[str, Any]) -> dict[str, Any]:
     speed = results.get("speed") or {}
     return {
-        "method": f"{results['selection']['strategy']}+{results['replacement']['mode']}",
+        "method": method_name(results),
         "k": results["num_layers"],
         "sparsity": results["params"]["sparsity"],
         "avg_acc": results.get("average"),

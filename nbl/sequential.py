@@ -39,23 +39,28 @@ def linearize_sequentially(
     ridge: float = 0.0,
     cca_target: CCATarget = "residual",
     seed: int = 0,
+    order: list[int] | None = None,
 ) -> list[SequentialStep]:
     """Replace k layers one at a time, each chosen and fitted on the current model's statistics.
 
-    ``random`` draws its k layers up front (seeded) and replaces them front to back, refitting each.
+    ``order`` (explicit layers) fixes which layers are replaced, front to back, each map refitted on
+    the inputs the earlier replacements produce; ``random`` draws its k layers up front (seeded) and
+    does the same.
     """
     if k < 0:
         raise ValueError(f"k must be >= 0, got {k}")
+    if order is not None and len(order) != k:
+        raise ValueError(f"order lists {len(order)} layers for k={k}")
     steps: list[SequentialStep] = []
-    random_order: list[int] | None = None
+    fixed = sorted(order) if order is not None else None
     for _ in range(k):
         stats = calibrator(model, [s.layer for s in steps])
         if len(stats) == 0:
             raise ValueError(f"no attention layer left to replace; asked for {k}")
-        if strategy == "random":
-            if random_order is None:
-                random_order = select_layers(dict.fromkeys(stats, 0.0), k, "random", seed=seed)
-            layer = random_order[len(steps)]
+        if fixed is None and strategy == "random":
+            fixed = select_layers(dict.fromkeys(stats, 0.0), k, "random", seed=seed)
+        if fixed is not None:
+            layer = fixed[len(steps)]
             scores = {}
         else:
             scores = layer_scores(stats, strategy, cca_target)

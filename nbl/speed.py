@@ -112,14 +112,32 @@ def cache_bytes(cache: DynamicCache) -> int:
     return total
 
 
+def model_bytes(model: torch.nn.Module) -> int:
+    """Bytes of the model's parameters and buffers (tied parameters once)."""
+    tensors = {id(t): t for t in (*model.parameters(), *model.buffers())}
+    return sum(t.numel() * t.element_size() for t in tensors.values())
+
+
 def decode_memory(model: PreTrainedModel, ids: torch.Tensor, new_tokens: int) -> dict[str, int | None]:
-    """KV-cache bytes after a cached decode, and the device's peak allocation during it (CUDA only)."""
+    """Memory of ``model`` as if it were alone on its device, during a cached decode.
+
+    ``peak_memory_bytes`` (CUDA only) = the model's own weights + the peak of what the decode allocated
+    beyond what was already resident. Other models and statistics on the device (the base copy of an
+    interleaved speed test) are therefore not counted.
+    """
     device = ids.device
+    resident = None
     if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        resident = torch.cuda.memory_allocated(device)
         torch.cuda.reset_peak_memory_stats(device)
     cache = cached_decode(model, ids, new_tokens)
-    peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
-    return {"kv_cache_bytes": cache_bytes(cache), "peak_memory_bytes": peak}
+    weights = model_bytes(model)
+    peak = None
+    if resident is not None:
+        torch.cuda.synchronize(device)
+        peak = weights + torch.cuda.max_memory_allocated(device) - resident
+    return {"kv_cache_bytes": cache_bytes(cache), "weights_bytes": weights, "peak_memory_bytes": peak}
 
 
 def _proc_status_bytes(field: str) -> int:

@@ -118,6 +118,12 @@ class CovarianceAccumulator:
         c = self._cov(self.sum_aa, self.mean_a, self.mean_a)
         return (c + c.T) / 2
 
+    def check(self) -> None:
+        """Raise if a running sum holds NaN or inf (an overflow upstream, or a corrupt file)."""
+        for name, t in self._tensors().items():
+            if not torch.isfinite(t).all():
+                raise ValueError(f"{name} has NaN or inf entries")
+
     # -- serialisation (safetensors-friendly: plain tensors, no pickle) -------------------------
     def state_dict(self) -> dict[str, torch.Tensor]:
         state = {k: v.detach().cpu() for k, v in self._tensors().items()}

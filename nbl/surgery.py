@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Iterable, Mapping
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -30,6 +31,12 @@ class LinearizedDecoderLayer(nn.Module):
         self.post_attention_layernorm = post_attention_layernorm
         self.attn_linear = attn_linear
 
+    _family: type[nn.Module] | None = None  # the decoder-layer class it stands in for (set per family)
+
+    def __reduce_ex__(self, protocol: Any) -> tuple:
+        # the per-family class is built at run time and cannot be found by name: pickle the family instead
+        return _rebuild_linearized, (self._family,), self.__dict__
+
     @property
     def mode(self) -> ReplacementMode:
         return "linear" if self.attn_linear is not None else "drop"
@@ -53,8 +60,16 @@ def _linearized_class(original: type[nn.Module]) -> type[LinearizedDecoderLayer]
     if issubclass(original, LinearizedDecoderLayer):
         return original
     if original not in _FAMILY_CLASSES:
-        _FAMILY_CLASSES[original] = type(f"Linearized{original.__name__}", (LinearizedDecoderLayer, original), {})
+        _FAMILY_CLASSES[original] = type(
+            f"Linearized{original.__name__}", (LinearizedDecoderLayer, original), {"_family": original}
+        )
     return _FAMILY_CLASSES[original]
+
+
+def _rebuild_linearized(family: type[nn.Module] | None) -> LinearizedDecoderLayer:
+    """Unpickling: an empty instance of the family's linearized class (pickle then restores its state)."""
+    cls = LinearizedDecoderLayer if family is None else _linearized_class(family)
+    return cls.__new__(cls)
 
 
 def replaced_layers(model: PreTrainedModel) -> dict[int, ReplacementMode]:
@@ -64,8 +79,17 @@ def replaced_layers(model: PreTrainedModel) -> dict[int, ReplacementMode]:
 
 
 def _validate_layers(model: PreTrainedModel, layers: Iterable[int]) -> list[int]:
+    if isinstance(layers, (str, bytes)) or not isinstance(layers, Iterable):
+        raise TypeError(f"layers must be an iterable of layer indices, got {layers!r}")
+    chosen = []
+    for i in layers:
+        if isinstance(i, bool):
+            raise TypeError(f"layer index {i!r} is not an integer")
+        try:
+            chosen.append(operator.index(i))  # ints and integer tensors/numpy scalars; never 1.5 or "1"
+        except TypeError:
+            raise TypeError(f"layer index {i!r} is not an integer") from None
     n = len(get_adapter(model).layers(model))
-    chosen = [int(i) for i in layers]
     bad = [i for i in chosen if not 0 <= i < n]
     if bad:
         raise IndexError(f"layer indices {bad} out of range for a model with {n} decoder layers")
@@ -85,34 +109,50 @@ def _replace_layer(model: PreTrainedModel, index: int, linear: nn.Linear | None)
     layers[index] = cls(adapter.mlp(old), adapter.post_attention_norm(old), linear)
 
 
-def assign_cache_slots(model: PreTrainedModel) -> None:
-    """Number the remaining attention modules 0..m-1 so they fill the first m KV-cache slots.
+def _slot_plan(model: PreTrainedModel, replaced: Iterable[int]) -> dict[int, int]:
+    """Layer index -> KV-cache slot for the layers that keep attention once ``replaced`` are gone.
 
-    transformers reads the cache length (hence positions and masks) from slot 0; with layer 0
-    replaced, slot 0 would stay empty forever and cached generation would break. Compact slots
-    keep slot 0 live and leave the unused slots unallocated.
+    The kept layers fill slots 0..m-1 in order: transformers reads the cache length (hence positions
+    and masks) from slot 0, so with layer 0 replaced slot 0 must still be live, and unused slots stay
+    unallocated. Raises before any surgery when a slot's attention type (sliding / full) would change.
     """
-    adapter = get_adapter(model)
-    config = model.config
-    layer_types = getattr(config, "layer_types", None)
-    kept = [i for i, layer in enumerate(adapter.layers(model)) if not isinstance(layer, LinearizedDecoderLayer)]
+    gone = set(replaced)
+    n = len(get_adapter(model).layers(model))
+    layer_types = getattr(model.config, "layer_types", None)
+    kept = [i for i in range(n) if i not in gone]
     for slot, index in enumerate(kept):
         if layer_types is not None and layer_types[slot] != layer_types[index]:
             raise NotImplementedError(
                 f"layer {index} ({layer_types[index]}) would use cache slot {slot} ({layer_types[slot]}): "
                 "models mixing attention types need a type-aware cache layout"
             )
-        adapter.attention(adapter.layers(model)[index]).layer_idx = slot
+    return {index: slot for slot, index in enumerate(kept)}
+
+
+def assign_cache_slots(model: PreTrainedModel) -> None:
+    """Renumber the remaining attention modules into compact KV-cache slots (see :func:`_slot_plan`)."""
+    adapter = get_adapter(model)
+    layers = adapter.layers(model)
+    for index, slot in _slot_plan(model, replaced_layers(model)).items():
+        adapter.attention(layers[index]).layer_idx = slot
+
+
+def _layer_param(model: PreTrainedModel, index: int) -> torch.Tensor:
+    """A parameter of the layer's MLP: the new map goes on that device, in that dtype."""
+    adapter = get_adapter(model)
+    return next(adapter.mlp(adapter.layers(model)[index]).parameters())
 
 
 def apply_replacements(model: PreTrainedModel, modes: Mapping[int, ReplacementMode]) -> None:
     """Structural surgery with freshly initialised linear maps (used to rebuild saved checkpoints)."""
     indices = _validate_layers(model, modes)
+    bad = {i: modes[i] for i in indices if modes[i] not in MODES}
+    if bad:
+        raise ValueError(f"unknown replacement modes {bad}; use one of {MODES}")
+    _slot_plan(model, set(indices) | set(replaced_layers(model)))
     d = get_adapter(model).hidden_size(model.config)
-    param = next(model.parameters())
     for i in indices:
-        if modes[i] not in MODES:
-            raise ValueError(f"unknown replacement mode {modes[i]!r}; use one of {MODES}")
+        param = _layer_param(model, i)
         linear = nn.Linear(d, d, bias=True, device=param.device, dtype=param.dtype) if modes[i] == "linear" else None
         _replace_layer(model, i, linear)
     assign_cache_slots(model)
@@ -128,13 +168,14 @@ def linearize(
 ) -> dict[int, ReplacementMode]:
     """Replace LN1 + attention of each listed layer in place; returns the replaced layers and modes.
 
-    ``stats`` maps a layer index to its calibration accumulator (``CalibrationResult`` works). Every
-    map is fitted before the model is touched, so a bad layer leaves the model unchanged.
+    ``stats`` maps a layer index to its calibration accumulator (``CalibrationResult`` works).
+    All or nothing: the layers, the statistics' shapes, every fitted map (finite) and the cache-slot
+    layout are checked before the model is touched, so any error leaves the model as it was.
     """
     if mode not in MODES:
         raise ValueError(f"unknown replacement mode {mode!r}; use one of {MODES}")
     indices = _validate_layers(model, layers)
-    param = next(model.parameters())
+    d = get_adapter(model).hidden_size(model.config)
     linears: dict[int, nn.Linear | None] = {}
     for i in indices:
         if mode == "drop":
@@ -142,12 +183,21 @@ def linearize(
             continue
         if i not in stats:
             raise KeyError(f"no calibration statistics for layer {i}")
-        w, b = fit_lmmse(stats[i], ridge=ridge)
-        d_out, d_in = w.shape
-        linear = nn.Linear(d_in, d_out, bias=True, device=param.device, dtype=param.dtype)
+        acc = stats[i]
+        if (acc.d_in, acc.d_out) != (d, d):
+            raise ValueError(
+                f"statistics of layer {i} are {acc.d_out} x {acc.d_in}; this model's hidden size is {d}: "
+                "they were computed on another model"
+            )
+        w, b = fit_lmmse(acc, ridge=ridge)
+        param = _layer_param(model, i)
+        linear = nn.Linear(d, d, bias=True, device=param.device, dtype=param.dtype)
         linear.weight.copy_(w.to(linear.weight))
         linear.bias.copy_(b.to(linear.bias))
+        if not (torch.isfinite(linear.weight).all() and torch.isfinite(linear.bias).all()):
+            raise ValueError(f"the map of layer {i} overflows {param.dtype}: try a ridge > 0")
         linears[i] = linear
+    _slot_plan(model, set(indices) | set(replaced_layers(model)))
     for i, linear in linears.items():
         _replace_layer(model, i, linear)
     assign_cache_slots(model)

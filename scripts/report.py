@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from nbl.report import collect, write_report
+from nbl.report import collect, missing_jobs, write_report
 
 
 def main() -> None:
@@ -17,7 +17,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("outputs/report"))
     args = parser.parse_args()
     runs = collect(args.paths)
-    files = write_report(runs, args.out)
+    files = write_report(runs, args.out, missing_jobs(args.paths, runs))
     print(files.pop("markdown").read_text())
     for kind, path in files.items():
         print(f"{kind}: {path}")

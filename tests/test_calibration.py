@@ -42,7 +42,7 @@ def test_mean_cosine_matches_direct_computation():
 
 
 def test_padding_is_not_counted():
-    model = make_tiny("llama")
+    model = make_tiny("llama", hidden_size=32)  # 52 real tokens: more than d, as calibration requires
     g = torch.Generator().manual_seed(3)
     short, long = torch.randint(3, 256, (1, 20), generator=g), torch.randint(3, 256, (1, 32), generator=g)
     padded = torch.zeros(2, 32, dtype=torch.long)

@@ -8,7 +8,6 @@ from omegaconf import OmegaConf
 
 import nbl
 from nbl.evaluation import perplexity
-from nbl.report import table_rows, write_report
 from nbl.runner import measure_speed
 from nbl.speed import cache_bytes, cached_decode
 from tests.conftest import make_tiny, token_batches
@@ -53,44 +52,6 @@ def test_speed_benchmark_returns_its_keys():
     # 4 layers, 2 replaced: half the cache, for the 16 prompt + 4 decoded tokens
     assert speed["kv_cache_bytes_base"] == 4 * 2 * 2 * 16 * 20 * 4
     assert speed["kv_cache_bytes_nbl"] == speed["kv_cache_bytes_base"] // 2
-
-
-def _fixture_run(strategy, mode, k, avg, seed=0):
-    return {
-        "model": "m",
-        "selection": {"strategy": strategy, "seed": seed},
-        "replacement": {"mode": mode},
-        "num_layers": k,
-        "eval": {"piqa": {"acc": avg, "acc_norm": avg + 0.01}, "boolq": {"acc": avg}},
-        "eval_base": {"piqa": {"acc": 0.7, "acc_norm": 0.72}, "boolq": {"acc": 0.6}},
-        "average": avg + 0.005,
-        "average_base": 0.66,
-        "perplexity": {"nbl": 20.0 + k, "base": 18.0},
-        "speed": {"prefill_speedup": 1 + k / 100, "decode_speedup": 1 + k / 90},
-        "params": {"sparsity": k / 100},
-    }
-
-
-def test_report_writes_paper_shaped_table(tmp_path):
-    runs = [
-        _fixture_run("cca", "linear", 4, 0.65),
-        _fixture_run("cca", "linear", 8, 0.62),
-        _fixture_run("cosine", "drop", 8, 0.60),
-        _fixture_run("random", "drop", 8, 0.50, seed=0),
-        _fixture_run("random", "drop", 8, 0.40, seed=1),
-    ]
-    rows = table_rows(runs)
-    by_method = {r["method"]: r for r in rows}
-    assert set(by_method) == {"baseline", "Attn NBL-4", "Attn NBL-8", "Attn DROP-8", "random+drop"}
-    assert by_method["baseline"]["piqa"] == 0.72  # headline metric for piqa is acc_norm
-    assert by_method["random+drop"]["n"] == 2 and by_method["random+drop"]["avg"] == pytest.approx(0.455)
-    assert by_method["random+drop"]["avg_std"] == pytest.approx(0.0707, abs=1e-3)
-    files = write_report(runs, tmp_path)
-    text = files["markdown"].read_text()
-    assert "| Attn NBL-8 | 8 | 1 | 8.0% |" in text
-    assert files["csv"].read_text().count("\n") == 6
-    assert files["m_acc_vs_k"].stat().st_size > 1000 and files["m_acc_vs_speedup"].is_file()
-    assert files["m_ppl_vs_k"].is_file()
 
 
 def test_unsupported_lm_eval_version_is_named(monkeypatch):

@@ -1,0 +1,231 @@
+"""The typed schema of an experiment config: every key, its type and its allowed values.
+
+:func:`checked_config` merges a composed config into these dataclasses (OmegaConf's structured
+configs), so a wrong type (``num_layers=true``, ``layers=[1.5]``), an unknown value
+(``selection.cca_target=bogus``) or an unknown key fails with the key's full name before anything
+loads; ``check`` methods add the range checks types cannot express.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+
+class ConfigError(ValueError):
+    """A config value that cannot run; the message names the key."""
+
+
+class ModelSource(Enum):
+    embedded = "embedded"
+    hub = "hub"
+    tiny = "tiny"
+
+
+class DType(Enum):
+    float32 = "float32"
+    bfloat16 = "bfloat16"
+    float16 = "float16"
+
+
+class CalibrationMode(Enum):
+    one_pass = "one_pass"
+    sequential = "sequential"
+
+
+class Strategy(Enum):
+    cca = "cca"
+    cosine = "cosine"
+    random = "random"
+
+
+class CCATargetName(Enum):
+    residual = "residual"
+    attention = "attention"
+
+
+class Mode(Enum):
+    linear = "linear"
+    drop = "drop"
+
+
+class LoggerMode(Enum):
+    auto = "auto"
+    online = "online"
+    offline = "offline"
+    disabled = "disabled"
+
+
+def _positive(key: str, value: float | None, allow_none: bool = False, minimum: float = 1) -> None:
+    if value is None and allow_none:
+        return
+    if value is None or not math.isfinite(value) or value < minimum:
+        raise ConfigError(f"{key}={value} must be >= {minimum}")
+
+
+@dataclass
+class ModelSchema:
+    name: str
+    source: ModelSource
+    path: str | None = None
+    revision: str | None = None
+    dtype: DType = DType.float32
+    device_map: str | None = None
+    random_weights: bool = False
+
+    def check(self) -> None:
+        if self.source is not ModelSource.embedded and not self.path:
+            raise ConfigError(f"model.path is required for model.source={self.source.value}")
+
+
+@dataclass
+class CalibrationSchema:
+    source: str
+    path: str | None = None
+    num_sequences: int = 32
+    seq_len: int = 512
+    batch_size: int = 1
+    seed: int = 0
+    mode: CalibrationMode = CalibrationMode.one_pass
+
+    def check(self) -> None:
+        _positive("calibration.num_sequences", self.num_sequences)
+        _positive("calibration.seq_len", self.seq_len, minimum=2)
+        _positive("calibration.batch_size", self.batch_size)
+        if self.source == "local" and not self.path:
+            raise ConfigError("calibration=local needs calibration.path=/path/to/text.{txt,jsonl}")
+        if self.source != "local" and self.path is not None:
+            raise ConfigError(
+                f"calibration.path={self.path} is only read by calibration=local, "
+                f"but calibration.source={self.source}: add calibration=local or drop the path"
+            )
+
+
+@dataclass
+class SelectionSchema:
+    strategy: Strategy
+    cca_target: CCATargetName = CCATargetName.residual
+    seed: int = 0
+
+    def check(self) -> None:
+        pass
+
+
+@dataclass
+class ReplacementSchema:
+    mode: Mode
+    ridge: float = 0.0
+
+    def check(self) -> None:
+        _positive("replacement.ridge", self.ridge, minimum=0.0)
+
+
+@dataclass
+class PerplexitySchema:
+    source: str
+    seq_len: int = 512
+    num_sequences: int = 8
+
+    def check(self) -> None:
+        _positive("eval.perplexity.seq_len", self.seq_len, minimum=2)
+        _positive("eval.perplexity.num_sequences", self.num_sequences)
+
+
+@dataclass
+class EvalSchema:
+    tasks: list[str] = field(default_factory=list)
+    limit: int | None = None  # questions per task (per MMLU subject); null: the full sets
+    batch_size: int = 8
+    num_fewshot: dict[str, int] = field(default_factory=dict)
+    offline: bool = True
+    evaluate_base: bool = True
+    perplexity: PerplexitySchema | None = None
+
+    def check(self) -> None:
+        if self.limit is not None and not self.limit > 0:
+            raise ConfigError(f"eval.limit={self.limit} must be > 0 (or null for the full sets)")
+        _positive("eval.batch_size", self.batch_size)
+        for task, shots in self.num_fewshot.items():
+            _positive(f"eval.num_fewshot.{task}", shots, minimum=0)
+        if self.perplexity is not None:
+            self.perplexity.check()
+
+
+@dataclass
+class SpeedSchema:
+    enabled: bool = True
+    batch_size: int = 1
+    prompt_len: int = 512
+    new_tokens: int = 32
+    repeats: int = 3
+    warmup: int = 1
+
+    def check(self) -> None:
+        if not self.enabled:
+            return
+        for key in ("batch_size", "prompt_len", "new_tokens", "repeats"):
+            _positive(f"speed.{key}", getattr(self, key))
+        _positive("speed.warmup", self.warmup, minimum=0)
+
+
+@dataclass
+class LoggerSchema:
+    mode: LoggerMode = LoggerMode.auto
+    project: str = "nbl"
+    entity: str | None = None
+    group: str | None = None
+    tags: list[str] = field(default_factory=list)
+
+    def check(self) -> None:
+        pass
+
+
+@dataclass
+class ExperimentSchema:
+    model: ModelSchema
+    calibration: CalibrationSchema
+    selection: SelectionSchema
+    replacement: ReplacementSchema
+    eval: EvalSchema
+    speed: SpeedSchema
+    logger: LoggerSchema
+    num_layers: int = 8
+    layers: list[int] | None = None
+    seed: int = 0
+    device: str = "auto"
+    save_checkpoint: bool = False
+    cache_dir: str = "~/.cache/nbl"
+
+    def check(self) -> None:
+        for part in (self.model, self.calibration, self.selection, self.replacement, self.eval, self.speed):
+            part.check()
+        self.logger.check()
+        _positive("num_layers", self.num_layers, minimum=0)
+        if self.layers is not None and len(set(self.layers)) != len(self.layers):
+            raise ConfigError(f"layers={self.layers} lists a layer twice")
+
+
+def checked_config(cfg: DictConfig) -> DictConfig:
+    """``cfg`` validated against :class:`ExperimentSchema`, values coerced to their types (enums as strings).
+
+    Raises :class:`ConfigError` naming the offending key.
+    """
+    plain = {k: v for k, v in OmegaConf.to_container(cfg, resolve=True).items() if k != "hydra"}
+    try:
+        typed = OmegaConf.merge(OmegaConf.structured(ExperimentSchema), plain)
+        obj: Any = OmegaConf.to_object(typed)
+    except OmegaConfBaseException as err:
+        raise ConfigError(_first_line(err)) from None
+    obj.check()
+    return OmegaConf.create(OmegaConf.to_container(typed, enum_to_str=True))
+
+
+def _first_line(err: OmegaConfBaseException) -> str:
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    key = getattr(err, "full_key", None)
+    return f"config key {key}: {lines[0]}" if key else lines[0]
