@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -77,18 +78,66 @@ def test_launcher_configs(launcher, target):
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [
-        (["num_layers=-1"], "outside 0..4"),
+        (["num_layers=-1"], "num_layers=-1 must be >= 0"),
         (["num_layers=5"], "outside 0..4"),
+        (["num_layers=true"], "num_layers"),
         (["layers=[0,9]"], "do not exist"),
+        (["layers=[1.5]"], "layers"),
+        (["layers=[0,0]"], "lists a layer twice"),
         (["calibration=local", "calibration.path=/no/such/file.txt"], "does not exist"),
-        (["selection.strategy=magnitude"], "unknown selection strategy"),
+        (["calibration.path=/etc/hostname"], "only read by calibration=local"),
+        (["calibration.seq_len=0"], "calibration.seq_len=0 must be >= 2"),
+        (["calibration.batch_size=0"], "calibration.batch_size=0 must be >= 1"),
+        (["calibration.num_sequences=1", "calibration.seq_len=32"], "full-rank"),
+        (["calibration.mode=streaming"], "calibration.mode"),
+        (["selection.strategy=magnitude"], "selection.strategy: Invalid value 'magnitude'"),
+        (["selection.cca_target=bogus"], "selection.cca_target: Invalid value 'bogus'"),
+        (["replacement.mode=prune"], "replacement.mode"),
+        (["replacement.ridge=-1"], "replacement.ridge=-1.0 must be >= 0.0"),
+        (["logger.mode=bogus"], "logger.mode: Invalid value 'bogus'"),
         (["eval=quick", "eval.tasks=[lambada_openai]"], "no packaged data"),
+        (["eval=quick", "eval.offline=false", "eval.tasks=[no_such_task]"], "lm-eval has no tasks named"),
+        (["eval=quick", "eval.limit=0"], "eval.limit=0 must be > 0"),
+        (["eval=quick", "eval.perplexity.seq_len=1"], "eval.perplexity.seq_len=1 must be >= 2"),
+        (["speed.repeats=0"], "speed.repeats=0 must be >= 1"),
+        (["+num_layer=3"], "num_layer"),
     ],
 )
-def test_bad_input_fails_before_loading_weights(overrides, message):
+def test_bad_input_fails_before_loading_weights(overrides, message, monkeypatch):
+    import nbl.runner
+
+    monkeypatch.setattr(nbl.runner, "load_model", lambda *a, **k: pytest.fail("weights loaded before validation"))
     cfg = _compose("experiment=smoke", *overrides)
-    with pytest.raises((ValueError, FileNotFoundError), match=message):
+    with pytest.raises((ValueError, FileNotFoundError), match=re.escape(message)):
         validate(cfg)
+
+
+@pytest.mark.parametrize(
+    ("name", "content", "message"),
+    [
+        ("bad.jsonl", b'{"text": "fine"}\n{"text": oops}\n', "bad.jsonl, line 2: not valid JSON"),
+        (
+            "field.jsonl",
+            b'{"body": "no text field"}\n',
+            "field.jsonl, line 1: expected an object with a string field 'text'",
+        ),
+        ("latin1.txt", "caf\u00e9".encode("latin-1"), "latin1.txt is not UTF-8 text"),
+        ("empty.txt", b"  \n", "empty.txt holds no text"),
+    ],
+)
+def test_malformed_local_calibration_file_is_named(tmp_path, name, content, message):
+    path = tmp_path / name
+    path.write_bytes(content)
+    cfg = _compose("experiment=smoke", "calibration=local", f"calibration.path={path}")
+    with pytest.raises(ValueError, match=re.escape(message)):
+        validate(cfg)
+
+
+def test_validated_config_is_typed():
+    cfg, config = validate(_compose("experiment=smoke", "num_layers=3", "layers=[2,0]", "replacement.ridge=1"))
+    assert cfg.num_layers == 3 and list(cfg.layers) == [2, 0] and cfg.replacement.ridge == 1.0
+    assert cfg.selection.strategy == "cca" and isinstance(cfg.selection.strategy, str)
+    assert config.num_hidden_layers == 4
 
 
 def test_unsupported_architecture_is_rejected_from_its_config(tmp_path):

@@ -1,9 +1,12 @@
 """The calibration cache: keyed by content, atomic, one computation when jobs start together."""
 
+import errno
+import logging
 import multiprocessing as mp
 import time
 from pathlib import Path
 
+import pytest
 import torch
 
 from nbl.cache import cache_key, cached_calibration, cached_json
@@ -59,3 +62,79 @@ def test_cached_json_round_trip(tmp_path):
     value, hit = cached_json(tmp_path, {"k": 1}, lambda: calls.append(1) or {"acc": 0.5})
     again, hit_again = cached_json(tmp_path, {"k": 1}, lambda: calls.append(1) or {"acc": 0.0})
     assert (value, hit, again, hit_again, len(calls)) == ({"acc": 0.5}, False, {"acc": 0.5}, True, 1)
+
+
+def _counting(calls: list):
+    def compute() -> CalibrationResult:
+        calls.append(1)
+        return _stats()
+
+    return compute
+
+
+@pytest.mark.parametrize(
+    "damage",
+    [lambda p: p.write_bytes(p.read_bytes()[:100]), lambda p: p.write_bytes(b"not a safetensors file")],
+    ids=["truncated", "garbage"],
+)
+def test_damaged_statistics_are_named_and_recomputed(tmp_path, caplog, damage):
+    calls: list = []
+    _, _, path = cached_calibration(tmp_path, {"k": 1}, _counting(calls))
+    damage(path)
+    with caplog.at_level(logging.WARNING, logger="nbl.cache"):
+        stats, hit, again = cached_calibration(tmp_path, {"k": 1}, _counting(calls))
+    assert (hit, len(calls), again) == (False, 2, path)
+    assert str(path) in caplog.text and "recomputing" in caplog.text
+    torch.testing.assert_close(stats[0].sum_xx, _stats()[0].sum_xx)
+    assert cached_calibration(tmp_path, {"k": 1}, _counting(calls))[1]  # healed: a hit again
+
+
+def test_statistics_stored_for_other_fields_are_not_trusted(tmp_path):
+    calls: list = []
+    _, _, path = cached_calibration(tmp_path, {"k": 1}, _counting(calls))
+    other = tmp_path / "other"
+    other.mkdir()
+    _, _, foreign = cached_calibration(other, {"k": 2}, _counting(calls))
+    path.write_bytes(foreign.read_bytes())  # a valid file whose header names other fields
+    assert not cached_calibration(tmp_path, {"k": 1}, _counting(calls))[1] and len(calls) == 3
+
+
+def test_statistics_failing_the_callers_check_are_recomputed(tmp_path):
+    calls: list = []
+    cached_calibration(tmp_path, {"k": 1}, _counting(calls))
+
+    def expect(stats: CalibrationResult) -> None:
+        raise ValueError("holds layers [0], the model has attention layers [0, 1]")
+
+    assert not cached_calibration(tmp_path, {"k": 1}, _counting(calls), expect=expect)[1]
+    assert len(calls) == 2
+
+
+def test_non_finite_cached_statistics_are_recomputed(tmp_path):
+    bad = _stats()
+    bad[0].sum_xx[0, 0] = float("nan")
+    cached_calibration(tmp_path, {"k": 1}, lambda: bad)
+    stats, hit, _ = cached_calibration(tmp_path, {"k": 1}, _stats)
+    assert not hit and torch.isfinite(stats[0].sum_xx).all()
+
+
+def test_failed_cache_write_keeps_the_statistics(tmp_path, monkeypatch, caplog):
+    def disk_full(self, path, metadata=None):
+        Path(path).write_bytes(b"partial")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(CalibrationResult, "save", disk_full)
+    with caplog.at_level(logging.WARNING, logger="nbl.cache"):
+        stats, hit, path = cached_calibration(tmp_path, {"k": 1}, _stats)
+    assert not hit and stats[0].count == 10
+    assert "No space left" in caplog.text and "kept for this run only" in caplog.text
+    assert not path.exists() and not list(tmp_path.glob("*.tmp*"))
+
+
+def test_damaged_json_entry_is_recomputed(tmp_path, caplog):
+    cached_json(tmp_path, {"k": 1}, lambda: {"acc": 0.5})
+    (entry,) = tmp_path.glob("*.json")
+    entry.write_text('{"fields": {"k": 1}, "val')
+    with caplog.at_level(logging.WARNING, logger="nbl.cache"):
+        value, hit = cached_json(tmp_path, {"k": 1}, lambda: {"acc": 0.25})
+    assert (value, hit) == ({"acc": 0.25}, False) and str(entry) in caplog.text

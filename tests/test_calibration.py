@@ -4,6 +4,7 @@ import pytest
 import torch
 
 import nbl
+from nbl.cache import cached_calibration
 from nbl.calibration import CalibrationResult
 from tests.conftest import make_tiny, token_batches
 
@@ -93,3 +94,28 @@ def test_result_round_trips_through_safetensors(tmp_path):
     for i in stats:
         assert back.mean_cosine(i) == pytest.approx(stats.mean_cosine(i))
         assert nbl.cca_bound(back[i]) == pytest.approx(nbl.cca_bound(stats[i]))
+
+
+def test_overflowing_activations_stop_calibration_at_the_source(tmp_path):
+    model = make_tiny("llama").to(torch.float16)
+    with torch.no_grad():
+        model.model.layers[1].self_attn.o_proj.weight.fill_(6e4)  # fp16 tops out at 65504
+    with pytest.raises(
+        FloatingPointError, match=r"batch 0: the attention output of layer 1 holds NaN or inf in torch.float16"
+    ):
+        nbl.calibrate(model, token_batches(n_batches=2), progress=False)
+    calls = []
+
+    def compute():
+        calls.append(1)
+        return nbl.calibrate(model, token_batches(n_batches=2), progress=False)
+
+    with pytest.raises(FloatingPointError):
+        cached_calibration(tmp_path, {"k": 1}, compute)
+    assert calls == [1] and not list(tmp_path.glob("*.safetensors"))  # nothing non-finite is cached
+
+
+def test_too_few_tokens_for_the_hidden_size_is_refused():
+    model = make_tiny("llama")  # hidden size 64
+    with pytest.raises(ValueError, match="saw 60 real tokens for hidden size 64"):
+        nbl.calibrate(model, [torch.randint(3, 256, (2, 30))], progress=False)

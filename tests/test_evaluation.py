@@ -9,7 +9,7 @@ from omegaconf import OmegaConf
 import nbl
 from nbl.evaluation import perplexity
 from nbl.runner import measure_speed
-from nbl.speed import cache_bytes, cached_decode
+from nbl.speed import Timing, cache_bytes, cached_decode, interleaved, model_bytes
 from tests.conftest import make_tiny, token_batches
 
 
@@ -38,7 +38,7 @@ def test_cached_decode_really_grows_the_cache():
     assert cache_bytes(cache) == 3 * 2 * (2 * 17 * 16) * 4  # layers x (K, V) x (kv heads x tokens x head dim) x fp32
 
 
-def test_speed_benchmark_returns_its_keys():
+def test_speed_benchmark_measures_both_models(monkeypatch):
     base = make_tiny("llama")
     replaced = make_tiny("llama")
     stats = nbl.calibrate(replaced, token_batches(n_batches=1), progress=False)
@@ -48,10 +48,55 @@ def test_speed_benchmark_returns_its_keys():
     for key in ("prefill_tok_s_base", "prefill_tok_s_nbl", "decode_tok_s_base", "decode_tok_s_nbl"):
         assert speed[key] > 0
     assert speed["prefill_speedup_predicted"] > 1.0 and speed["decode_speedup_predicted"] > 1.0
-    assert speed["prefill_speedup"] == pytest.approx(speed["prefill_tok_s_nbl"] / speed["prefill_tok_s_base"])
     # 4 layers, 2 replaced: half the cache, for the 16 prompt + 4 decoded tokens
     assert speed["kv_cache_bytes_base"] == 4 * 2 * 2 * 16 * 20 * 4
     assert speed["kv_cache_bytes_nbl"] == speed["kv_cache_bytes_base"] // 2
+    assert speed["weights_bytes_base"] == model_bytes(base) > speed["weights_bytes_nbl"] == model_bytes(replaced)
+    assert speed["peak_memory_bytes_base"] is None  # measured on CUDA only
+
+
+def test_speedups_are_base_time_over_replaced_time(monkeypatch):
+    import nbl.runner
+
+    seconds = {"prefill_base": 2.0, "prefill_nbl": 1.0, "decode_base": 3.0, "decode_nbl": 4.0}
+    monkeypatch.setattr(
+        nbl.runner, "interleaved", lambda fns, repeats, warmup: {n: Timing(seconds[n], 0, 0, 1) for n in fns}
+    )
+    model = make_tiny("llama")
+    cfg = OmegaConf.create({"batch_size": 2, "prompt_len": 8, "new_tokens": 6, "repeats": 1, "warmup": 0})
+    speed = measure_speed(model, model, cfg)
+    assert speed["prefill_speedup"] == 2.0 and speed["decode_speedup"] == 0.75
+    assert speed["prefill_tok_s_base"] == 2 * 8 / 2.0 and speed["decode_tok_s_nbl"] == 2 * 6 / 4.0
+
+
+def test_interleaved_discards_warmup_alternates_and_takes_medians():
+    calls: list[str] = []
+
+    def timer(name, values):
+        it = iter(values)
+
+        def run():
+            calls.append(name)
+            return next(it)
+
+        return run
+
+    out = interleaved(
+        {"a": timer("a", [9.0, 1.0, 5.0, 3.0]), "b": timer("b", [9.0, 2.0, 2.0, 8.0])}, repeats=3, warmup=1
+    )
+    assert calls == ["a", "b"] * 4
+    assert (out["a"].median_s, out["a"].min_s, out["a"].max_s, out["a"].samples) == (3.0, 1.0, 5.0, 3)
+    assert out["b"].median_s == 2.0 and out["b"].max_s == 8.0
+
+
+def test_model_bytes_counts_tied_weights_once():
+    model = make_tiny("llama")
+    expected = sum(p.numel() * 4 for p in model.parameters()) + sum(
+        b.numel() * b.element_size() for b in model.buffers()
+    )
+    assert model_bytes(model) == expected
+    model.lm_head.weight = model.model.embed_tokens.weight
+    assert model_bytes(model) == expected - model.lm_head.weight.numel() * 4
 
 
 def test_unsupported_lm_eval_version_is_named(monkeypatch):

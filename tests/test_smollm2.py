@@ -7,7 +7,7 @@ import torch
 
 import nbl
 from nbl.data import lambada_passages, token_sequences, wikipedia_passages
-from nbl.models import load_smollm2
+from nbl.models import SMOLLM2_NAME, load_smollm2, smollm2_folder
 from nbl.selection import layer_scores, select_layers
 
 pytestmark = pytest.mark.slow
@@ -46,3 +46,14 @@ def test_nbl_keeps_more_than_random_drop(smollm2):
     assert torch.equal(
         linearized.generate(prompt, use_cache=True, **kwargs), linearized.generate(prompt, use_cache=False, **kwargs)
     )
+
+
+def test_conversion_removes_what_a_killed_conversion_left(tmp_path, monkeypatch):
+    monkeypatch.setenv("NBL_CACHE", str(tmp_path))
+    stale = tmp_path / "models" / f".{SMOLLM2_NAME}-killed"
+    stale.mkdir(parents=True)
+    (stale / "model.safetensors").write_bytes(b"\0" * 4096)  # half-written weights of a dead process
+    folder = smollm2_folder()
+    assert (folder / "config.json").is_file() and (folder / "model.safetensors").stat().st_size > 100_000_000
+    assert not stale.exists()
+    assert [p.name for p in (tmp_path / "models").iterdir() if p.is_dir()] == [SMOLLM2_NAME]

@@ -185,3 +185,15 @@ def test_spearman_against_scipy():
     x = rng.normal(size=30).round(1).tolist()  # rounding makes ties
     y = (np.array(x) * 0.5 + rng.normal(size=30)).tolist()
     assert spearman(x, y) == pytest.approx(spearmanr(x, y).statistic, abs=1e-12)
+
+
+def test_rank_deficient_fit_is_the_minimum_norm_least_squares_solution():
+    rng = np.random.default_rng(11)
+    base = rng.normal(size=(400, 3)) * np.array([1.0, 50.0, 0.02])
+    x = np.hstack([base, base[:, :2] @ rng.normal(size=(2, 3))]) + 5.0  # rank 3 in 6 dims, offset mean
+    a = np.tanh(x @ rng.normal(size=(6, 4))) + 0.1 * rng.normal(size=(400, 4))
+    w, b = fit_lmmse(_acc(x, a))
+    xc, ac = x - x.mean(0), a - a.mean(0)
+    w_np = np.linalg.lstsq(xc, ac, rcond=None)[0].T  # numpy's SVD min-norm solution on centred data
+    np.testing.assert_allclose(w.numpy(), w_np, rtol=1e-6, atol=1e-8)
+    np.testing.assert_allclose(b.numpy(), a.mean(0) - w_np @ x.mean(0), rtol=1e-6, atol=1e-7)

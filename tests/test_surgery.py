@@ -1,12 +1,16 @@
 """Surgery against the unmodified model: fidelity, cached generation, KV cache, removed weights."""
 
 import copy
+import pickle
+import subprocess
+import sys
 
 import pytest
 import torch
 from transformers import DynamicCache, GPT2Config, GPT2LMHeadModel
 
 import nbl
+from nbl.models import random_model, tiny_config
 from tests.conftest import make_tiny, token_batches
 
 
@@ -114,3 +118,102 @@ def test_unsupported_architecture_is_named():
     gpt2 = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64))
     with pytest.raises(nbl.UnsupportedModelError, match="llama, mistral, qwen2, qwen3"):
         nbl.calibrate(gpt2, [torch.zeros(1, 4, dtype=torch.long)], progress=False)
+
+
+def _with_attention_output(model, index: int, fn):
+    """Hooks that make layer ``index``'s attention output fn(x), x the layer input (before LN1)."""
+    layer = model.model.layers[index]
+    seen = {}
+
+    def grab(module, args, kwargs):
+        seen["x"] = args[0] if args else kwargs["hidden_states"]
+
+    def swap(module, args, output):
+        return (fn(seen["x"]), *output[1:])
+
+    return [layer.register_forward_pre_hook(grab, with_kwargs=True), layer.self_attn.register_forward_hook(swap)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_replaced_layer_is_exactly_the_original_with_attention_output_w_x_plus_b(family, dtype):
+    base = make_tiny(family).to(dtype)
+    stats = nbl.calibrate(base, token_batches(), progress=False)
+    replaced = copy.deepcopy(base)
+    nbl.linearize(replaced, stats, [1])
+    lin = replaced.model.layers[1].attn_linear
+    ids = torch.randint(3, 256, (2, 16), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        expected = replaced(ids).logits
+        handles = _with_attention_output(base, 1, lin)
+        hooked = base(ids).logits
+        for h in handles:
+            h.remove()
+        # mutation check: the same hook with W transposed is a clearly different model
+        handles = _with_attention_output(base, 1, lambda x: torch.nn.functional.linear(x, lin.weight.T, lin.bias))
+        transposed = base(ids).logits
+        for h in handles:
+            h.remove()
+    assert torch.equal(expected, hooked)
+    assert not torch.allclose(transposed, expected, rtol=0.0, atol=1e-2)
+
+
+def test_statistics_of_another_hidden_size_leave_the_model_untouched():
+    model = make_tiny("llama")
+    other = make_tiny("llama", hidden_size=32)
+    stats = nbl.calibrate(other, token_batches(), progress=False)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match="hidden size is 64"):
+        nbl.linearize(model, stats, [0, 1])
+    assert nbl.replaced_layers(model) == {}
+    after = model.state_dict()
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_mixed_sliding_and_full_attention_fails_before_any_surgery():
+    config = tiny_config("qwen2")
+    config.layer_types = ["full_attention", "sliding_attention", "full_attention", "sliding_attention"]
+    config.use_sliding_window, config.sliding_window = True, 8
+    model = random_model(config)
+    stats = nbl.calibrate(model, token_batches(), progress=False)
+    with pytest.raises(NotImplementedError, match="type-aware cache layout"):
+        nbl.linearize(model, stats, [0, 3])  # layer 1 (sliding) would move into slot 0 (full)
+    assert nbl.replaced_layers(model) == {}
+    assert [layer.self_attn.layer_idx for layer in model.model.layers] == [0, 1, 2, 3]
+    nbl.linearize(model, stats, [2, 3])  # a layout that keeps every slot's type works
+    assert nbl.replaced_layers(model) == {2: "linear", 3: "linear"}
+
+
+@pytest.mark.parametrize("layers", ["12", [1.5], [True], 3])
+def test_layer_indices_must_be_integers(layers):
+    model = make_tiny("llama")
+    stats = nbl.calibrate(model, token_batches(n_batches=1), progress=False)
+    with pytest.raises(TypeError):
+        nbl.linearize(model, stats, layers)
+    assert nbl.replaced_layers(model) == {}
+    assert nbl.linearize(model, stats, [torch.tensor(1)]) == {1: "linear"}  # integer tensors are indices
+
+
+def test_linearized_model_pickles_and_loads_in_a_fresh_process(tmp_path):
+    model = make_tiny("qwen2")
+    nbl.linearize(model, nbl.calibrate(model, token_batches(), progress=False), [0, 2])
+    ids = torch.randint(3, 256, (1, 12), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        logits = model(ids).logits
+    clone = pickle.loads(pickle.dumps(model))
+    assert nbl.replaced_layers(clone) == {0: "linear", 2: "linear"}
+    torch.save(model, tmp_path / "model.pt")
+    torch.save({"ids": ids, "logits": logits}, tmp_path / "expected.pt")
+    script = (
+        "import sys, torch\n"
+        "m = torch.load(sys.argv[1], weights_only=False); e = torch.load(sys.argv[2])\n"
+        "with torch.no_grad(): assert torch.equal(m(e['ids']).logits, e['logits'])\n"
+        "print(type(m.model.layers[0]).__name__)\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", script, str(tmp_path / "model.pt"), str(tmp_path / "expected.pt")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip() == "LinearizedQwen2DecoderLayer"
