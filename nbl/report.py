@@ -95,7 +95,10 @@ def collect(paths: list[Path]) -> list[dict[str, Any]]:
         raise FileNotFoundError(f"no results.json under {[str(p) for p in paths]}")
     runs = []
     for f in found:
-        run = json.loads(f.read_text())
+        try:
+            run = json.loads(f.read_text())
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{f} is not valid JSON ({err.msg}): a run killed while writing it?") from None
         if "config" not in run or "provenance" not in run:
             raise ValueError(f"{f} records no config or provenance (written by an older nbl): rerun it")
         runs.append({**run, "_path": str(f)})

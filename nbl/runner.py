@@ -6,6 +6,7 @@ Each step is a plain function usable from Python without Hydra; :func:`run_exper
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import logging
 import os
@@ -24,9 +25,9 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, Pretra
 import nbl
 from nbl.accounting import FlopModel, kv_cache_bytes_per_token
 from nbl.adapters import adapter_for_config
-from nbl.cache import cached_calibration, cached_json, stats_entry
+from nbl.cache import atomic_write_text, cache_key, cached_calibration, cached_json, stats_entry
 from nbl.calibration import CalibrationResult
-from nbl.data import load_texts, token_sequences
+from nbl.data import TEXT_SOURCES, load_texts, token_sequences
 from nbl.evaluation import average_headline, headline, perplexity, run_lm_eval
 from nbl.models import load_smollm2, random_model, smollm2_folder, tiny_config
 from nbl.offline_tasks import OFFLINE_TASKS, is_builtin_task
@@ -63,6 +64,13 @@ def validate(cfg: DictConfig) -> tuple[DictConfig, PretrainedConfig]:
     model's architecture, the data files or lm-eval's task list.
     """
     cfg = checked_config(cfg)
+    sources = [*TEXT_SOURCES, "local"]
+    if cfg.calibration.source not in sources:
+        raise ConfigError(f"calibration.source={cfg.calibration.source} is unknown; choose from {sources}")
+    if cfg.eval.perplexity is not None and cfg.eval.perplexity.source not in TEXT_SOURCES:
+        raise ConfigError(
+            f"eval.perplexity.source={cfg.eval.perplexity.source} is unknown; choose from {list(TEXT_SOURCES)}"
+        )
     if cfg.calibration.source == "local":
         load_texts("local", cfg.calibration.path)  # missing, undecodable or malformed file: named now
     tasks = list(cfg.eval.tasks)
@@ -227,7 +235,8 @@ def evaluate(model: PreTrainedModel, tokenizer, eval_cfg: DictConfig, cache_dir:
         model,
         tokenizer,
         list(eval_cfg.tasks),
-        cache_dir / "lm_eval_tasks",
+        # rebuilt task data depends on the code and the data package: one folder per code identity
+        cache_dir / "lm_eval_tasks" / cache_key(code_identity()),
         offline=eval_cfg.offline,
         limit=eval_cfg.limit,
         batch_size=eval_cfg.batch_size,
@@ -350,7 +359,7 @@ def run_experiment(cfg: DictConfig, ctx: RunContext) -> dict[str, Any]:
     torch.manual_seed(cfg.seed)
     device = resolve_device(cfg.device)
     tokenizer = load_tokenizer(cfg.model)
-    batches = _memo(lambda: calibration_batches(tokenizer, cfg.calibration))
+    batches = functools.cache(lambda: calibration_batches(tokenizer, cfg.calibration))  # built at most once
     if not stats_entry(Path(cfg.cache_dir) / "stats", calibration_fields(cfg, config)).is_file():
         batches()  # too little or unreadable text fails here, before the weights load
     model = load_model(cfg.model, config, device, cfg.seed)
@@ -379,7 +388,10 @@ def run_experiment(cfg: DictConfig, ctx: RunContext) -> dict[str, Any]:
             log.warning("speed test skipped: a sharded model (device_map) cannot be copied for an interleaved run")
         else:
             base = copy.deepcopy(model)
-    recalibrate = lambda m, order: calibrate_cached(m, batches, cfg, config, order)[0]  # noqa: E731
+
+    def recalibrate(partial_model: PreTrainedModel, order: list[int]) -> CalibrationResult:
+        return calibrate_cached(partial_model, batches, cfg, config, order)[0]
+
     chosen, replaced, sequential = replace(model, cfg, stats, chosen, recalibrate)
     del stats
     eval_nbl = evaluate(model, tokenizer, cfg.eval, cache_dir) if wants_eval else None
@@ -426,7 +438,7 @@ def run_experiment(cfg: DictConfig, ctx: RunContext) -> dict[str, Any]:
     if cfg.save_checkpoint:
         results["checkpoint"] = str(nbl.save_linearized(model, ctx.output_dir / "checkpoint", tokenizer))
 
-    (ctx.output_dir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    atomic_write_text(ctx.output_dir / "results.json", json.dumps(results, indent=2) + "\n")
     summary = summary_markdown(results)
     (ctx.output_dir / "summary.md").write_text(summary)
     print(summary)
@@ -447,18 +459,6 @@ def run_experiment(cfg: DictConfig, ctx: RunContext) -> dict[str, Any]:
         tracker.finish()
     results["wandb_run_folder"] = tracker.run_folder
     return results
-
-
-def _memo(fn: Callable[[], Any]) -> Callable[[], Any]:
-    """``fn`` evaluated once, on first call."""
-    box: list[Any] = []
-
-    def call() -> Any:
-        if not box:
-            box.append(fn())
-        return box[0]
-
-    return call
 
 
 def _summary_row(results: dict[str, Any]) -> dict[str, Any]:

@@ -112,9 +112,6 @@ class SelectionSchema:
     cca_target: CCATargetName = CCATargetName.residual
     seed: int = 0
 
-    def check(self) -> None:
-        pass
-
 
 @dataclass
 class ReplacementSchema:
@@ -181,9 +178,6 @@ class LoggerSchema:
     group: str | None = None
     tags: list[str] = field(default_factory=list)
 
-    def check(self) -> None:
-        pass
-
 
 @dataclass
 class ExperimentSchema:
@@ -202,9 +196,8 @@ class ExperimentSchema:
     cache_dir: str = "~/.cache/nbl"
 
     def check(self) -> None:
-        for part in (self.model, self.calibration, self.selection, self.replacement, self.eval, self.speed):
+        for part in (self.model, self.calibration, self.replacement, self.eval, self.speed):
             part.check()
-        self.logger.check()
         _positive("num_layers", self.num_layers, minimum=0)
         if self.layers is not None and len(set(self.layers)) != len(self.layers):
             raise ConfigError(f"layers={self.layers} lists a layer twice")

@@ -90,6 +90,7 @@ def test_launcher_configs(launcher, target):
         (["calibration.batch_size=0"], "calibration.batch_size=0 must be >= 1"),
         (["calibration.num_sequences=1", "calibration.seq_len=32"], "full-rank"),
         (["calibration.mode=streaming"], "calibration.mode"),
+        (["calibration.source=c5"], "calibration.source=c5 is unknown"),
         (["selection.strategy=magnitude"], "selection.strategy: Invalid value 'magnitude'"),
         (["selection.cca_target=bogus"], "selection.cca_target: Invalid value 'bogus'"),
         (["replacement.mode=prune"], "replacement.mode"),

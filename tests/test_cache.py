@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from nbl.cache import cache_key, cached_calibration, cached_json
+from nbl.cache import atomic_write_text, cache_key, cached_calibration, cached_json
 from nbl.calibration import CalibrationResult
 from nbl.stats import CovarianceAccumulator
 
@@ -138,3 +138,10 @@ def test_damaged_json_entry_is_recomputed(tmp_path, caplog):
     with caplog.at_level(logging.WARNING, logger="nbl.cache"):
         value, hit = cached_json(tmp_path, {"k": 1}, lambda: {"acc": 0.25})
     assert (value, hit) == ({"acc": 0.25}, False) and str(entry) in caplog.text
+
+
+def test_atomic_write_replaces_whole_files_and_leaves_no_temporaries(tmp_path):
+    target = tmp_path / "results.json"
+    atomic_write_text(target, "old")
+    atomic_write_text(target, "new")
+    assert target.read_text() == "new" and [p.name for p in tmp_path.iterdir()] == ["results.json"]

@@ -155,3 +155,10 @@ def test_results_without_provenance_are_refused(tmp_path):
     path.write_text(json.dumps(legacy))
     with pytest.raises(ValueError, match="records no config or provenance"):
         collect([tmp_path])
+
+
+def test_a_truncated_results_file_is_named(tmp_path):
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "results.json").write_text('{"model": "m", "eval": {')
+    with pytest.raises(ValueError, match=r"run/results\.json is not valid JSON"):
+        collect([tmp_path])
