@@ -27,6 +27,19 @@ class CalibrationResult(Mapping[int, CovarianceAccumulator]):
         self.accumulators = accumulators
         self.cosine_sums = cosine_sums
 
+    @classmethod
+    def empty(cls, layers: Iterable[int], d: int, gram_dtype: str = "float64") -> CalibrationResult:
+        """Zero statistics for ``layers`` of hidden size d."""
+        layers = list(layers)
+        return cls({i: CovarianceAccumulator(d, d, gram_dtype=gram_dtype) for i in layers}, dict.fromkeys(layers, 0.0))
+
+    def to(self, device: torch.device | str) -> CalibrationResult:
+        """The same statistics with every sum on ``device`` (score and fit where the model computes)."""
+        moved = {}
+        for i, acc in self.accumulators.items():
+            moved[i] = CovarianceAccumulator.from_state_dict(acc.state_dict(), device=device)
+        return CalibrationResult(moved, dict(self.cosine_sums))
+
     def __getitem__(self, layer: int) -> CovarianceAccumulator:
         return self.accumulators[layer]
 
@@ -87,7 +100,7 @@ class CalibrationResult(Mapping[int, CovarianceAccumulator]):
         return cls(accs, cos)
 
 
-class _AttentionTap:
+class AttentionTap:
     """Owns the hooks that feed (x, a) of chosen layers into accumulators; always removes them."""
 
     def __init__(self, model: PreTrainedModel, layers: list[int], result: CalibrationResult) -> None:
@@ -98,7 +111,7 @@ class _AttentionTap:
         self._inputs: dict[int, torch.Tensor] = {}
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
 
-    def __enter__(self) -> _AttentionTap:
+    def __enter__(self) -> AttentionTap:
         adapter = get_adapter(self.model)
         decoder_layers = adapter.layers(self.model)
         try:
@@ -137,7 +150,7 @@ class _AttentionTap:
         return hook
 
 
-def _unpack(batch: Batch, device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
+def unpack_batch(batch: Batch, device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
     if isinstance(batch, torch.Tensor):
         input_ids, mask = batch, None
     elif isinstance(batch, Mapping) and "input_ids" in batch:
@@ -155,11 +168,13 @@ def calibrate(
     batches: Iterable[Batch],
     layers: Iterable[int] | None = None,
     progress: bool = True,
+    gram_dtype: str = "float64",
 ) -> CalibrationResult:
     """One pass over ``batches``; statistics for every attention-bearing layer (or only ``layers``).
 
     The LM head is skipped (only the backbone runs); padding tokens (attention_mask == 0) are not
-    counted. Memory is O(L d^2) whatever the number of tokens.
+    counted. Memory is O(L d^2) whatever the number of tokens. ``gram_dtype``: see
+    :class:`~nbl.stats.CovarianceAccumulator`.
     """
     adapter = get_adapter(model)
     decoder_layers = adapter.layers(model)
@@ -173,39 +188,46 @@ def calibrate(
             if isinstance(decoder_layers[i], LinearizedDecoderLayer):
                 raise ValueError(f"layer {i} has no attention left to calibrate")
     d = adapter.hidden_size(model.config)
-    result = CalibrationResult({i: CovarianceAccumulator(d, d) for i in chosen}, {i: 0.0 for i in chosen})
+    result = CalibrationResult.empty(chosen, d, gram_dtype)
     device = next(adapter.backbone(model).parameters()).device
     backbone = adapter.backbone(model)
     was_training = model.training
     model.eval()
     total = len(batches) if hasattr(batches, "__len__") else None
     try:
-        with _AttentionTap(model, chosen, result) as tap:
+        with AttentionTap(model, chosen, result) as tap:
             for b, batch in enumerate(
                 tqdm(batches, total=total, desc=f"calibrating {len(chosen)} layers", disable=not progress)
             ):
-                input_ids, mask = _unpack(batch, device)
+                input_ids, mask = unpack_batch(batch, device)
                 tap.mask = mask
                 backbone(input_ids=input_ids, attention_mask=mask, use_cache=False)
-                _raise_on_overflow(result, b, next(backbone.parameters()).dtype)
+                raise_on_overflow(result, b, next(backbone.parameters()).dtype)
     finally:
         model.train(was_training)
+    check_token_count(result, d)
+    return result
+
+
+def check_token_count(result: CalibrationResult, d: int) -> None:
+    """Refuse statistics over too few tokens: with n <= d tokens C_xx is singular and every layer looks linear."""
     if result.num_tokens <= d:
         raise ValueError(
             f"calibration saw {result.num_tokens} real tokens for hidden size {d}: the covariance of x needs "
             f"more than {d} tokens to have full rank (otherwise every layer looks perfectly linear); "
             "use more or longer calibration sequences"
         )
-    return result
 
 
-def _raise_on_overflow(result: CalibrationResult, batch: int, dtype: torch.dtype) -> None:
+def raise_on_overflow(
+    result: CalibrationResult, batch: int, dtype: torch.dtype, layers: list[int] | None = None
+) -> None:
     """Stop at the first batch whose activations hold NaN or inf, naming the layer and the tensor.
 
     A non-finite x or a makes the running sum of x or a non-finite, so checking those O(d) sums (one
     device sync per batch) catches it before it is cached or blamed on the statistics later.
     """
-    layers = list(result.accumulators)
+    layers = list(result.accumulators) if layers is None else layers
     if not layers:
         return
     flags = torch.stack([torch.isfinite(t).all() for i in layers for t in (result[i].sum_x, result[i].sum_a)]).tolist()

@@ -81,9 +81,8 @@ def method_name(results: dict[str, Any]) -> str:
     chosen_by = "explicit" if sel.get("layers_from") == "explicit" else sel["strategy"]
     key = (chosen_by, results["replacement"]["mode"])
     name = PAPER_NAMES.get(key, f"{key[0]}+{key[1]}")
-    if results.get("calibration", {}).get("mode") == "sequential":
-        name += " seq"
-    return name
+    mode = results.get("calibration", {}).get("mode")
+    return name + {"sequential": " seq", "propagated": " prop"}.get(mode, "")
 
 
 def collect(paths: list[Path]) -> list[dict[str, Any]]:

@@ -29,6 +29,7 @@ from nbl.cache import atomic_write_text, cache_key, cached_calibration, cached_j
 from nbl.calibration import CalibrationResult
 from nbl.data import TEXT_SOURCES, load_texts, token_sequences
 from nbl.evaluation import average_headline, headline, perplexity, run_lm_eval
+from nbl.layerwise import calibrate_layerwise, refit_propagated
 from nbl.models import load_smollm2, random_model, smollm2_folder, tiny_config
 from nbl.offline_tasks import OFFLINE_TASKS, is_builtin_task
 from nbl.provenance import code_identity, file_digest, model_revision, provenance
@@ -155,14 +156,30 @@ def calibration_fields(cfg: DictConfig, config: PretrainedConfig, replaced_order
     replacement settings it determines the partially replaced model.
     """
     cal = OmegaConf.to_container(cfg.calibration, resolve=True)
-    cal.pop("batch_size")  # does not change the statistics
-    cal.pop("mode")  # the one-pass statistics are the first step of the sequential mode
+    for key in ("batch_size", "method", "offload"):  # the same sums up to float64 round-off (tested)
+        cal.pop(key)
+    cal.pop("mode")  # the one-pass statistics are the first step of the sequential and propagated modes
     if replaced_order:
         cal["replaced_order"] = list(replaced_order)
         cal["replacement"] = OmegaConf.to_container(cfg.replacement, resolve=True)
     if cal["source"] == "local":
         cal["sha256"] = file_digest(cal["path"])  # the content, not the name, identifies the text
     return {"model": model_fields(cfg, config), "calibration": cal, "code": code_identity()}
+
+
+def calibrate(model: PreTrainedModel, batches: list[torch.Tensor], cfg: DictConfig) -> CalibrationResult:
+    """One calibration pass as configured: forward hooks, or layer by layer (optionally offloaded to the CPU)."""
+    cal = cfg.calibration
+    if cal.method == "layerwise":
+        return calibrate_layerwise(
+            model, batches, device=resolve_device(cfg.device), store=_store(cfg), gram_dtype=cal.gram_dtype
+        )
+    return nbl.calibrate(model, batches, gram_dtype=cal.gram_dtype)
+
+
+def _store(cfg: DictConfig) -> torch.device | None:
+    """Where layer-by-layer passes keep layers and activations between layers."""
+    return torch.device("cpu") if cfg.calibration.offload else None
 
 
 def _expect_layers(model: PreTrainedModel) -> Callable[[CalibrationResult], None]:
@@ -192,7 +209,7 @@ def calibrate_cached(
     fields = calibration_fields(cfg, config, replaced_order)
     start = time.perf_counter()
     stats, hit, path = cached_calibration(
-        Path(cfg.cache_dir) / "stats", fields, lambda: nbl.calibrate(model, batches()), expect=_expect_layers(model)
+        Path(cfg.cache_dir) / "stats", fields, lambda: calibrate(model, batches(), cfg), expect=_expect_layers(model)
     )
     info = {
         "tokens": stats.num_tokens,
@@ -204,13 +221,15 @@ def calibrate_cached(
     return stats, info
 
 
-def score_all(stats: CalibrationResult) -> dict[str, dict[int, float]]:
-    """Every selection score for every layer (the chosen one drives selection; all are reported)."""
-    return {
-        "cca": layer_scores(stats, "cca", "residual"),
-        "cca_attention": layer_scores(stats, "cca", "attention"),
-        "cosine": layer_scores(stats, "cosine"),
-    }
+def score_all(stats: CalibrationResult, selection: DictConfig, explicit: bool) -> dict[str, dict[int, float]]:
+    """The scores this run needs, for every layer: the cosine (free: summed during calibration) and the CCA
+    bound of the configured target when it drives the selection. Each bound costs eigendecompositions of
+    d x d matrices, so none is computed for nothing (at d = 4096 that is minutes per layer on a CPU)."""
+    scores = {"cosine": layer_scores(stats, "cosine")}
+    key = score_key(selection)
+    if key is not None and key != "cosine" and not explicit:
+        scores[key] = layer_scores(stats, "cca", selection.cca_target)
+    return scores
 
 
 def score_key(selection: DictConfig) -> str | None:
@@ -293,14 +312,31 @@ def replace(
     cfg: DictConfig,
     stats: CalibrationResult,
     chosen: list[int],
+    batches: Callable[[], list[torch.Tensor]],
     recalibrate: Callable[[PreTrainedModel, list[int]], CalibrationResult],
 ) -> tuple[list[int], dict[int, str], list[dict[str, float]] | None]:
-    """One-pass: replace ``chosen`` with maps fitted on ``stats``. Sequential: one layer at a time, each map
-    fitted on re-calibrated statistics of the partially replaced model; the layers are the explicit ones
-    (front to back) or chosen step by step by the strategy. Returns (layers, their modes, the steps)."""
+    """Replace layers as ``calibration.mode`` says. Returns (layers, their modes, the sequential steps).
+
+    one_pass: ``chosen`` with maps fitted on ``stats``. propagated: ``chosen`` (from the one-pass scores or
+    explicit) in one layer-by-layer pass, each map fitted on the inputs the earlier replacements produce.
+    sequential: one layer at a time, each map fitted on re-calibrated statistics of the partially replaced
+    model; the layers are the explicit ones (front to back) or chosen step by step by the strategy.
+    """
     rep = cfg.replacement
-    if cfg.calibration.mode != "sequential":
+    if cfg.calibration.mode == "one_pass":
         return chosen, nbl.linearize(model, stats, chosen, mode=rep.mode, ridge=rep.ridge), None
+    if cfg.calibration.mode == "propagated":
+        refit_propagated(
+            model,
+            batches(),
+            chosen,
+            mode=rep.mode,
+            ridge=rep.ridge,
+            device=resolve_device(cfg.device),
+            store=_store(cfg),
+            gram_dtype=cfg.calibration.gram_dtype,
+        )
+        return chosen, nbl.replaced_layers(model), None
     steps = linearize_sequentially(
         model,
         lambda m, order: stats if not order else recalibrate(m, order),
@@ -362,11 +398,13 @@ def run_experiment(cfg: DictConfig, ctx: RunContext) -> dict[str, Any]:
     batches = functools.cache(lambda: calibration_batches(tokenizer, cfg.calibration))  # built at most once
     if not stats_entry(Path(cfg.cache_dir) / "stats", calibration_fields(cfg, config)).is_file():
         batches()  # too little or unreadable text fails here, before the weights load
-    model = load_model(cfg.model, config, device, cfg.seed)
+    # offloaded: the weights wait on the CPU and each layer visits the device only while it calibrates
+    model = load_model(cfg.model, config, torch.device("cpu") if cfg.calibration.offload else device, cfg.seed)
     n_layers = config.num_hidden_layers
 
     stats, calibration_info = calibrate_cached(model, batches, cfg, config)
-    scores = score_all(stats)
+    stats = stats.to(next(model.parameters()).device)  # score and fit where the model computes
+    scores = score_all(stats, cfg.selection, explicit=cfg.layers is not None)
     chosen = choose_layers(cfg, scores, n_layers)
     cache_dir = Path(cfg.cache_dir)
 
@@ -392,7 +430,7 @@ def run_experiment(cfg: DictConfig, ctx: RunContext) -> dict[str, Any]:
     def recalibrate(partial_model: PreTrainedModel, order: list[int]) -> CalibrationResult:
         return calibrate_cached(partial_model, batches, cfg, config, order)[0]
 
-    chosen, replaced, sequential = replace(model, cfg, stats, chosen, recalibrate)
+    chosen, replaced, sequential = replace(model, cfg, stats, chosen, batches, recalibrate)
     del stats
     eval_nbl = evaluate(model, tokenizer, cfg.eval, cache_dir) if wants_eval else None
     speed = measure_speed(base, model, cfg.speed) if base is not None else None

@@ -36,6 +36,17 @@ class DType(Enum):
 class CalibrationMode(Enum):
     one_pass = "one_pass"
     sequential = "sequential"
+    propagated = "propagated"
+
+
+class CalibrationMethod(Enum):
+    hooks = "hooks"
+    layerwise = "layerwise"
+
+
+class GramDType(Enum):
+    float64 = "float64"
+    float32 = "float32"
 
 
 class Strategy(Enum):
@@ -92,8 +103,13 @@ class CalibrationSchema:
     batch_size: int = 1
     seed: int = 0
     mode: CalibrationMode = CalibrationMode.one_pass
+    method: CalibrationMethod = CalibrationMethod.hooks
+    offload: bool = False
+    gram_dtype: GramDType = GramDType.float64
 
     def check(self) -> None:
+        if self.offload and self.method is not CalibrationMethod.layerwise:
+            raise ConfigError("calibration.offload=true needs calibration.method=layerwise")
         _positive("calibration.num_sequences", self.num_sequences)
         _positive("calibration.seq_len", self.seq_len, minimum=2)
         _positive("calibration.batch_size", self.batch_size)

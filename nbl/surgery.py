@@ -78,7 +78,7 @@ def replaced_layers(model: PreTrainedModel) -> dict[int, ReplacementMode]:
     return {i: layer.mode for i, layer in enumerate(layers) if isinstance(layer, LinearizedDecoderLayer)}
 
 
-def _validate_layers(model: PreTrainedModel, layers: Iterable[int]) -> list[int]:
+def validate_layers(model: PreTrainedModel, layers: Iterable[int]) -> list[int]:
     if isinstance(layers, (str, bytes)) or not isinstance(layers, Iterable):
         raise TypeError(f"layers must be an iterable of layer indices, got {layers!r}")
     chosen = []
@@ -109,7 +109,7 @@ def _replace_layer(model: PreTrainedModel, index: int, linear: nn.Linear | None)
     layers[index] = cls(adapter.mlp(old), adapter.post_attention_norm(old), linear)
 
 
-def _slot_plan(model: PreTrainedModel, replaced: Iterable[int]) -> dict[int, int]:
+def slot_plan(model: PreTrainedModel, replaced: Iterable[int]) -> dict[int, int]:
     """Layer index -> KV-cache slot for the layers that keep attention once ``replaced`` are gone.
 
     The kept layers fill slots 0..m-1 in order: transformers reads the cache length (hence positions
@@ -130,10 +130,10 @@ def _slot_plan(model: PreTrainedModel, replaced: Iterable[int]) -> dict[int, int
 
 
 def assign_cache_slots(model: PreTrainedModel) -> None:
-    """Renumber the remaining attention modules into compact KV-cache slots (see :func:`_slot_plan`)."""
+    """Renumber the remaining attention modules into compact KV-cache slots (see :func:`slot_plan`)."""
     adapter = get_adapter(model)
     layers = adapter.layers(model)
-    for index, slot in _slot_plan(model, replaced_layers(model)).items():
+    for index, slot in slot_plan(model, replaced_layers(model)).items():
         adapter.attention(layers[index]).layer_idx = slot
 
 
@@ -145,11 +145,11 @@ def _layer_param(model: PreTrainedModel, index: int) -> torch.Tensor:
 
 def apply_replacements(model: PreTrainedModel, modes: Mapping[int, ReplacementMode]) -> None:
     """Structural surgery with freshly initialised linear maps (used to rebuild saved checkpoints)."""
-    indices = _validate_layers(model, modes)
+    indices = validate_layers(model, modes)
     bad = {i: modes[i] for i in indices if modes[i] not in MODES}
     if bad:
         raise ValueError(f"unknown replacement modes {bad}; use one of {MODES}")
-    _slot_plan(model, set(indices) | set(replaced_layers(model)))
+    slot_plan(model, set(indices) | set(replaced_layers(model)))
     d = get_adapter(model).hidden_size(model.config)
     for i in indices:
         param = _layer_param(model, i)
@@ -174,7 +174,7 @@ def linearize(
     """
     if mode not in MODES:
         raise ValueError(f"unknown replacement mode {mode!r}; use one of {MODES}")
-    indices = _validate_layers(model, layers)
+    indices = validate_layers(model, layers)
     d = get_adapter(model).hidden_size(model.config)
     linears: dict[int, nn.Linear | None] = {}
     for i in indices:
@@ -197,7 +197,7 @@ def linearize(
         if not (torch.isfinite(linear.weight).all() and torch.isfinite(linear.bias).all()):
             raise ValueError(f"the map of layer {i} overflows {param.dtype}: try a ridge > 0")
         linears[i] = linear
-    _slot_plan(model, set(indices) | set(replaced_layers(model)))
+    slot_plan(model, set(indices) | set(replaced_layers(model)))
     for i, linear in linears.items():
         _replace_layer(model, i, linear)
     assign_cache_slots(model)

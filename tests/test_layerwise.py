@@ -1,0 +1,139 @@
+"""Layer-by-layer calibration against the one-pass hooks; the propagated refit against sequential refitting."""
+
+import copy
+
+import pytest
+import torch
+
+import nbl
+from nbl.layerwise import calibrate_layerwise, refit_propagated
+from nbl.models import random_model, tiny_config
+from nbl.sequential import linearize_sequentially
+from tests.conftest import make_tiny, token_batches
+
+
+def _assert_same_statistics(got, expected, rtol=1e-9, atol=1e-9):
+    assert list(got) == list(expected) and got.num_tokens == expected.num_tokens
+    for i in expected:
+        for name, t in expected[i].state_dict().items():
+            torch.testing.assert_close(got[i].state_dict()[name], t, rtol=rtol, atol=atol, msg=f"layer {i} {name}")
+        assert got.mean_cosine(i) == pytest.approx(expected.mean_cosine(i), rel=1e-9)
+
+
+def test_layerwise_statistics_equal_the_one_pass_hooks(family):
+    model = make_tiny(family)
+    batches = token_batches(n_batches=3)
+    _assert_same_statistics(
+        calibrate_layerwise(model, batches, progress=False), nbl.calibrate(model, batches, progress=False)
+    )
+
+
+def test_layerwise_counts_no_padding_and_skips_replaced_layers():
+    model = make_tiny("llama", hidden_size=32)
+    g = torch.Generator().manual_seed(3)
+    ids = torch.randint(3, 256, (2, 40), generator=g)
+    mask = torch.ones(2, 40, dtype=torch.long)
+    mask[0, 25:] = 0
+    batches = [{"input_ids": ids, "attention_mask": mask}]
+    stats = nbl.calibrate(model, batches, progress=False)
+    nbl.linearize(model, stats, [1])
+    _assert_same_statistics(
+        calibrate_layerwise(model, batches, progress=False), nbl.calibrate(model, batches, progress=False)
+    )
+    assert list(calibrate_layerwise(model, batches, progress=False)) == [0, 2, 3]
+
+
+def test_offloaded_layers_and_activations_return_home():
+    model = make_tiny("qwen2")
+    batches = token_batches(n_batches=2)
+    stats = calibrate_layerwise(model, batches, device="cpu", store="cpu", progress=False)
+    _assert_same_statistics(stats, nbl.calibrate(model, batches, progress=False))
+    assert all(p.device.type == "cpu" for p in model.parameters())
+
+
+def test_propagated_refit_equals_sequential_refitting_in_one_pass(family):
+    base = make_tiny(family)
+    batches = token_batches(n_batches=3)
+    order = [0, 2, 3]
+    sequential = copy.deepcopy(base)
+    linearize_sequentially(
+        sequential, lambda m, done: nbl.calibrate(m, batches, progress=False), len(order), "cca", order=order
+    )
+    propagated = copy.deepcopy(base)
+    refit_propagated(propagated, batches, order, progress=False)
+    assert nbl.replaced_layers(propagated) == nbl.replaced_layers(sequential) == dict.fromkeys(order, "linear")
+    for i in order:
+        a, b = propagated.model.layers[i].attn_linear, sequential.model.layers[i].attn_linear
+        torch.testing.assert_close(a.weight, b.weight, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(a.bias, b.bias, rtol=1e-4, atol=1e-5)
+    ids = torch.randint(3, 256, (1, 10))
+    with torch.no_grad():
+        torch.testing.assert_close(propagated(ids).logits, sequential(ids).logits, rtol=1e-4, atol=1e-4)
+
+
+def test_propagated_refit_puts_the_original_layers_back_on_failure():
+    model = make_tiny("llama").to(torch.float16)
+    with torch.no_grad():
+        model.model.layers[2].self_attn.o_proj.weight.fill_(6e4)  # overflows once layer 2 is calibrated
+    before = list(model.model.layers)
+    with pytest.raises(FloatingPointError, match="layer 2"):
+        refit_propagated(model, token_batches(n_batches=1), [0, 2], progress=False)
+    assert nbl.replaced_layers(model) == {} and list(model.model.layers) == before
+    assert [layer.self_attn.layer_idx for layer in model.model.layers] == [0, 1, 2, 3]
+
+
+def test_mixed_attention_types_are_refused():
+    config = tiny_config("qwen2")
+    config.layer_types = ["full_attention", "sliding_attention"] * 2
+    config.use_sliding_window, config.sliding_window = True, 8
+    with pytest.raises(NotImplementedError, match="mixes"):
+        calibrate_layerwise(random_model(config), token_batches(n_batches=1), progress=False)
+
+
+def test_float32_gram_products_stay_within_1e_6_of_float64_with_massive_activations():
+    g = torch.Generator().manual_seed(0)
+    acc64 = nbl.CovarianceAccumulator(128, 128)
+    acc32 = nbl.CovarianceAccumulator(128, 128, gram_dtype="float32")
+    mix = torch.randn(128, 128, generator=g) / 12
+    for _ in range(4):
+        x = torch.randn(1024, 128, generator=g)
+        x[:, 7] += 1e4  # a channel with a huge mean
+        hot = torch.rand(1024, generator=g) < 0.05
+        x[hot, 5] = 1e4  # massive activations on a few tokens
+        a = x @ mix + torch.randn(1024, 128, generator=g)
+        x, a = x.to(torch.bfloat16), a.to(torch.bfloat16)
+        acc64.update(x, a)
+        acc32.update(x, a)
+    rel = lambda p, q: float((p - q).norm() / q.norm())  # noqa: E731
+    for name in ("sum_x", "sum_a", "sum_xx", "sum_ax", "sum_aa"):
+        assert rel(getattr(acc32, name), getattr(acc64, name)) < 1e-6, name
+    for name in ("cov_xx", "cov_ax", "cov_aa"):
+        assert rel(getattr(acc32, name)(), getattr(acc64, name)()) < 1e-6, name
+
+
+@pytest.mark.slow
+def test_the_app_runs_layerwise_offloaded_and_propagated(tmp_path, monkeypatch):
+    from hydra import compose, initialize_config_dir
+
+    from nbl.__main__ import CONF_DIR
+    from nbl.runner import RunContext, run_experiment
+
+    monkeypatch.setenv("NBL_CACHE", str(tmp_path / "cache"))
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        hooks = compose("config", overrides=["experiment=smoke", "speed=none"])
+        layerwise = compose(
+            "config",
+            overrides=[
+                "experiment=smoke",
+                "speed=none",
+                "calibration.method=layerwise",
+                "calibration.offload=true",
+                "calibration.mode=propagated",
+                "calibration.gram_dtype=float32",
+            ],
+        )
+    first = run_experiment(hooks, RunContext(tmp_path / "hooks"))
+    prop = run_experiment(layerwise, RunContext(tmp_path / "prop"))
+    assert prop["summary_row"]["method"] == "Attn NBL prop" and prop["calibration"]["mode"] == "propagated"
+    assert not prop["calibration"]["cache_hit"]  # float32 Gram products are another cache entry
+    assert prop["replaced_layers"] == first["replaced_layers"]  # same one-pass scores, to round-off
