@@ -5,6 +5,8 @@ from __future__ import annotations
 import logging
 import os
 import secrets
+import sys
+import tempfile
 from pathlib import Path
 
 import hydra
@@ -35,6 +37,10 @@ def _hydra_main(cfg: DictConfig) -> None:
 
 
 def main() -> None:
+    if int(os.environ.get("RANK", "0")) > 0:
+        # torchrun helper ranks: rank 0 owns the run folder; these write theirs to a scratch folder
+        scratch = tempfile.mkdtemp(prefix=f"nbl-rank{os.environ['RANK']}-")
+        sys.argv += [f"hydra.run.dir={scratch}", f"hydra.sweep.dir={scratch}", "hydra.output_subdir=null"]
     _hydra_main()
 
 

@@ -23,11 +23,13 @@ from omegaconf import DictConfig, OmegaConf
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig, PreTrainedModel
 
 import nbl
+from nbl import distributed
 from nbl.accounting import FlopModel, kv_cache_bytes_per_token
 from nbl.adapters import adapter_for_config
 from nbl.cache import atomic_write_text, cache_key, cached_calibration, cached_json, stats_entry
 from nbl.calibration import CalibrationResult
 from nbl.data import TEXT_SOURCES, load_texts, token_sequences
+from nbl.distributed import calibrate_sharded
 from nbl.evaluation import average_headline, headline, perplexity, run_lm_eval
 from nbl.layerwise import calibrate_layerwise, refit_propagated
 from nbl.models import load_smollm2, random_model, smollm2_folder, tiny_config
@@ -204,18 +206,36 @@ def calibrate_cached(
     cfg: DictConfig,
     config: PretrainedConfig,
     replaced_order: list[int] | None = None,
-) -> tuple[CalibrationResult, dict]:
-    """Statistics of the model's attention layers, from the cache when the same pass ran before."""
+    rank: int = 0,
+    world: int = 1,
+) -> tuple[CalibrationResult | None, dict]:
+    """Statistics of the model's attention layers, from the cache when the same pass ran before.
+
+    With several ranks (torchrun), rank 0 looks the entry up and tells the others; on a miss every rank
+    calibrates its shard of the batches and the sums are all-reduced. Ranks > 0 get (None, {}).
+    """
     fields = calibration_fields(cfg, config, replaced_order)
     start = time.perf_counter()
-    stats, hit, path = cached_calibration(
-        Path(cfg.cache_dir) / "stats", fields, lambda: calibrate(model, batches(), cfg), expect=_expect_layers(model)
-    )
+    folder = Path(cfg.cache_dir) / "stats"
+
+    def compute() -> CalibrationResult:
+        return calibrate(model, batches(), cfg)
+
+    if world > 1:
+        flag = [stats_entry(folder, fields).is_file() if rank == 0 else None]
+        torch.distributed.broadcast_object_list(flag, src=0)
+        if not flag[0]:
+            reduced = calibrate_sharded(lambda part: calibrate(model, part, cfg), batches(), rank, world)
+            compute = lambda: reduced  # noqa: E731  (an entry that vanished meanwhile: rank 0 falls back below)
+        if rank > 0:
+            return None, {}
+    stats, hit, path = cached_calibration(folder, fields, compute, expect=_expect_layers(model))
     info = {
         "tokens": stats.num_tokens,
         "cache_hit": hit,
         "cache_file": str(path),
         "seconds": time.perf_counter() - start,
+        "world_size": world,
     }
     log.info("calibration: %s (%d tokens)", "cache hit" if hit else "computed", stats.num_tokens)
     return stats, info
@@ -390,8 +410,10 @@ def run_experiment(cfg: DictConfig, ctx: RunContext) -> dict[str, Any]:
     from nbl.tracking import Tracker
 
     cfg, config = validate(cfg)  # before any weights are loaded
-    run = claim_output_dir(ctx.output_dir)
-    (ctx.output_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    rank, world = distributed.setup()  # torchrun: one process per GPU, ranks > 0 only help calibrate
+    if rank == 0:
+        run = claim_output_dir(ctx.output_dir)
+        (ctx.output_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
     torch.manual_seed(cfg.seed)
     device = resolve_device(cfg.device)
     tokenizer = load_tokenizer(cfg.model)
@@ -402,7 +424,9 @@ def run_experiment(cfg: DictConfig, ctx: RunContext) -> dict[str, Any]:
     model = load_model(cfg.model, config, torch.device("cpu") if cfg.calibration.offload else device, cfg.seed)
     n_layers = config.num_hidden_layers
 
-    stats, calibration_info = calibrate_cached(model, batches, cfg, config)
+    stats, calibration_info = calibrate_cached(model, batches, cfg, config, rank=rank, world=world)
+    if stats is None:  # a helper rank: its shard is in rank 0's statistics
+        return {}
     stats = stats.to(next(model.parameters()).device)  # score and fit where the model computes
     scores = score_all(stats, cfg.selection, explicit=cfg.layers is not None)
     chosen = choose_layers(cfg, scores, n_layers)

@@ -1,0 +1,88 @@
+"""Data-parallel calibration over torch.distributed (gloo on the CPU): the merged statistics equal one
+process's, so the same layers and maps are chosen; the app under torchrun writes one result."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+import nbl
+from nbl.distributed import calibrate_sharded, shard
+from nbl.selection import layer_scores, select_layers
+from tests.conftest import make_tiny, token_batches
+
+
+def _worker(rank: int, world: int, init_file: str, out: str) -> None:
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        model = make_tiny("qwen2")  # the same seeded weights on every rank
+        stats = calibrate_sharded(
+            lambda part: nbl.calibrate(model, part, progress=False), token_batches(5), rank, world
+        )
+        if rank == 1:
+            stats.save(out)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_gloo_ranks_reproduce_the_one_process_statistics(tmp_path):
+    out = tmp_path / "rank1.safetensors"
+    mp.start_processes(_worker, args=(2, str(tmp_path / "init"), str(out)), nprocs=2, join=True, start_method="spawn")
+    merged = nbl.CalibrationResult.load(out)  # as rank 1 holds it after the all-reduce
+    single = nbl.calibrate(make_tiny("qwen2"), token_batches(5), progress=False)
+    assert merged.num_tokens == single.num_tokens == 5 * 4 * 32
+    for i in single:
+        for name, t in single[i].state_dict().items():
+            torch.testing.assert_close(merged[i].state_dict()[name], t, rtol=1e-10, atol=1e-8)
+        assert merged.mean_cosine(i) == pytest.approx(single.mean_cosine(i), rel=1e-12)
+    assert select_layers(layer_scores(merged, "cca"), 2, "cca") == select_layers(layer_scores(single, "cca"), 2, "cca")
+    for i in single:
+        torch.testing.assert_close(nbl.fit_lmmse(merged[i])[0], nbl.fit_lmmse(single[i])[0], rtol=1e-7, atol=1e-9)
+
+
+def test_shards_cover_every_batch_once():
+    items = list(range(7))
+    parts = [shard(items, r, 3) for r in range(3)]
+    assert sorted(x for p in parts for x in p) == items and parts[0] == [0, 3, 6]
+    with pytest.raises(ValueError, match="cannot be shared by 8 ranks"):
+        shard(items, 0, 8)
+
+
+@pytest.mark.slow
+def test_torchrun_writes_one_result_equal_to_a_single_process_run(tmp_path):
+    env = {**os.environ, "NBL_CACHE": str(tmp_path / "cache"), "WANDB_SILENT": "true", "HF_HUB_OFFLINE": "1"}
+    args = ["-m", "nbl", "experiment=smoke", "speed=none", "calibration.num_sequences=8"]
+    torchrun = Path(sys.executable).parent / "torchrun"
+    proc = subprocess.run(
+        [str(torchrun), "--nproc-per-node=2", "--master-port=29531", *args, f"hydra.run.dir={tmp_path / 'dist'}"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    env["NBL_CACHE"] = str(tmp_path / "cache_single")
+    proc = subprocess.run(
+        [sys.executable, *args, f"hydra.run.dir={tmp_path / 'single'}"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    runs = sorted(tmp_path.rglob("results.json"))
+    assert [p.parent.name for p in runs] == ["dist", "single"]  # helper ranks wrote no results
+    dist_run, single_run = (json.loads(p.read_text()) for p in runs)
+    assert dist_run["calibration"]["world_size"] == 2 and single_run["calibration"]["world_size"] == 1
+    assert dist_run["calibration"]["tokens"] == single_run["calibration"]["tokens"]
+    assert dist_run["replaced_layers"] == single_run["replaced_layers"]
+    for key, value in single_run["scores"]["cca"].items():
+        assert dist_run["scores"]["cca"][key] == pytest.approx(value, rel=1e-9)
