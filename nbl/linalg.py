@@ -56,10 +56,8 @@ def _psd_pseudo_power(c: torch.Tensor, power: float, rel_floor: float) -> torch.
     return (evecs * scaled) @ evecs.T
 
 
-def canonical_correlations(
-    acc: CovarianceAccumulator, target: CCATarget = "residual", rel_floor: float = 1e-10
-) -> torch.Tensor:
-    """Canonical correlations between x and y (y = x + a for "residual", y = a for "attention")."""
+def _cca_blocks(acc: CovarianceAccumulator, target: CCATarget) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(C_xx, C_yx, C_yy) for y = x + a ("residual") or y = a ("attention"), checked finite."""
     c_xx = acc.cov_xx()
     c_ax = acc.cov_ax()
     c_aa = acc.cov_aa()
@@ -75,15 +73,47 @@ def canonical_correlations(
         raise ValueError(f"unknown CCA target {target!r}; use 'residual' or 'attention'")
     for m, name in ((c_xx, "C_xx"), (c_yx, "C_yx"), (c_yy, "C_yy")):
         _check_finite(m, name)
-    k = _psd_pseudo_power((c_yy + c_yy.T) / 2, -0.5, rel_floor) @ c_yx @ _psd_pseudo_power(c_xx, -0.5, rel_floor)
+    return c_xx, c_yx, (c_yy + c_yy.T) / 2
+
+
+def _cholesky_or_none(c: torch.Tensor, rel_floor: float) -> torch.Tensor | None:
+    """The Cholesky factor of c, or None if c is not safely positive definite (see :func:`cca_bound`)."""
+    chol, info = torch.linalg.cholesky_ex(c)
+    if int(info) != 0:
+        return None
+    pivots = torch.diagonal(chol) ** 2
+    return chol if bool(pivots.min() > rel_floor * pivots.max()) else None
+
+
+def canonical_correlations(
+    acc: CovarianceAccumulator, target: CCATarget = "residual", rel_floor: float = 1e-10
+) -> torch.Tensor:
+    """Canonical correlations between x and y (y = x + a for "residual", y = a for "attention"):
+    the singular values of C_yy^{-1/2} C_yx C_xx^{-1/2}, by pseudo-inverse square roots (eigenvalue floor)."""
+    c_xx, c_yx, c_yy = _cca_blocks(acc, target)
+    k = _psd_pseudo_power(c_yy, -0.5, rel_floor) @ c_yx @ _psd_pseudo_power(c_xx, -0.5, rel_floor)
     return torch.linalg.svdvals(k).clamp(0.0, 1.0)
 
 
 def cca_bound(acc: CovarianceAccumulator, target: CCATarget = "residual", rel_floor: float = 1e-10) -> float:
-    """NMSE bound of the LMMSE fit (paper, Thm 3.2): sum_i (1 - rho_i^2) + (d_out - r). Lower = more linear."""
-    rho = canonical_correlations(acc, target, rel_floor)
-    r = min(acc.d_in, acc.d_out)
-    bound = float((1.0 - rho[:r] ** 2).sum()) + (acc.d_out - r)
+    """NMSE bound of the LMMSE fit (paper, Thm 3.2): sum_i (1 - rho_i^2) + (d_out - r) = d_out - sum_i rho_i^2.
+    Lower = more linear.
+
+    sum_i rho_i^2 = ||C_yy^{-1/2} C_yx C_xx^{-1/2}||_F^2 = ||L_y^{-1} C_yx L_x^{-T}||_F^2 with the Cholesky
+    factors C = L L^T: two factorizations and two triangular solves, several times cheaper than the
+    eigendecompositions and SVD of :func:`canonical_correlations`, which remains the fallback when a
+    covariance is (numerically) singular: a failed factorization, or a pivot below ``rel_floor`` times the
+    largest (the smallest pivot bounds the smallest eigenvalue from above, so the floor then applies).
+    """
+    c_xx, c_yx, c_yy = _cca_blocks(acc, target)
+    l_x, l_y = _cholesky_or_none(c_xx, rel_floor), _cholesky_or_none(c_yy, rel_floor)
+    if l_x is not None and l_y is not None:
+        m = torch.linalg.solve_triangular(l_y, c_yx, upper=False)  # L_y^{-1} C_yx
+        m = torch.linalg.solve_triangular(l_x, m.T, upper=False)  # (L_y^{-1} C_yx L_x^{-T})^T
+        sum_rho2 = float((m * m).sum())
+    else:
+        sum_rho2 = float((canonical_correlations(acc, target, rel_floor) ** 2).sum())
+    bound = acc.d_out - sum_rho2
     if not math.isfinite(bound):
         raise ValueError(f"CCA bound is {bound}: the calibration statistics are corrupt")
     return bound

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from nbl import CovarianceAccumulator, canonical_correlations, cca_bound, fit_lmmse
+from nbl.linalg import _cholesky_or_none
 
 
 def _correlated(n: int, d_in: int, d_out: int, noise: float, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -197,3 +198,21 @@ def test_rank_deficient_fit_is_the_minimum_norm_least_squares_solution():
     w_np = np.linalg.lstsq(xc, ac, rcond=None)[0].T  # numpy's SVD min-norm solution on centred data
     np.testing.assert_allclose(w.numpy(), w_np, rtol=1e-6, atol=1e-8)
     np.testing.assert_allclose(b.numpy(), a.mean(0) - w_np @ x.mean(0), rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("target", ["residual", "attention"])
+def test_cholesky_bound_equals_the_singular_value_definition(target):
+    x, a = _correlated(3000, 12, 12, noise=0.4, seed=21)
+    acc = _acc(x, a)
+    rho = canonical_correlations(acc, target)
+    assert cca_bound(acc, target) == pytest.approx(float((1 - rho**2).sum()), rel=1e-9, abs=1e-10)
+
+
+def test_singular_covariance_falls_back_to_the_floored_definition():
+    rng = np.random.default_rng(4)
+    base = rng.normal(size=(500, 3))
+    x = np.hstack([base, base[:, :1] * 3.0])  # C_xx singular: a round-off pivot, or a failed factorization
+    acc = _acc(x, np.tanh(x) + 0.1 * rng.normal(size=(500, 4)))
+    assert _cholesky_or_none(acc.cov_xx(), 1e-10) is None
+    rho = canonical_correlations(acc)
+    assert cca_bound(acc) == pytest.approx(4 - float((rho**2).sum()), rel=1e-9)
