@@ -77,12 +77,14 @@ def _cca_blocks(acc: CovarianceAccumulator, target: CCATarget) -> tuple[torch.Te
 
 
 def _cholesky_or_none(c: torch.Tensor, rel_floor: float) -> torch.Tensor | None:
-    """The Cholesky factor of c, or None if c is not safely positive definite (see :func:`cca_bound`)."""
-    chol, info = torch.linalg.cholesky_ex(c)
-    if int(info) != 0:
+    """The Cholesky factor of c, or None when an eigenvalue of c is below ``rel_floor`` times the largest
+    (where :func:`canonical_correlations` drops directions). Eigenvalues alone cost a fraction of an
+    eigendecomposition with vectors."""
+    evals = torch.linalg.eigvalsh(c)
+    if not bool(evals.min() > rel_floor * evals.max()):
         return None
-    pivots = torch.diagonal(chol) ** 2
-    return chol if bool(pivots.min() > rel_floor * pivots.max()) else None
+    chol, info = torch.linalg.cholesky_ex(c)
+    return chol if int(info) == 0 else None
 
 
 def canonical_correlations(
@@ -101,9 +103,9 @@ def cca_bound(acc: CovarianceAccumulator, target: CCATarget = "residual", rel_fl
 
     sum_i rho_i^2 = ||C_yy^{-1/2} C_yx C_xx^{-1/2}||_F^2 = ||L_y^{-1} C_yx L_x^{-T}||_F^2 with the Cholesky
     factors C = L L^T: two factorizations and two triangular solves, several times cheaper than the
-    eigendecompositions and SVD of :func:`canonical_correlations`, which remains the fallback when a
-    covariance is (numerically) singular: a failed factorization, or a pivot below ``rel_floor`` times the
-    largest (the smallest pivot bounds the smallest eigenvalue from above, so the floor then applies).
+    eigendecompositions and SVD of :func:`canonical_correlations`, which remains the path (and gives the
+    same value) when an eigenvalue of C_xx or C_yy is below ``rel_floor`` times the largest: the floor
+    then drops those directions.
     """
     c_xx, c_yx, c_yy = _cca_blocks(acc, target)
     l_x, l_y = _cholesky_or_none(c_xx, rel_floor), _cholesky_or_none(c_yy, rel_floor)
