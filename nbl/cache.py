@@ -114,7 +114,7 @@ def cached_calibration(
             stored = (f.metadata() or {}).get("fields")
         if stored != canonical:
             raise CacheEntryError("its header was written for other key fields")
-        stats = CalibrationResult.load(p)
+        stats = CalibrationResult.load(p, lazy=True)  # one layer in memory at a time
         stats.check()
         if expect is not None:
             expect(stats)

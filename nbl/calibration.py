@@ -8,7 +8,8 @@ from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors import safe_open
+from safetensors.torch import save_file
 from torch import nn
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel
@@ -23,7 +24,7 @@ Batch = torch.Tensor | Mapping[str, torch.Tensor]
 class CalibrationResult(Mapping[int, CovarianceAccumulator]):
     """Layer index -> accumulator, plus the per-layer sum of cos(x, x + a) for the drop baseline."""
 
-    def __init__(self, accumulators: dict[int, CovarianceAccumulator], cosine_sums: dict[int, float]) -> None:
+    def __init__(self, accumulators: Mapping[int, CovarianceAccumulator], cosine_sums: dict[int, float]) -> None:
         self.accumulators = accumulators
         self.cosine_sums = cosine_sums
 
@@ -34,10 +35,16 @@ class CalibrationResult(Mapping[int, CovarianceAccumulator]):
         return cls({i: CovarianceAccumulator(d, d, gram_dtype=gram_dtype) for i in layers}, dict.fromkeys(layers, 0.0))
 
     def to(self, device: torch.device | str) -> CalibrationResult:
-        """The same statistics with every sum on ``device`` (score and fit where the model computes)."""
-        moved = {}
-        for i, acc in self.accumulators.items():
-            moved[i] = CovarianceAccumulator.from_state_dict(acc.state_dict(), device=device)
+        """The same statistics with every sum on ``device`` (score and fit where the model computes).
+
+        Statistics opened lazily stay lazy: each layer is read straight onto ``device`` when asked for.
+        """
+        if isinstance(self.accumulators, _StoredLayers):
+            stored = _StoredLayers(self.accumulators.path, self.accumulators.counts, device)
+            return CalibrationResult(stored, dict(self.cosine_sums))
+        moved = {
+            i: CovarianceAccumulator.from_state_dict(acc.state_dict(), device) for i, acc in self.accumulators.items()
+        }
         return CalibrationResult(moved, dict(self.cosine_sums))
 
     def __getitem__(self, layer: int) -> CovarianceAccumulator:
@@ -49,9 +56,15 @@ class CalibrationResult(Mapping[int, CovarianceAccumulator]):
     def __len__(self) -> int:
         return len(self.accumulators)
 
+    def count(self, layer: int) -> int:
+        """Tokens summarised for ``layer`` (read without the sums when the statistics are lazy)."""
+        if isinstance(self.accumulators, _StoredLayers):
+            return self.accumulators.counts[layer]
+        return self.accumulators[layer].count
+
     def mean_cosine(self, layer: int) -> float:
         """Mean over calibration tokens of cos(x_t, x_t + a_t)."""
-        return self.cosine_sums[layer] / self.accumulators[layer].count
+        return self.cosine_sums[layer] / self.count(layer)
 
     def check(self) -> None:
         """Raise unless every layer holds finite sums over the same tokens with the same dimensions."""
@@ -75,7 +88,7 @@ class CalibrationResult(Mapping[int, CovarianceAccumulator]):
 
     @property
     def num_tokens(self) -> int:
-        return next(iter(self.accumulators.values())).count if self.accumulators else 0
+        return self.count(next(iter(self))) if len(self) else 0
 
     def save(self, path: str | Path, metadata: Mapping[str, str] | None = None) -> None:
         """One safetensors file (no pickle); ``metadata`` is kept as strings in its header."""
@@ -88,16 +101,38 @@ class CalibrationResult(Mapping[int, CovarianceAccumulator]):
         save_file(tensors, str(path), metadata=header)
 
     @classmethod
-    def load(cls, path: str | Path) -> CalibrationResult:
-        tensors = load_file(str(path))
-        layers = sorted({int(k.split(".", 1)[0][len("layer") :]) for k in tensors})
-        accs, cos = {}, {}
-        for i in layers:
-            prefix = f"layer{i}."
-            state = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
-            cos[i] = float(state.pop("cosine_sum").item())
-            accs[i] = CovarianceAccumulator.from_state_dict(state)
-        return cls(accs, cos)
+    def load(cls, path: str | Path, device: torch.device | str = "cpu", lazy: bool = False) -> CalibrationResult:
+        """Read statistics written by :meth:`save`. ``lazy``: read each layer from the file when it is asked
+        for (and not keep it), so memory holds one layer's sums (3 d^2 + 2 d floats), not L of them."""
+        with safe_open(str(path), framework="pt") as f:
+            layers = json.loads((f.metadata() or {})["nbl_layers"])
+            cos = {i: float(f.get_tensor(f"layer{i}.cosine_sum").item()) for i in layers}
+            counts = {i: int(f.get_tensor(f"layer{i}.count").item()) for i in layers}
+        stored = _StoredLayers(Path(path), counts, device)
+        return cls(stored if lazy else {i: stored[i] for i in layers}, cos)
+
+
+class _StoredLayers(Mapping[int, CovarianceAccumulator]):
+    """Layer index -> accumulator, read from a statistics file on every access (nothing kept in memory)."""
+
+    def __init__(self, path: Path, counts: dict[int, int], device: torch.device | str) -> None:
+        self.path, self.counts, self.device = path, counts, torch.device(device)
+        self.layers = sorted(counts)
+
+    def __getitem__(self, layer: int) -> CovarianceAccumulator:
+        if layer not in self.layers:
+            raise KeyError(layer)
+        prefix = f"layer{layer}."
+        with safe_open(str(self.path), framework="pt", device=str(self.device)) as f:
+            state = {k[len(prefix) :]: f.get_tensor(k) for k in f.keys() if k.startswith(prefix)}
+        state.pop("cosine_sum")
+        return CovarianceAccumulator.from_state_dict(state, self.device)
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.layers)
+
+    def __len__(self) -> int:
+        return len(self.layers)
 
 
 class AttentionTap:

@@ -119,3 +119,19 @@ def test_too_few_tokens_for_the_hidden_size_is_refused():
     model = make_tiny("llama")  # hidden size 64
     with pytest.raises(ValueError, match="saw 60 real tokens for hidden size 64"):
         nbl.calibrate(model, [torch.randint(3, 256, (2, 30))], progress=False)
+
+
+def test_lazy_statistics_read_each_layer_on_demand_and_equal_the_eager_ones(tmp_path):
+    model = make_tiny("llama")
+    stats = nbl.calibrate(model, token_batches(n_batches=2), progress=False)
+    stats.save(tmp_path / "s.safetensors")
+    eager = CalibrationResult.load(tmp_path / "s.safetensors")
+    lazy = CalibrationResult.load(tmp_path / "s.safetensors", lazy=True).to("cpu")
+    assert list(lazy) == list(eager) == [0, 1, 2, 3] and lazy.num_tokens == eager.num_tokens == 256
+    assert lazy[2] is not lazy[2]  # read afresh each time, nothing kept
+    for i in eager:
+        assert lazy.mean_cosine(i) == eager.mean_cosine(i)
+        for name, t in eager[i].state_dict().items():
+            assert torch.equal(lazy[i].state_dict()[name], t)
+    lazy.check()
+    assert nbl.cca_bound(lazy[1]) == nbl.cca_bound(stats[1])
