@@ -16,7 +16,7 @@ from transformers import PreTrainedModel
 
 from nbl.adapters import get_adapter
 from nbl.stats import CovarianceAccumulator
-from nbl.surgery import LinearizedDecoderLayer
+from nbl.surgery import LinearizedDecoderLayer, execution_device
 
 Batch = torch.Tensor | Mapping[str, torch.Tensor]
 
@@ -224,7 +224,7 @@ def calibrate(
                 raise ValueError(f"layer {i} has no attention left to calibrate")
     d = adapter.hidden_size(model.config)
     result = CalibrationResult.empty(chosen, d, gram_dtype)
-    device = next(adapter.backbone(model).parameters()).device
+    device = execution_device(model.get_input_embeddings())  # dispatched models: weights may sit on "meta"
     backbone = adapter.backbone(model)
     was_training = model.training
     model.eval()

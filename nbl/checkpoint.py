@@ -9,7 +9,7 @@ import json
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_model, save_model
+from safetensors.torch import load_model, save_file, save_model
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
 
 from nbl.adapters import adapter_for_config
@@ -25,7 +25,15 @@ def save_linearized(model: PreTrainedModel, path: str | Path, tokenizer: PreTrai
     folder = Path(path)
     folder.mkdir(parents=True, exist_ok=True)
     model.config.save_pretrained(folder)
-    save_model(model, str(folder / WEIGHTS_FILE))  # drops tied duplicates (lm_head = embed_tokens)
+    if any(hasattr(m, "_hf_hook") for m in model.modules()):  # dispatched: offloaded weights live off the module
+        from accelerate.utils.modeling import get_state_dict_offloaded_model
+
+        state = get_state_dict_offloaded_model(model)
+        if getattr(model.config, "tie_word_embeddings", False):
+            state.pop("lm_head.weight", None)
+        save_file({k: v.contiguous() for k, v in state.items()}, str(folder / WEIGHTS_FILE), metadata={"format": "pt"})
+    else:
+        save_model(model, str(folder / WEIGHTS_FILE))  # drops tied duplicates (lm_head = embed_tokens)
     meta = {
         "format_version": FORMAT_VERSION,
         "model_type": model.config.model_type,

@@ -130,6 +130,8 @@ def _layer_pass(
     """Capture layer 0's inputs, then for each layer: onload it, ``before_run`` (which may replace it), run it on
     every batch (statistics of ``tap``'s layers gathered on the way), offload it."""
     _uniform_attention(model)
+    if any(hasattr(m, "_hf_hook") for m in model.modules()):
+        raise NotImplementedError("layer-by-layer calibration moves layers itself: load the model without device_map")
     layers = get_adapter(model).layers(model)
     device = device or next(model.get_input_embeddings().parameters()).device
     store = store or device

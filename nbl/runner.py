@@ -40,7 +40,7 @@ from nbl.schema import ConfigError, checked_config
 from nbl.selection import layer_scores, select_layers
 from nbl.sequential import linearize_sequentially
 from nbl.speed import decode_memory, decode_timer, interleaved, prefill, random_prompt, timed
-from nbl.surgery import LinearizedDecoderLayer
+from nbl.surgery import LinearizedDecoderLayer, execution_device
 
 log = logging.getLogger(__name__)
 
@@ -427,7 +427,7 @@ def run_experiment(cfg: DictConfig, ctx: RunContext) -> dict[str, Any]:
     stats, calibration_info = calibrate_cached(model, batches, cfg, config, rank=rank, world=world)
     if stats is None:  # a helper rank: its shard is in rank 0's statistics
         return {}
-    stats = stats.to(next(model.parameters()).device)  # score and fit where the model computes
+    stats = stats.to(execution_device(model.get_input_embeddings()))  # score and fit where the model computes
     scores = score_all(stats, cfg.selection, explicit=cfg.layers is not None)
     chosen = choose_layers(cfg, scores, n_layers)
     cache_dir = Path(cfg.cache_dir)

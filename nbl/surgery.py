@@ -106,7 +106,31 @@ def _replace_layer(model: PreTrainedModel, index: int, linear: nn.Linear | None)
     layers = adapter.layers(model)
     old = layers[index]
     cls = _linearized_class(type(old))
-    layers[index] = cls(adapter.mlp(old), adapter.post_attention_norm(old), linear)
+    new = cls(adapter.mlp(old), adapter.post_attention_norm(old), linear)
+    if _accelerate_hook(old) is not None:
+        # a dispatched model (device_map): the old layer's hook moved the hidden states onto its device;
+        # the new layer gets one that does the same (the MLP and norm keep their own, offloading, hooks)
+        from accelerate.hooks import AlignDevicesHook, add_hook_to_module
+
+        add_hook_to_module(new, AlignDevicesHook(execution_device=execution_device(old), io_same_device=False))
+    layers[index] = new
+
+
+def _accelerate_hook(module: nn.Module) -> Any:
+    return getattr(module, "_hf_hook", None)
+
+
+def execution_device(module: nn.Module) -> torch.device:
+    """Where ``module`` computes: accelerate's execution device when it is dispatched (its weights may then
+    be offloaded to the meta device), else the device of its parameters."""
+    for sub in module.modules():
+        hook = _accelerate_hook(sub)
+        hooks = getattr(hook, "hooks", [hook])  # a SequentialHook holds several
+        for h in hooks:
+            device = getattr(h, "execution_device", None)
+            if device is not None:
+                return torch.device("cuda", device) if isinstance(device, int) else torch.device(device)
+    return next(module.parameters()).device
 
 
 def slot_plan(model: PreTrainedModel, replaced: Iterable[int]) -> dict[int, int]:
@@ -137,10 +161,11 @@ def assign_cache_slots(model: PreTrainedModel) -> None:
         adapter.attention(layers[index]).layer_idx = slot
 
 
-def _layer_param(model: PreTrainedModel, index: int) -> torch.Tensor:
-    """A parameter of the layer's MLP: the new map goes on that device, in that dtype."""
-    adapter = get_adapter(model)
-    return next(adapter.mlp(adapter.layers(model)[index]).parameters())
+def _new_linear(model: PreTrainedModel, index: int, d: int) -> nn.Linear:
+    """An empty d x d map for layer ``index``: on the layer's execution device, in its dtype."""
+    layer = get_adapter(model).layers(model)[index]
+    dtype = next(get_adapter(model).mlp(layer).parameters()).dtype
+    return nn.Linear(d, d, bias=True, device=execution_device(layer), dtype=dtype)
 
 
 def apply_replacements(model: PreTrainedModel, modes: Mapping[int, ReplacementMode]) -> None:
@@ -152,9 +177,7 @@ def apply_replacements(model: PreTrainedModel, modes: Mapping[int, ReplacementMo
     slot_plan(model, set(indices) | set(replaced_layers(model)))
     d = get_adapter(model).hidden_size(model.config)
     for i in indices:
-        param = _layer_param(model, i)
-        linear = nn.Linear(d, d, bias=True, device=param.device, dtype=param.dtype) if modes[i] == "linear" else None
-        _replace_layer(model, i, linear)
+        _replace_layer(model, i, _new_linear(model, i, d) if modes[i] == "linear" else None)
     assign_cache_slots(model)
 
 
@@ -190,12 +213,11 @@ def linearize(
                 "they were computed on another model"
             )
         w, b = fit_lmmse(acc, ridge=ridge)
-        param = _layer_param(model, i)
-        linear = nn.Linear(d, d, bias=True, device=param.device, dtype=param.dtype)
+        linear = _new_linear(model, i, d)
         linear.weight.copy_(w.to(linear.weight))
         linear.bias.copy_(b.to(linear.bias))
         if not (torch.isfinite(linear.weight).all() and torch.isfinite(linear.bias).all()):
-            raise ValueError(f"the map of layer {i} overflows {param.dtype}: try a ridge > 0")
+            raise ValueError(f"the map of layer {i} overflows {linear.weight.dtype}: try a ridge > 0")
         linears[i] = linear
     slot_plan(model, set(indices) | set(replaced_layers(model)))
     for i, linear in linears.items():
