@@ -110,3 +110,38 @@ class FlopModel:
 
     def decode_speedup(self, replaced: Mapping[int, ReplacementMode], context: int) -> float:
         return self.decode({}, context) / self.decode(replaced, context)
+
+
+@dataclass(frozen=True)
+class BytesModel:
+    """Bytes one batch-1 decoding step reads: every weight once, plus the K and V of every cached token.
+
+    A compiled (CUDA-graph) decode step of a 7-8B model is bound by these bytes, not by FLOPs or kernel
+    launches, so its speed-up from replacing layers is about bytes_base / bytes_replaced. An eager step at
+    batch 1 is bound by kernel launches instead, which replacing attention removes far more of.
+    """
+
+    config: PretrainedConfig
+    bytes_per_value: int = 2
+
+    def layer_weights(self, mode: ReplacementMode | None) -> int:
+        c = self.config
+        adapter = adapter_for_config(c)
+        d, h, kv, hd = adapter.hidden_size(c), c.num_attention_heads, adapter.num_kv_heads(c), adapter.head_dim(c)
+        mlp = 3 * d * c.intermediate_size + d  # gate, up, down; post-attention norm
+        if mode == "drop":
+            return mlp
+        if mode == "linear":
+            return mlp + d * d + d  # W and b
+        return mlp + d * h * hd + 2 * d * kv * hd + h * hd * d + d  # q, k, v, o; input norm
+
+    def decode(self, replaced: Mapping[int, ReplacementMode], context: int) -> float:
+        """Bytes read by one decoding step with ``context`` cached tokens (logits included)."""
+        c = self.config
+        weights = sum(self.layer_weights(replaced.get(i)) for i in range(c.num_hidden_layers))
+        weights += adapter_for_config(c).hidden_size(c) * (c.vocab_size + 1)  # LM head and final norm
+        kv = context * kv_cache_bytes_per_token(c, replaced, self.bytes_per_value)
+        return weights * self.bytes_per_value + kv
+
+    def decode_speedup(self, replaced: Mapping[int, ReplacementMode], context: int) -> float:
+        return self.decode({}, context) / self.decode(replaced, context)

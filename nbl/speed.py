@@ -5,13 +5,16 @@ Decode really passes the KV cache from step to step (one new token per forward).
 
 from __future__ import annotations
 
+import copy
 import statistics
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import torch
-from transformers import DynamicCache, PreTrainedModel
+from transformers import DynamicCache, PreTrainedModel, StaticCache
+
+from nbl.surgery import replaced_layers
 
 
 def _sync(device: torch.device) -> None:
@@ -79,6 +82,50 @@ def _steps(model: PreTrainedModel, out: object, token: torch.Tensor, new_tokens:
         out = model(token, past_key_values=out.past_key_values, use_cache=True)
         token = out.logits[:, -1:].argmax(-1)
     return out.past_key_values
+
+
+def static_cache(model: PreTrainedModel, max_cache_len: int) -> StaticCache:
+    """A StaticCache with a slot for each layer that keeps attention and none for replaced layers.
+
+    Replaced layers never write the cache (their attention is gone and the kept layers use slots
+    0..m-1), so a cache sized from the model's own config would carry L - m unused slots; this one has m.
+    """
+    config = copy.deepcopy(model.config.get_text_config(decoder=True))
+    kept = config.num_hidden_layers - len(replaced_layers(model))
+    config.num_hidden_layers = kept
+    if getattr(config, "layer_types", None) is not None:
+        config.layer_types = config.layer_types[:kept]  # the slot plan keeps each slot's type
+    return StaticCache(config=config, max_cache_len=max_cache_len)
+
+
+@torch.no_grad()
+def static_decode(
+    model: PreTrainedModel, ids: torch.Tensor, new_tokens: int, step: Callable[..., object] | None = None
+) -> tuple[torch.Tensor, StaticCache]:
+    """Greedy decoding with a compact static cache: (the new tokens, the cache).
+
+    ``step`` runs the single-token steps (default: ``model`` itself; pass a ``torch.compile``-d forward
+    for the compiled protocol: shapes never change, so it compiles once). The prefill runs eagerly.
+    """
+    step = step or model
+    n = ids.shape[1]
+    cache = static_cache(model, n + new_tokens)
+    position = torch.arange(n, device=ids.device)
+    out = model(ids, past_key_values=cache, cache_position=position, use_cache=True, logits_to_keep=1)
+    token = out.logits[:, -1:].argmax(-1)
+    tokens = [token]
+    for t in range(new_tokens - 1):
+        position = torch.tensor([n + t], device=ids.device)
+        out = step(token, past_key_values=cache, cache_position=position, use_cache=True)
+        token = out.logits[:, -1:].argmax(-1)
+        tokens.append(token)
+    return torch.cat(tokens, dim=1), cache
+
+
+def compiled_step(model: PreTrainedModel, mode: str | None = None) -> Callable[..., object]:
+    """``model.forward`` compiled for fixed-shape single-token steps (``mode="reduce-overhead"`` on CUDA
+    adds CUDA graphs: the step is then bound by memory traffic, see :class:`nbl.accounting.BytesModel`)."""
+    return torch.compile(model.forward, mode=mode, dynamic=False, fullgraph=False)
 
 
 @torch.no_grad()

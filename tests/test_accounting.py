@@ -5,7 +5,7 @@ import torch
 from transformers import MistralConfig
 
 import nbl
-from nbl.accounting import FlopModel, kv_cache_bytes_per_token
+from nbl.accounting import BytesModel, FlopModel, kv_cache_bytes_per_token
 from tests.conftest import make_tiny, token_batches
 
 # Mistral-7B-v0.1's published architecture (no weights needed: accounting runs on the meta device).
@@ -67,3 +67,19 @@ def test_flop_model_hand_count():
     assert flops.prefill({}, n) == pytest.approx(expected)
     assert flops.prefill_speedup({0: "linear", 1: "linear"}, 512) > 1.0
     assert flops.decode_speedup({0: "drop"}, 512) > flops.decode_speedup({0: "linear"}, 512)
+
+
+@pytest.mark.parametrize("replaced", [{}, dict.fromkeys(range(8), "linear"), {0: "drop", 5: "linear", 31: "drop"}])
+def test_bytes_model_reads_every_weight_but_the_embedding_table_once(replaced):
+    model = _meta_model(MISTRAL_7B, replaced)
+    params = sum(p.numel() for p in model.parameters()) - model.get_input_embeddings().weight.numel()
+    bytes_model = BytesModel(MISTRAL_7B, bytes_per_value=2)
+    assert bytes_model.decode(replaced, context=0) == 2 * params
+    kv = kv_cache_bytes_per_token(MISTRAL_7B, replaced, 2)
+    assert bytes_model.decode(replaced, 3000) - bytes_model.decode(replaced, 0) == 3000 * kv
+
+
+def test_bytes_model_speedup_of_nbl_is_far_below_the_flop_and_launch_bound_ones():
+    nbl12 = dict.fromkeys(range(12), "linear")
+    # 12 maps replace 12 x (q, k, v, o) = 12 x 2.5 d^2 weights by 12 x d^2: about 4% fewer bytes per step
+    assert BytesModel(MISTRAL_7B).decode_speedup(nbl12, 3072) == pytest.approx(1.05, abs=0.01)
