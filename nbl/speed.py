@@ -17,7 +17,7 @@ from transformers import DynamicCache, PreTrainedModel, StaticCache
 from nbl.surgery import replaced_layers
 
 
-def _sync(device: torch.device) -> None:
+def synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
@@ -35,10 +35,10 @@ def timed(fn: Callable[[], object], device: torch.device | None = None) -> Calla
     dev = device or torch.device("cpu")
 
     def run() -> float:
-        _sync(dev)
+        synchronize(dev)
         start = time.perf_counter()
         fn()
-        _sync(dev)
+        synchronize(dev)
         return time.perf_counter() - start
 
     return run
@@ -140,10 +140,10 @@ def decode_timer(model: PreTrainedModel, ids: torch.Tensor, new_tokens: int) -> 
     @torch.no_grad()
     def run() -> float:
         out, token = _start(model, ids)
-        _sync(ids.device)
+        synchronize(ids.device)
         start = time.perf_counter()
         _steps(model, out, token, new_tokens)
-        _sync(ids.device)
+        synchronize(ids.device)
         return time.perf_counter() - start
 
     return run
