@@ -19,8 +19,22 @@ from nbl.calibration import CalibrationResult
 T = TypeVar("T")
 
 
+def _export_submitit_env() -> None:
+    """Inside a SLURM job started by submitit (Hydra's slurm launcher) with several tasks, set the variables
+    torch.distributed reads (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT) from SLURM's."""
+    if "WORLD_SIZE" in os.environ or int(os.environ.get("SLURM_NTASKS", "1")) < 2:
+        return
+    if "SUBMITIT_EXECUTOR" not in os.environ:
+        return
+    from submitit.helpers import TorchDistributedEnvironment
+
+    TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
+
+
 def setup() -> tuple[int, int]:
-    """(rank, world size); initialises the default process group when torchrun started several processes."""
+    """(rank, world size); initialises the default process group when torchrun, or a SLURM job of several
+    tasks launched through submitit, started several processes."""
+    _export_submitit_env()
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1 and not dist.is_initialized():
         backend = "nccl" if torch.cuda.is_available() else "gloo"

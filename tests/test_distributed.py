@@ -86,3 +86,25 @@ def test_torchrun_writes_one_result_equal_to_a_single_process_run(tmp_path):
     assert dist_run["replaced_layers"] == single_run["replaced_layers"]
     for key, value in single_run["scores"]["cca"].items():
         assert dist_run["scores"]["cca"][key] == pytest.approx(value, rel=1e-9)
+
+
+def test_a_submitit_slurm_job_of_several_tasks_becomes_a_torch_distributed_world(monkeypatch):
+    from nbl.distributed import _export_submitit_env
+
+    for key in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(key, raising=False)
+    slurm = {
+        "SUBMITIT_EXECUTOR": "slurm",
+        "SLURM_JOB_ID": "4242",
+        "SLURM_NTASKS": "16",
+        "SLURM_PROCID": "9",
+        "SLURM_LOCALID": "1",
+        "SLURM_NODEID": "1",
+        "SLURM_JOB_NUM_NODES": "2",
+        "SLURM_JOB_NODELIST": "gpu[07-08]",
+    }
+    for key, value in slurm.items():
+        monkeypatch.setenv(key, value)
+    _export_submitit_env()
+    assert (os.environ["RANK"], os.environ["WORLD_SIZE"], os.environ["LOCAL_RANK"]) == ("9", "16", "1")
+    assert os.environ["MASTER_ADDR"] == "gpu07" and 20000 <= int(os.environ["MASTER_PORT"]) <= 60000
