@@ -91,8 +91,9 @@ def test_torchrun_writes_one_result_equal_to_a_single_process_run(tmp_path):
 def test_a_submitit_slurm_job_of_several_tasks_becomes_a_torch_distributed_world(monkeypatch):
     from nbl.distributed import _export_submitit_env
 
-    for key in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        monkeypatch.delenv(key, raising=False)
+    for key in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.setenv(key, "")  # recorded, so the teardown restores what was there (usually nothing)
+        monkeypatch.delenv(key)
     slurm = {
         "SUBMITIT_EXECUTOR": "slurm",
         "SLURM_JOB_ID": "4242",
