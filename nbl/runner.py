@@ -38,7 +38,7 @@ from nbl.provenance import code_identity, file_digest, model_revision, provenanc
 from nbl.report import method_name, summary_markdown
 from nbl.schema import ConfigError, checked_config
 from nbl.selection import layer_scores, select_layers
-from nbl.sequential import linearize_sequentially
+from nbl.sequential import SequentialStep, StepStore, linearize_sequentially
 from nbl.speed import decode_memory, decode_timer, interleaved, prefill, random_prompt, timed
 from nbl.surgery import LinearizedDecoderLayer, execution_device
 
@@ -205,7 +205,6 @@ def calibrate_cached(
     batches: Callable[[], list[torch.Tensor]],
     cfg: DictConfig,
     config: PretrainedConfig,
-    replaced_order: list[int] | None = None,
     rank: int = 0,
     world: int = 1,
 ) -> tuple[CalibrationResult | None, dict]:
@@ -214,7 +213,7 @@ def calibrate_cached(
     With several ranks (torchrun), rank 0 looks the entry up and tells the others; on a miss every rank
     calibrates its shard of the batches and the sums are all-reduced. Ranks > 0 get (None, {}).
     """
-    fields = calibration_fields(cfg, config, replaced_order)
+    fields = calibration_fields(cfg, config)
     start = time.perf_counter()
     folder = Path(cfg.cache_dir) / "stats"
 
@@ -334,6 +333,7 @@ def replace(
     chosen: list[int],
     batches: Callable[[], list[torch.Tensor]],
     recalibrate: Callable[[PreTrainedModel, list[int]], CalibrationResult],
+    store: StepStore | None = None,
 ) -> tuple[list[int], dict[int, str], list[dict[str, float]] | None]:
     """Replace layers as ``calibration.mode`` says. Returns (layers, their modes, the sequential steps).
 
@@ -367,9 +367,46 @@ def replace(
         cca_target=cfg.selection.cca_target,
         seed=cfg.selection.seed,
         order=chosen if cfg.layers is not None else None,
+        store=store,
     )
     layers = sorted(s.layer for s in steps)
     return layers, nbl.replaced_layers(model), [{"layer": s.layer, "score": s.score} for s in steps]
+
+
+def sequential_store(cfg: DictConfig, config: PretrainedConfig) -> StepStore:
+    """Cache for sequential steps that keeps, per step, the choice and the chosen layer's statistics only.
+
+    A step is identified by the calibration key of the partially replaced model (the layers replaced so
+    far, in order) and by how it chooses; a sweep over k replays the shorter runs' steps without a pass.
+    k steps store k single-layer entries (3 d^2 + 2 d floats each), not k copies of every layer.
+    """
+    folder = Path(cfg.cache_dir) / "sequential"
+
+    def store(done: list[int], compute: Callable[[], SequentialStep]) -> SequentialStep:
+        fields = {
+            **calibration_fields(cfg, config, done),
+            "choice": {"selection": OmegaConf.to_container(cfg.selection, resolve=True), "explicit": cfg.layers},
+        }
+        fresh: list[SequentialStep] = []
+
+        def record() -> dict:
+            fresh.append(compute())
+            return {"layer": fresh[0].layer, "score": fresh[0].score, "scores": fresh[0].scores}
+
+        choice, _ = cached_json(folder, fields, record)
+        layer = int(choice["layer"])
+
+        def one_layer() -> CalibrationResult:
+            step = fresh[0] if fresh else compute()
+            if step.layer != layer:
+                raise RuntimeError(f"step {len(done)} chose layer {step.layer} again where its record says {layer}")
+            return CalibrationResult({layer: step.statistics}, {layer: 0.0})
+
+        stats, _, _ = cached_calibration(folder, {**fields, "layer": layer}, one_layer)
+        scores = {int(i): float(v) for i, v in choice["scores"].items()}
+        return SequentialStep(layer, float(choice["score"]), scores, stats[layer])
+
+    return store
 
 
 # -- the recipe ----------------------------------------------------------------------------------------
@@ -452,9 +489,10 @@ def run_experiment(cfg: DictConfig, ctx: RunContext) -> dict[str, Any]:
             base = copy.deepcopy(model)
 
     def recalibrate(partial_model: PreTrainedModel, order: list[int]) -> CalibrationResult:
-        return calibrate_cached(partial_model, batches, cfg, config, order)[0]
+        return calibrate(partial_model, batches(), cfg)  # the store below keeps what a later run reuses
 
-    chosen, replaced, sequential = replace(model, cfg, stats, chosen, batches, recalibrate)
+    store = sequential_store(cfg, config)
+    chosen, replaced, sequential = replace(model, cfg, stats, chosen, batches, recalibrate, store)
     del stats
     eval_nbl = evaluate(model, tokenizer, cfg.eval, cache_dir) if wants_eval else None
     speed = measure_speed(base, model, cfg.speed) if base is not None else None

@@ -13,10 +13,12 @@ from dataclasses import dataclass, field
 
 from transformers import PreTrainedModel
 
+from nbl.adapters import get_adapter
 from nbl.calibration import CalibrationResult
 from nbl.linalg import CCATarget
 from nbl.selection import Strategy, layer_scores, select_layers
-from nbl.surgery import ReplacementMode, linearize
+from nbl.stats import CovarianceAccumulator
+from nbl.surgery import ReplacementMode, linearize, replaced_layers
 
 # given the model and the layers replaced so far (in replacement order), statistics of the layers that
 # still have attention
@@ -28,6 +30,12 @@ class SequentialStep:
     layer: int
     score: float
     scores: dict[int, float] = field(default_factory=dict)
+    statistics: CovarianceAccumulator | None = None  # the chosen layer's, on the inputs it now receives
+
+
+# given the layers replaced so far (in order) and the computation of the next step, the step, from storage
+# when it ran before (the runner keeps only the chosen layer's statistics per step, not all L of them)
+StepStore = Callable[[list[int], Callable[[], SequentialStep]], SequentialStep]
 
 
 def linearize_sequentially(
@@ -40,6 +48,7 @@ def linearize_sequentially(
     cca_target: CCATarget = "residual",
     seed: int = 0,
     order: list[int] | None = None,
+    store: StepStore | None = None,
 ) -> list[SequentialStep]:
     """Replace k layers one at a time, each chosen and fitted on the current model's statistics.
 
@@ -53,18 +62,24 @@ def linearize_sequentially(
         raise ValueError(f"order lists {len(order)} layers for k={k}")
     steps: list[SequentialStep] = []
     fixed = sorted(order) if order is not None else None
+    if fixed is None and strategy == "random":  # drawn up front from the layers that still have attention
+        live = [i for i in range(len(get_adapter(model).layers(model))) if i not in replaced_layers(model)]
+        fixed = select_layers(dict.fromkeys(live, 0.0), k, "random", seed=seed)
     for _ in range(k):
-        stats = calibrator(model, [s.layer for s in steps])
-        if len(stats) == 0:
-            raise ValueError(f"no attention layer left to replace; asked for {k}")
-        if fixed is None and strategy == "random":
-            fixed = select_layers(dict.fromkeys(stats, 0.0), k, "random", seed=seed)
-        if fixed is not None:
-            layer = fixed[len(steps)]
-            scores = {}
-        else:
-            scores = layer_scores(stats, strategy, cca_target)
-            (layer,) = select_layers(scores, 1, strategy)
-        linearize(model, stats, [layer], mode=mode, ridge=ridge)
-        steps.append(SequentialStep(layer, scores.get(layer, float("nan")), scores))
+        done = [s.layer for s in steps]
+
+        def step(done: list[int] = done) -> SequentialStep:
+            stats = calibrator(model, done)
+            if len(stats) == 0:
+                raise ValueError(f"no attention layer left to replace; asked for {k}")
+            if fixed is not None:
+                layer, scores = fixed[len(done)], {}
+            else:
+                scores = layer_scores(stats, strategy, cca_target)
+                (layer,) = select_layers(scores, 1, strategy)
+            return SequentialStep(layer, scores.get(layer, float("nan")), scores, stats[layer])
+
+        chosen = store(done, step) if store is not None else step()
+        linearize(model, {chosen.layer: chosen.statistics}, [chosen.layer], mode=mode, ridge=ridge)
+        steps.append(chosen)
     return steps

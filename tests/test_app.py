@@ -243,6 +243,9 @@ def test_cli_reports_bad_input(tmp_path):
 
 
 def test_sequential_mode_from_python_without_hydra(tmp_path, monkeypatch):
+    from safetensors import safe_open
+
+    import nbl.runner
     from nbl.runner import RunContext, run_experiment
 
     monkeypatch.setenv("NBL_CACHE", str(tmp_path / "cache"))
@@ -252,4 +255,17 @@ def test_sequential_mode_from_python_without_hydra(tmp_path, monkeypatch):
     assert len(steps) == 3 and sorted(s["layer"] for s in steps) == results["replaced_layers"]
     bounds = {int(i): b for i, b in results["scores"]["cca"].items()}
     assert steps[0]["layer"] == min(bounds, key=bounds.get)  # step one is the one-pass choice
-    assert len(list((tmp_path / "cache" / "stats").glob("*.safetensors"))) == 3  # one pass per step, cached
+    assert len(list((tmp_path / "cache" / "stats").glob("*.safetensors"))) == 1  # the one-pass statistics
+    entries = sorted((tmp_path / "cache" / "sequential").glob("*.safetensors"))
+    assert len(entries) == 3  # one per step, each holding only the chosen layer
+    for entry in entries:
+        with safe_open(str(entry), framework="pt") as f:
+            assert len({k.split(".")[0] for k in f.keys()}) == 1
+
+    calibrations = []
+    real = nbl.runner.calibrate
+    monkeypatch.setattr(nbl.runner, "calibrate", lambda *a, **k: calibrations.append(1) or real(*a, **k))
+    longer = run_experiment(_compose("experiment=smoke", "calibration.mode=sequential", "num_layers=4", "speed=none"),
+                            RunContext(tmp_path / "run4"))  # fmt: skip
+    assert [s["layer"] for s in longer["calibration"]["sequential_steps"][:3]] == [s["layer"] for s in steps]
+    assert len(calibrations) == 1  # the three earlier steps came from the store; only step four calibrated
