@@ -492,7 +492,9 @@ def run_experiment(cfg: DictConfig, ctx: RunContext) -> dict[str, Any]:
         return calibrate(partial_model, batches(), cfg)  # the store below keeps what a later run reuses
 
     store = sequential_store(cfg, config)
+    start = time.perf_counter()
     chosen, replaced, sequential = replace(model, cfg, stats, chosen, batches, recalibrate, store)
+    calibration_info["replace_seconds"] = time.perf_counter() - start  # fits, and refit passes if any
     del stats
     eval_nbl = evaluate(model, tokenizer, cfg.eval, cache_dir) if wants_eval else None
     speed = measure_speed(base, model, cfg.speed) if base is not None else None
