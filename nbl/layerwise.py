@@ -144,7 +144,10 @@ def _layer_pass(
             layers[i].to(device)
             if before_run is not None:
                 before_run(i, inputs)
-            _run_layer(model, i, inputs, store, tap if tap is not None and i in tap.accumulators else None)
+            tapped = tap is not None and i in tap.accumulators
+            _run_layer(model, i, inputs, store, tap if tapped else None)
+            if tapped:
+                tap[i].move_(store)  # finished sums wait with the activations: the device holds one layer's
             layers[i].to(home)  # layers[i]: before_run may have replaced the module
     finally:
         model.train(was_training)

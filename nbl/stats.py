@@ -53,6 +53,11 @@ class CovarianceAccumulator:
             "sum_aa": self.sum_aa,
         }
 
+    def move_(self, device: torch.device | str) -> CovarianceAccumulator:
+        """Keep the sums on ``device`` from now on (in place); returns self."""
+        self._place(torch.device(device))
+        return self
+
     def _place(self, device: torch.device) -> None:
         for name, t in self._tensors().items():
             setattr(self, name, t.to(device))
