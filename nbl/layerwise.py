@@ -140,15 +140,19 @@ def _layer_pass(
     try:
         inputs = capture_layer_inputs(model, batches, store)
         for i in tqdm(range(len(layers)), desc=desc, disable=not progress):
-            home = next(layers[i].parameters()).device
-            layers[i].to(device)
-            if before_run is not None:
-                before_run(i, inputs)
-            tapped = tap is not None and i in tap.accumulators
-            _run_layer(model, i, inputs, store, tap if tapped else None)
-            if tapped:
-                tap[i].move_(store)  # finished sums wait with the activations: the device holds one layer's
-            layers[i].to(home)  # layers[i]: before_run may have replaced the module
+            original = layers[i]
+            home = next(original.parameters()).device
+            original.to(device)
+            try:
+                if before_run is not None:
+                    before_run(i, inputs)
+                tapped = tap is not None and i in tap.accumulators
+                _run_layer(model, i, inputs, store, tap if tapped else None)
+                if tapped:
+                    tap[i].move_(store)  # finished sums wait with the activations: the device holds one layer's
+            finally:
+                original.to(home)
+                layers[i].to(home)  # before_run may have replaced the module
     finally:
         model.train(was_training)
 

@@ -217,17 +217,19 @@ def calibrate_cached(
     start = time.perf_counter()
     folder = Path(cfg.cache_dir) / "stats"
 
-    def compute() -> CalibrationResult:
-        return calibrate(model, batches(), cfg)
-
+    reduced: CalibrationResult | None = None
     if world > 1:
         flag = [stats_entry(folder, fields).is_file() if rank == 0 else None]
         torch.distributed.broadcast_object_list(flag, src=0)
         if not flag[0]:
             reduced = calibrate_sharded(lambda part: calibrate(model, part, cfg), batches(), rank, world)
-            compute = lambda: reduced  # noqa: E731  (an entry that vanished meanwhile: rank 0 falls back below)
         if rank > 0:
             return None, {}
+
+    def compute() -> CalibrationResult:
+        # rank 0 after a sharded pass: its reduced sums; an entry that vanished after the lookup: alone
+        return reduced if reduced is not None else calibrate(model, batches(), cfg)
+
     stats, hit, path = cached_calibration(folder, fields, compute, expect=_expect_layers(model))
     info = {
         "tokens": stats.num_tokens,
@@ -242,8 +244,8 @@ def calibrate_cached(
 
 def score_all(stats: CalibrationResult, selection: DictConfig, explicit: bool) -> dict[str, dict[int, float]]:
     """The scores this run needs, for every layer: the cosine (free: summed during calibration) and the CCA
-    bound of the configured target when it drives the selection. Each bound costs eigendecompositions of
-    d x d matrices, so none is computed for nothing (at d = 4096 that is minutes per layer on a CPU)."""
+    bound of the configured target when it drives the selection. A bound costs O(d^3) (7.5 s per layer at
+    d = 4096 on 2 CPU cores, docs/results.md), so none is computed for nothing."""
     scores = {"cosine": layer_scores(stats, "cosine")}
     key = score_key(selection)
     if key is not None and key != "cosine" and not explicit:
