@@ -4,6 +4,7 @@ from nbl.accounting import FlopModel, kv_cache_bytes_per_token, model_kv_bytes_p
 from nbl.adapters import SUPPORTED_MODEL_TYPES, UnsupportedModelError, get_adapter
 from nbl.calibration import CalibrationResult, calibrate
 from nbl.checkpoint import load_linearized, save_linearized
+from nbl.layerwise import calibrate_layerwise, refit_propagated
 from nbl.linalg import canonical_correlations, cca_bound, fit_lmmse
 from nbl.stats import CovarianceAccumulator
 from nbl.surgery import LinearizedDecoderLayer, linearize, replaced_layers
@@ -18,6 +19,7 @@ __all__ = [
     "LinearizedDecoderLayer",
     "UnsupportedModelError",
     "calibrate",
+    "calibrate_layerwise",
     "canonical_correlations",
     "cca_bound",
     "fit_lmmse",
@@ -27,6 +29,7 @@ __all__ = [
     "load_linearized",
     "model_kv_bytes_per_token",
     "parameter_report",
+    "refit_propagated",
     "replaced_layers",
     "save_linearized",
 ]

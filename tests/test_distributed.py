@@ -56,28 +56,23 @@ def test_shards_cover_every_batch_once():
 
 @pytest.mark.slow
 def test_torchrun_writes_one_result_equal_to_a_single_process_run(tmp_path):
-    env = {**os.environ, "NBL_CACHE": str(tmp_path / "cache"), "WANDB_SILENT": "true", "HF_HUB_OFFLINE": "1"}
     args = ["-m", "nbl", "experiment=smoke", "speed=none", "calibration.num_sequences=8"]
-    torchrun = Path(sys.executable).parent / "torchrun"
-    proc = subprocess.run(
-        [str(torchrun), "--nproc-per-node=2", "--master-port=29531", *args, f"hydra.run.dir={tmp_path / 'dist'}"],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    env["NBL_CACHE"] = str(tmp_path / "cache_single")
-    proc = subprocess.run(
-        [sys.executable, *args, f"hydra.run.dir={tmp_path / 'single'}"],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    torchrun = str(Path(sys.executable).parent / "torchrun")
+    for launcher, name in (
+        ([torchrun, "--nproc-per-node=2", "--master-port=29531"], "dist"),
+        ([sys.executable], "single"),
+    ):
+        env = {
+            **os.environ,
+            "NBL_CACHE": str(tmp_path / f"cache_{name}"),
+            "WANDB_SILENT": "true",
+            "HF_HUB_OFFLINE": "1",
+        }
+        proc = subprocess.run(
+            [*launcher, *args, f"hydra.run.dir={tmp_path / name}"],
+            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600,
+        )  # fmt: skip
+        assert proc.returncode == 0, proc.stderr[-3000:]
     runs = sorted(tmp_path.rglob("results.json"))
     assert [p.parent.name for p in runs] == ["dist", "single"]  # helper ranks wrote no results
     dist_run, single_run = (json.loads(p.read_text()) for p in runs)
