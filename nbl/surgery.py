@@ -79,6 +79,7 @@ def replaced_layers(model: PreTrainedModel) -> dict[int, ReplacementMode]:
 
 
 def validate_layers(model: PreTrainedModel, layers: Iterable[int]) -> list[int]:
+    """``layers`` as sorted ints, refused unless they are integer indices, in range, distinct and not replaced yet."""
     if isinstance(layers, (str, bytes)) or not isinstance(layers, Iterable):
         raise TypeError(f"layers must be an iterable of layer indices, got {layers!r}")
     chosen = []
