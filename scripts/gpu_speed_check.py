@@ -7,8 +7,9 @@
    over the same tokens, the statistics (calibration pass minus forward; float64 and float32 Gram products) and
    the scoring of every layer (CCA bound) plus 12 LMMSE fits.
 2. Speed, batch 1: prefill of --prompt tokens, then --new-tokens cached decode steps timed one by one (median per
-   token), for base, NBL-8, NBL-12, DROP-8, DROP-12; eager with a dynamic cache (the paper's protocol) and, unless
-   --no-compile, a compiled step with a compact static cache. Beside each: the FLOP model and the bytes model.
+   token), for base, NBL-8, NBL-12, DROP-8, DROP-12 eager with a dynamic cache (the paper's protocol) and, unless
+   --no-compile, a compiled step with a compact static cache for --compiled (default base, NBL-12, DROP-12: each
+   model compiles once, which is most of a GPU run's time). Beside each: the FLOP model and the bytes model.
    Peak memory of each model alone (weights + what its decode allocates); models interleaved after warm-up.
 3. bf16 greedy tokens with and without the KV cache, NBL-12.
 """
@@ -113,6 +114,10 @@ def main() -> None:
     parser.add_argument("--cal-len", type=int, default=2048)
     parser.add_argument("--cal-batch", type=int, default=4)
     parser.add_argument("--no-compile", action="store_true")
+    parser.add_argument(
+        "--compiled", nargs="+", default=["base", "NBL-12", "DROP-12"], choices=["base", *VARIANTS],
+        help="models timed with the compiled protocol (each compiles once, about a minute on a GPU)",
+    )  # fmt: skip
     parser.add_argument("--out", type=Path, default=Path("outputs/gpu_check"))
     args = parser.parse_args()
     if args.tiny:
@@ -131,7 +136,13 @@ def main() -> None:
         "shape": "tiny" if args.tiny else "llama-3.1-8b",
         "settings": {k: str(v) for k, v in vars(args).items()},
     }
+    args.out.mkdir(parents=True, exist_ok=True)
+
+    def save() -> None:  # after every section: a run cut short still leaves what it measured
+        (args.out / "gpu_speed_check.json").write_text(json.dumps(report, indent=2) + "\n")
+
     report["calibration"] = calibration(base, config, device, args.cal_sequences, args.cal_len, args.cal_batch)
+    save()
     print(json.dumps(report["calibration"], indent=2), flush=True)
 
     n = config.num_hidden_layers
@@ -142,14 +153,16 @@ def main() -> None:
         models[name] = copy.deepcopy(base)
         apply_replacements(models[name], modes[name])
     prompt = random_prompt(base, 1, args.prompt)
-    protocols = {"eager": {name: None for name in models}}
+    protocols = {"eager": dict.fromkeys(models)}
     if not args.no_compile:
-        protocols["compiled"] = {name: compiled_step(m, "reduce-overhead" if device.type == "cuda" else None)
-                                 for name, m in models.items()}  # fmt: skip
+        mode = "reduce-overhead" if device.type == "cuda" else None
+        names = ["base", *[n for n in args.compiled if n != "base"]]  # ratios need the base row
+        protocols["compiled"] = {name: compiled_step(models[name], mode) for name in names}
     samples: dict = {}
     for _ in range(args.repeats + 1):  # first round: warm-up (and compilation)
         for protocol, steps in protocols.items():
-            for name, m in models.items():
+            for name in steps:
+                m = models[name]
                 pre = _timed(lambda m=m: prefill(m, prompt), device)
                 per_token = statistics.median(
                     _step_times(m, prompt, args.new_tokens, device, steps[name], static=protocol == "compiled")
@@ -157,13 +170,13 @@ def main() -> None:
                 samples.setdefault((protocol, name), []).append((pre, per_token))
     flops, moved = FlopModel(config), BytesModel(config, bytes_per_value=2 if dtype == torch.bfloat16 else 4)
     context = args.prompt + args.new_tokens // 2
-    for protocol in protocols:
+    for protocol, steps in protocols.items():
         rows = {}
-        for name in models:
+        for name in steps:
             pre = statistics.median(s[0] for s in samples[(protocol, name)][1:])
             tok = statistics.median(s[1] for s in samples[(protocol, name)][1:])
             rows[name] = {"prefill_tok_s": args.prompt / pre, "decode_ms_per_token": 1000 * tok}
-        for name in models:
+        for name in steps:
             base_row, row = rows["base"], rows[name]
             row["prefill_x"] = row["prefill_tok_s"] / base_row["prefill_tok_s"]
             row["throughput_x"] = base_row["decode_ms_per_token"] / row["decode_ms_per_token"]
@@ -172,6 +185,7 @@ def main() -> None:
             row["throughput_x_bytes_model"] = moved.decode_speedup(modes[name], context)
             row["paper"] = PAPER.get(name)
         report[protocol] = rows
+    save()
     report["memory"] = {name: decode_memory(m, prompt, args.new_tokens) for name, m in models.items()}
     ids = prompt[:, :32]
     kwargs = {"max_new_tokens": 32, "do_sample": False, "pad_token_id": 0}
@@ -179,8 +193,7 @@ def main() -> None:
     report["cached_equals_uncached_nbl12"] = bool(
         torch.equal(nbl12.generate(ids, use_cache=True, **kwargs), nbl12.generate(ids, use_cache=False, **kwargs))
     )
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "gpu_speed_check.json").write_text(json.dumps(report, indent=2) + "\n")
+    save()
     print(json.dumps(report, indent=2))
 
 
