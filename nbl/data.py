@@ -126,23 +126,43 @@ def token_sequences(
     num_sequences: int,
     seq_len: int,
     seed: int = 0,
+    windows: str = "stream",
 ) -> torch.Tensor:
-    """``num_sequences`` windows of ``seq_len`` tokens, drawn (seeded) from the documents joined by EOS.
+    """``num_sequences`` windows of ``seq_len`` tokens, drawn (seeded) from the documents; no token used twice.
 
-    Documents are shuffled with ``seed`` and concatenated until enough tokens exist, then cut into
-    consecutive windows, so no token is used twice.
+    Documents are shuffled with ``seed``. ``windows="stream"``: joined by EOS and cut into consecutive
+    windows (a window usually starts mid-document). ``windows="documents"``: each document is preceded by
+    the tokenizer's BOS and every window starts at a document's BOS and runs on into the next documents;
+    the tail of the document a window ends in is skipped, so position 0 of every window is what a prompt's
+    position 0 is (where models put their attention-sink activations).
     """
     if num_sequences <= 0 or seq_len <= 1:
         raise ValueError(f"need num_sequences > 0 and seq_len > 1, got {num_sequences} and {seq_len}")
+    if windows not in ("stream", "documents"):
+        raise ValueError(f"windows must be 'stream' or 'documents', got {windows!r}")
     order = list(range(len(texts)))
     random.Random(seed).shuffle(order)
-    need = num_sequences * seq_len
-    sep = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
-    stream: list[int] = []
+    if windows == "stream":
+        sep = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+        stream: list[int] = []
+        for i in order:
+            stream.extend(tokenizer(texts[i], add_special_tokens=False)["input_ids"] + sep)
+            if len(stream) >= num_sequences * seq_len:
+                return torch.tensor(stream[: num_sequences * seq_len], dtype=torch.long).view(num_sequences, seq_len)
+        raise ValueError(f"text holds {len(stream)} tokens, fewer than {num_sequences} x {seq_len}")
+    if tokenizer.bos_token_id is None:
+        raise ValueError("windows='documents' needs a tokenizer with a BOS token")
+    rows: list[list[int]] = []
+    current: list[int] = []
     for i in order:
-        stream.extend(tokenizer(texts[i], add_special_tokens=False)["input_ids"] + sep)
-        if len(stream) >= need:
-            break
-    if len(stream) < need:
-        raise ValueError(f"text holds {len(stream)} tokens, fewer than {num_sequences} x {seq_len} = {need}")
-    return torch.tensor(stream[:need], dtype=torch.long).view(num_sequences, seq_len)
+        doc = [tokenizer.bos_token_id, *tokenizer(texts[i], add_special_tokens=False)["input_ids"]]
+        if not current:  # a window opens only at a document's BOS
+            current = doc
+        else:
+            current.extend(doc)
+        while len(current) >= seq_len:
+            rows.append(current[:seq_len])
+            current = []  # the rest of this document is skipped: the next window opens at the next BOS
+            if len(rows) == num_sequences:
+                return torch.tensor(rows, dtype=torch.long)
+    raise ValueError(f"text fills {len(rows)} document-aligned windows of {seq_len}, fewer than {num_sequences}")

@@ -135,7 +135,7 @@ def load_model(model_cfg: DictConfig, config: PretrainedConfig, device: torch.de
 
 def calibration_batches(tokenizer, cal_cfg: DictConfig) -> list[torch.Tensor]:
     texts = load_texts(cal_cfg.source, cal_cfg.path)
-    ids = token_sequences(tokenizer, texts, cal_cfg.num_sequences, cal_cfg.seq_len, cal_cfg.seed)
+    ids = token_sequences(tokenizer, texts, cal_cfg.num_sequences, cal_cfg.seq_len, cal_cfg.seed, cal_cfg.windows)
     return list(ids.split(cal_cfg.batch_size))
 
 

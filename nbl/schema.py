@@ -44,6 +44,11 @@ class CalibrationMethod(Enum):
     layerwise = "layerwise"
 
 
+class Windows(Enum):
+    stream = "stream"
+    documents = "documents"
+
+
 class GramDType(Enum):
     float64 = "float64"
     float32 = "float32"
@@ -106,6 +111,7 @@ class CalibrationSchema:
     method: CalibrationMethod = CalibrationMethod.hooks
     offload: bool = False
     gram_dtype: GramDType = GramDType.float64
+    windows: Windows = Windows.stream
 
     def check(self) -> None:
         if self.offload and self.method is not CalibrationMethod.layerwise:

@@ -1,0 +1,48 @@
+"""Calibration windows cut from documents: consecutive from the joined text, or aligned to document starts."""
+
+import pytest
+import torch
+
+from nbl.data import token_sequences
+
+
+class _Tokenizer:
+    """Whitespace tokenizer over integer words: 'w17 w3' -> [17, 3]; BOS = 1, EOS = 2."""
+
+    bos_token_id, eos_token_id = 1, 2
+
+    def __call__(self, text, add_special_tokens=False):
+        return {"input_ids": [int(w[1:]) for w in text.split()]}
+
+
+def _docs(lengths):
+    start = 10
+    docs = []
+    for n in lengths:
+        docs.append(" ".join(f"w{start + j}" for j in range(n)))
+        start += 100
+    return docs
+
+
+def test_stream_windows_are_consecutive_and_use_every_token_once():
+    ids = token_sequences(_Tokenizer(), _docs([5, 7, 9, 11]), 3, 6, seed=0)
+    flat = ids.flatten().tolist()
+    assert ids.shape == (3, 6) and len([t for t in flat if t > 2]) == len({t for t in flat if t > 2})
+
+
+def test_document_windows_start_at_a_bos_at_a_document_start():
+    docs = _docs([5, 30, 3, 4, 12, 8, 9, 20, 6, 7])
+    ids = token_sequences(_Tokenizer(), docs, 4, 8, seed=3, windows="documents")
+    starts = {int(d.split()[0][1:]) for d in docs}
+    assert ids.shape == (4, 8)
+    for row in ids.tolist():
+        assert row[0] == 1 and row[1] in starts  # BOS, then a document's first token
+        assert all(t > 2 for t in row[1:] if t != 1)
+    words = [t for t in ids.flatten().tolist() if t > 2]
+    assert len(words) == len(set(words))  # no token twice
+    assert torch.equal(ids, token_sequences(_Tokenizer(), docs, 4, 8, seed=3, windows="documents"))
+
+
+def test_too_little_text_for_document_windows_is_refused():
+    with pytest.raises(ValueError, match="fills 1 document-aligned windows of 8, fewer than 3"):
+        token_sequences(_Tokenizer(), _docs([9, 2]), 3, 8, windows="documents")
