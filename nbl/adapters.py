@@ -20,6 +20,10 @@ class DecoderAdapter:
         """The transformer without the LM head (calibration stops here)."""
         return model.model
 
+    def final_norm(self, model: PreTrainedModel) -> nn.Module:
+        """The norm between the last decoder layer and the LM head."""
+        return model.model.norm
+
     def layers(self, model: PreTrainedModel) -> nn.ModuleList:
         return model.model.layers
 

@@ -28,6 +28,7 @@ from nbl.accounting import FlopModel, kv_cache_bytes_per_token
 from nbl.adapters import adapter_for_config
 from nbl.cache import atomic_write_text, cache_key, cached_calibration, cached_json, stats_entry
 from nbl.calibration import CalibrationResult
+from nbl.damage import single_layer_damage
 from nbl.data import TEXT_SOURCES, load_texts, token_sequences
 from nbl.distributed import calibrate_sharded
 from nbl.evaluation import average_headline, headline, perplexity, run_lm_eval
@@ -133,10 +134,13 @@ def load_model(model_cfg: DictConfig, config: PretrainedConfig, device: torch.de
     return model.eval()
 
 
-def calibration_batches(tokenizer, cal_cfg: DictConfig) -> list[torch.Tensor]:
+def calibration_batches(tokenizer, cal_cfg: DictConfig, heldout: int = 0) -> list[torch.Tensor]:
+    """The calibration windows in batches; with ``heldout`` > 0, instead the next ``heldout`` windows of the
+    same text (disjoint from the calibration windows, which are the same either way)."""
     texts = load_texts(cal_cfg.source, cal_cfg.path)
-    ids = token_sequences(tokenizer, texts, cal_cfg.num_sequences, cal_cfg.seq_len, cal_cfg.seed, cal_cfg.windows)
-    return list(ids.split(cal_cfg.batch_size))
+    n = cal_cfg.num_sequences
+    ids = token_sequences(tokenizer, texts, n + heldout, cal_cfg.seq_len, cal_cfg.seed, cal_cfg.windows)
+    return list((ids[n:] if heldout else ids).split(cal_cfg.batch_size))
 
 
 def model_fields(cfg: DictConfig, config: PretrainedConfig) -> dict[str, Any]:
@@ -248,7 +252,7 @@ def score_all(stats: CalibrationResult, selection: DictConfig, explicit: bool) -
     d = 4096 on 2 CPU cores, docs/results.md), so none is computed for nothing."""
     scores = {"cosine": layer_scores(stats, "cosine")}
     key = score_key(selection)
-    if key is not None and key != "cosine" and not explicit:
+    if key is not None and key.startswith("cca") and not explicit:
         scores[key] = layer_scores(stats, "cca", selection.cca_target)
     return scores
 
@@ -257,7 +261,7 @@ def score_key(selection: DictConfig) -> str | None:
     """Which of :func:`score_all`'s scores drives the selection (None: random)."""
     if selection.strategy == "cca":
         return "cca" if selection.cca_target == "residual" else "cca_attention"
-    return "cosine" if selection.strategy == "cosine" else None
+    return selection.strategy if selection.strategy in ("cosine", "loss") else None
 
 
 def choose_layers(cfg: DictConfig, scores: dict[str, dict[int, float]], n_layers: int) -> list[int]:
@@ -457,8 +461,12 @@ def run_experiment(cfg: DictConfig, ctx: RunContext) -> dict[str, Any]:
     device = resolve_device(cfg.device)
     tokenizer = load_tokenizer(cfg.model)
     batches = functools.cache(lambda: calibration_batches(tokenizer, cfg.calibration))  # built at most once
+    measured = cfg.selection.strategy == "loss" and cfg.layers is None
+    heldout = functools.cache(lambda: calibration_batches(tokenizer, cfg.calibration, cfg.selection.holdout_sequences))
     if not stats_entry(Path(cfg.cache_dir) / "stats", calibration_fields(cfg, config)).is_file():
         batches()  # too little or unreadable text fails here, before the weights load
+    if measured:
+        heldout()
     # offloaded: the weights wait on the CPU and each layer visits the device only while it calibrates
     model = load_model(cfg.model, config, torch.device("cpu") if cfg.calibration.offload else device, cfg.seed)
     n_layers = config.num_hidden_layers
@@ -467,7 +475,12 @@ def run_experiment(cfg: DictConfig, ctx: RunContext) -> dict[str, Any]:
     if stats is None:  # a helper rank: its shard is in rank 0's statistics
         return {}
     stats = stats.to(execution_device(model.get_input_embeddings()))  # score and fit where the model computes
+    start = time.perf_counter()
     scores = score_all(stats, cfg.selection, explicit=cfg.layers is not None)
+    if measured:  # each layer replaced alone, its loss increase on held-out windows of the calibration text
+        rep = cfg.replacement
+        scores["loss"] = single_layer_damage(model, stats, heldout(), mode=rep.mode, ridge=rep.ridge)
+    selection_seconds = time.perf_counter() - start
     chosen = choose_layers(cfg, scores, n_layers)
     cache_dir = Path(cfg.cache_dir)
 
@@ -515,6 +528,7 @@ def run_experiment(cfg: DictConfig, ctx: RunContext) -> dict[str, Any]:
         "replaced_modes": {str(i): m for i, m in replaced.items()},
         "scores": {name: {str(i): s for i, s in s_.items()} for name, s_ in scores.items()},
         "score_used": score_key(cfg.selection) if how == "strategy" else None,
+        "selection_seconds": selection_seconds,
         "calibration": {**calibration_info, "mode": cfg.calibration.mode, "sequential_steps": sequential},
         "eval": eval_nbl["tasks"] if eval_nbl else {},
         "eval_base": eval_base["tasks"] if eval_base else {},

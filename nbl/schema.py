@@ -58,6 +58,7 @@ class Strategy(Enum):
     cca = "cca"
     cosine = "cosine"
     random = "random"
+    loss = "loss"
 
 
 class CCATargetName(Enum):
@@ -133,6 +134,7 @@ class SelectionSchema:
     strategy: Strategy
     cca_target: CCATargetName = CCATargetName.residual
     seed: int = 0
+    holdout_sequences: int = 8  # loss: held-out calibration windows the damage is measured on
 
 
 @dataclass
@@ -221,6 +223,9 @@ class ExperimentSchema:
         for part in (self.model, self.calibration, self.replacement, self.eval, self.speed):
             part.check()
         _positive("num_layers", self.num_layers, minimum=0)
+        _positive("selection.holdout_sequences", self.selection.holdout_sequences)
+        if self.selection.strategy is Strategy.loss and self.calibration.mode is CalibrationMode.sequential:
+            raise ConfigError("selection=loss measures every layer once: use calibration.mode one_pass or propagated")
         if self.layers is not None and len(set(self.layers)) != len(self.layers):
             raise ConfigError(f"layers={self.layers} lists a layer twice")
 

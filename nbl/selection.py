@@ -10,8 +10,8 @@ from typing import Literal
 from nbl.calibration import CalibrationResult
 from nbl.linalg import CCATarget, cca_bound
 
-Strategy = Literal["cca", "cosine", "random"]
-STRATEGIES: tuple[str, ...] = ("cca", "cosine", "random")
+Strategy = Literal["cca", "cosine", "random", "loss"]
+STRATEGIES: tuple[str, ...] = ("cca", "cosine", "random", "loss")
 
 
 def layer_scores(stats: CalibrationResult, strategy: Strategy, cca_target: CCATarget = "residual") -> dict[int, float]:
@@ -22,6 +22,10 @@ def layer_scores(stats: CalibrationResult, strategy: Strategy, cca_target: CCATa
         return {i: stats.mean_cosine(i) for i in stats}
     if strategy == "random":
         return {i: float("nan") for i in stats}
+    if strategy == "loss":
+        raise ValueError(
+            "loss scores are measured on the model (nbl.damage.single_layer_damage), not read from statistics"
+        )
     raise ValueError(f"unknown selection strategy {strategy!r}; choose from {STRATEGIES}")
 
 
@@ -35,7 +39,7 @@ def select_layers(scores: Mapping[int, float], k: int, strategy: Strategy, seed:
     bad = {i: s for i, s in scores.items() if not math.isfinite(s)}
     if bad:
         raise ValueError(f"non-finite {strategy} scores for layers {sorted(bad)}: refusing to select")
-    if strategy == "cca":  # lowest bound = most linear first
+    if strategy in ("cca", "loss"):  # lowest bound / least measured damage first
         order = sorted(scores, key=lambda i: (scores[i], i))
     elif strategy == "cosine":  # highest similarity = least useful attention first
         order = sorted(scores, key=lambda i: (-scores[i], i))

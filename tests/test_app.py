@@ -36,7 +36,7 @@ def test_every_group_option_composes(group):
         cfg = _compose(f"{group}={option}")
         OmegaConf.to_container(cfg.model, resolve=True)
         assert cfg.model.source in ("embedded", "hub", "tiny")
-        assert cfg.selection.strategy in ("cca", "cosine", "random")
+        assert cfg.selection.strategy in ("cca", "cosine", "random", "loss")
         assert cfg.replacement.mode in ("linear", "drop")
 
 
@@ -93,6 +93,8 @@ def test_launcher_configs(launcher, target):
         (["calibration.source=c5"], "calibration.source=c5 is unknown"),
         (["selection.strategy=magnitude"], "selection.strategy: Invalid value 'magnitude'"),
         (["selection.cca_target=bogus"], "selection.cca_target: Invalid value 'bogus'"),
+        (["selection=loss", "calibration.mode=sequential"], "selection=loss measures every layer once"),
+        (["selection=loss", "selection.holdout_sequences=0"], "selection.holdout_sequences=0 must be >= 1"),
         (["replacement.mode=prune"], "replacement.mode"),
         (["replacement.ridge=-1"], "replacement.ridge=-1.0 must be >= 0.0"),
         (["logger.mode=bogus"], "logger.mode: Invalid value 'bogus'"),
