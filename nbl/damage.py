@@ -14,10 +14,10 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
 from nbl.adapters import get_adapter
-from nbl.layerwise import LayerInput, _to, capture_layer_inputs
+from nbl.layerwise import LayerInput, capture_layer_inputs, to_device
 from nbl.linalg import fit_lmmse
 from nbl.stats import CovarianceAccumulator
-from nbl.surgery import LinearizedDecoderLayer, ReplacementMode, _new_linear
+from nbl.surgery import LinearizedDecoderLayer, ReplacementMode, new_linear
 
 
 @torch.no_grad()
@@ -32,7 +32,7 @@ def _loss_from(model: PreTrainedModel, start: int, inputs: list[LayerInput], ids
     total, count = 0.0, 0
     for item, batch in zip(inputs, ids, strict=True):
         hidden = item.hidden.to(device)
-        kwargs = {k: _to(v, device) for k, v in item.kwargs.items()}
+        kwargs = {k: to_device(v, device) for k, v in item.kwargs.items()}
         for i in range(start, len(layers)):
             layer = replacement if (i == start and replacement is not None) else layers[i]
             out = layer(hidden, **kwargs)
@@ -84,7 +84,7 @@ def _probe(model: PreTrainedModel, stats: Mapping[int, CovarianceAccumulator], i
     linear = None
     if mode == "linear":
         w, b = fit_lmmse(stats[i], ridge=ridge)
-        linear = _new_linear(model, i, w.shape[0])
+        linear = new_linear(model, i, w.shape[0])
         linear.weight.copy_(w.to(linear.weight))
         linear.bias.copy_(b.to(linear.bias))
     return LinearizedDecoderLayer(adapter.mlp(original), adapter.post_attention_norm(original), linear)

@@ -48,11 +48,12 @@ class LayerInput:
     mask: torch.Tensor | None  # attention_mask of the batch (padding), for the statistics
 
 
-def _to(value: Any, device: torch.device) -> Any:
+def to_device(value: Any, device: torch.device) -> Any:
+    """A tensor, or a tuple of them (rotary cos/sin), on ``device``; anything else as it is."""
     if isinstance(value, torch.Tensor):
         return value.to(device)
     if isinstance(value, tuple):
-        return tuple(_to(v, device) for v in value)
+        return tuple(to_device(v, device) for v in value)
     return value
 
 
@@ -76,7 +77,7 @@ def capture_layer_inputs(model: PreTrainedModel, batches: Iterable[Batch], store
 
     def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
         hidden = args[0] if args else kwargs.pop("hidden_states")
-        kwargs = {k: _to(v, store) for k, v in kwargs.items() if k not in ("past_key_values", "use_cache")}
+        kwargs = {k: to_device(v, store) for k, v in kwargs.items() if k not in ("past_key_values", "use_cache")}
         captured.append(LayerInput(hidden.to(store), kwargs, current["mask"]))
         raise _Stop
 
@@ -109,7 +110,7 @@ def _run_layer(
         for b, item in enumerate(inputs):
             if hooks is not None:
                 hooks.mask = item.mask
-            out = layer(item.hidden.to(device), **{k: _to(v, device) for k, v in item.kwargs.items()})
+            out = layer(item.hidden.to(device), **{k: to_device(v, device) for k, v in item.kwargs.items()})
             if tap is not None:
                 raise_on_overflow(tap, b, item.hidden.dtype, layers=[i])
             if carry:

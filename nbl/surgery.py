@@ -162,7 +162,7 @@ def assign_cache_slots(model: PreTrainedModel) -> None:
         adapter.attention(layers[index]).layer_idx = slot
 
 
-def _new_linear(model: PreTrainedModel, index: int, d: int) -> nn.Linear:
+def new_linear(model: PreTrainedModel, index: int, d: int) -> nn.Linear:
     """An empty d x d map for layer ``index``: on the layer's execution device, in its dtype."""
     layer = get_adapter(model).layers(model)[index]
     dtype = next(get_adapter(model).mlp(layer).parameters()).dtype
@@ -178,7 +178,7 @@ def apply_replacements(model: PreTrainedModel, modes: Mapping[int, ReplacementMo
     slot_plan(model, set(indices) | set(replaced_layers(model)))
     d = get_adapter(model).hidden_size(model.config)
     for i in indices:
-        _replace_layer(model, i, _new_linear(model, i, d) if modes[i] == "linear" else None)
+        _replace_layer(model, i, new_linear(model, i, d) if modes[i] == "linear" else None)
     assign_cache_slots(model)
 
 
@@ -214,7 +214,7 @@ def linearize(
                 "they were computed on another model"
             )
         w, b = fit_lmmse(acc, ridge=ridge)
-        linear = _new_linear(model, i, d)
+        linear = new_linear(model, i, d)
         linear.weight.copy_(w.to(linear.weight))
         linear.bias.copy_(b.to(linear.bias))
         if not (torch.isfinite(linear.weight).all() and torch.isfinite(linear.bias).all()):
