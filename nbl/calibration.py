@@ -70,8 +70,9 @@ class CalibrationResult(Mapping[int, CovarianceAccumulator]):
         """Raise unless every layer holds finite sums over the same tokens with the same dimensions."""
         if not self.accumulators:
             raise ValueError("no layers in the calibration statistics")
-        first = next(iter(self.accumulators.values()))
-        for i, acc in self.accumulators.items():
+        first = None
+        for i, acc in self.accumulators.items():  # lazy statistics: each layer read once
+            first = first or acc
             if (acc.d_in, acc.d_out, acc.count) != (first.d_in, first.d_out, first.count):
                 raise ValueError(
                     f"layer {i} has shape/count {(acc.d_in, acc.d_out, acc.count)}, others "

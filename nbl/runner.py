@@ -134,13 +134,15 @@ def load_model(model_cfg: DictConfig, config: PretrainedConfig, device: torch.de
     return model.eval()
 
 
-def calibration_batches(tokenizer, cal_cfg: DictConfig, heldout: int = 0) -> list[torch.Tensor]:
-    """The calibration windows in batches; with ``heldout`` > 0, instead the next ``heldout`` windows of the
-    same text (disjoint from the calibration windows, which are the same either way)."""
+def calibration_batches(
+    tokenizer, cal_cfg: DictConfig, heldout: int = 0
+) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """(calibration batches, held-out batches): the configured windows, then ``heldout`` further windows of
+    the same text, tokenized once. The calibration windows do not depend on ``heldout``."""
     texts = load_texts(cal_cfg.source, cal_cfg.path)
     n = cal_cfg.num_sequences
     ids = token_sequences(tokenizer, texts, n + heldout, cal_cfg.seq_len, cal_cfg.seed, cal_cfg.windows)
-    return list((ids[n:] if heldout else ids).split(cal_cfg.batch_size))
+    return list(ids[:n].split(cal_cfg.batch_size)), list(ids[n:].split(cal_cfg.batch_size))
 
 
 def model_fields(cfg: DictConfig, config: PretrainedConfig) -> dict[str, Any]:
@@ -460,13 +462,18 @@ def run_experiment(cfg: DictConfig, ctx: RunContext) -> dict[str, Any]:
     torch.manual_seed(cfg.seed)
     device = resolve_device(cfg.device)
     tokenizer = load_tokenizer(cfg.model)
-    batches = functools.cache(lambda: calibration_batches(tokenizer, cfg.calibration))  # built at most once
     measured = cfg.selection.strategy == "loss" and cfg.layers is None
-    heldout = functools.cache(lambda: calibration_batches(tokenizer, cfg.calibration, cfg.selection.holdout_sequences))
-    if not stats_entry(Path(cfg.cache_dir) / "stats", calibration_fields(cfg, config)).is_file():
-        batches()  # too little or unreadable text fails here, before the weights load
-    if measured:
-        heldout()
+    extra = cfg.selection.holdout_sequences if measured else 0
+    windows = functools.cache(lambda: calibration_batches(tokenizer, cfg.calibration, extra))  # built at most once
+
+    def batches() -> list[torch.Tensor]:
+        return windows()[0]
+
+    def heldout() -> list[torch.Tensor]:
+        return windows()[1]
+
+    if measured or not stats_entry(Path(cfg.cache_dir) / "stats", calibration_fields(cfg, config)).is_file():
+        windows()  # too little or unreadable text fails here, before the weights load
     # offloaded: the weights wait on the CPU and each layer visits the device only while it calibrates
     model = load_model(cfg.model, config, torch.device("cpu") if cfg.calibration.offload else device, cfg.seed)
     n_layers = config.num_hidden_layers

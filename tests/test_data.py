@@ -46,3 +46,11 @@ def test_document_windows_start_at_a_bos_at_a_document_start():
 def test_too_little_text_for_document_windows_is_refused():
     with pytest.raises(ValueError, match="fills 1 document-aligned windows of 8, fewer than 3"):
         token_sequences(_Tokenizer(), _docs([9, 2]), 3, 8, windows="documents")
+
+
+@pytest.mark.parametrize("windows", ["stream", "documents"])
+def test_asking_for_more_windows_keeps_the_first_ones(windows):
+    docs = _docs([5, 30, 3, 4, 12, 8, 9, 20, 6, 7, 11, 13])
+    few = token_sequences(_Tokenizer(), docs, 3, 8, seed=1, windows=windows)
+    more = token_sequences(_Tokenizer(), docs, 5, 8, seed=1, windows=windows)
+    assert torch.equal(more[:3], few)  # held-out windows never change the calibration windows

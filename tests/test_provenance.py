@@ -125,7 +125,7 @@ def test_explicit_layers_are_recorded_as_explicit_and_refitted_in_order_when_seq
     # independently: layer 2's map is fitted on the model whose layer 0 is already linearized
     typed, config = validate(cfg)
     model = runner.load_model(typed.model, config, torch.device("cpu"), typed.seed)
-    batches = runner.calibration_batches(runner.load_tokenizer(typed.model), typed.calibration)
+    batches, _ = runner.calibration_batches(runner.load_tokenizer(typed.model), typed.calibration)
     nbl.linearize(model, nbl.calibrate(model, batches, progress=False), [0])
     w, b = nbl.fit_lmmse(nbl.calibrate(model, batches, progress=False)[2])
     saved = nbl.load_linearized(tmp_path / "run" / "checkpoint")
