@@ -24,6 +24,7 @@ from transformers import PreTrainedModel
 
 from nbl.adapters import get_adapter
 from nbl.calibration import AttentionTap, Batch, CalibrationResult, check_token_count, raise_on_overflow, unpack_batch
+from nbl.linalg import Ridge
 from nbl.surgery import (
     LinearizedDecoderLayer,
     ReplacementMode,
@@ -185,7 +186,7 @@ def refit_propagated(
     batches: Iterable[Batch],
     layers: Iterable[int],
     mode: ReplacementMode = "linear",
-    ridge: float = 0.0,
+    ridge: Ridge = 0.0,
     device: torch.device | str | None = None,
     store: torch.device | str | None = None,
     progress: bool = True,

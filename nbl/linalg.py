@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from typing import Literal
 
 import torch
@@ -10,6 +11,7 @@ import torch
 from nbl.stats import CovarianceAccumulator
 
 CCATarget = Literal["residual", "attention"]
+Ridge = float | Mapping[int, float]  # one ridge for every layer, or one per layer (replacement.ridge=auto)
 
 
 def fit_lmmse(acc: CovarianceAccumulator, ridge: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -36,6 +38,28 @@ def fit_lmmse(acc: CovarianceAccumulator, ridge: float = 0.0) -> tuple[torch.Ten
     if not (torch.isfinite(w).all() and torch.isfinite(b).all()):
         raise ValueError("the fitted map has NaN or inf entries (C_xx is too ill-conditioned: try a ridge > 0)")
     return w, b
+
+
+def ridge_of(ridge: Ridge, layer: int) -> float:
+    """The ridge of one layer: a number for every layer, or a per-layer mapping (``replacement.ridge=auto``)."""
+    return float(ridge[layer]) if isinstance(ridge, Mapping) else float(ridge)
+
+
+def heldout_error(w: torch.Tensor, b: torch.Tensor, heldout: CovarianceAccumulator) -> float:
+    """Mean squared error per token, sum over outputs, of a ~ W x + b on the tokens summed in ``heldout``.
+
+    Exact from the held-out second moments (centred, so no cancellation between large raw sums):
+    E||a - W x - b||^2 = tr(C_aa) - 2 tr(W C_xa) + tr(W C_xx W^T) + ||mu_a - W mu_x - b||^2.
+    """
+    w = w.to(heldout.sum_x)
+    b = b.to(heldout.sum_x)
+    c_xx, c_ax, c_aa = heldout.cov_xx(), heldout.cov_ax(), heldout.cov_aa()
+    spread = torch.trace(c_aa) - 2 * (w * c_ax).sum() + ((w @ c_xx) * w).sum()
+    offset = heldout.mean_a - w @ heldout.mean_x - b
+    err = float(spread + offset @ offset)
+    if not math.isfinite(err):
+        raise ValueError("held-out error is not finite: the statistics are corrupt")
+    return max(err, 0.0)
 
 
 def _check_finite(t: torch.Tensor, name: str) -> None:

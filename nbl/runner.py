@@ -6,6 +6,7 @@ Each step is a plain function usable from Python without Hydra; :func:`run_exper
 from __future__ import annotations
 
 import copy
+import dataclasses
 import functools
 import json
 import logging
@@ -28,17 +29,18 @@ from nbl.accounting import FlopModel, kv_cache_bytes_per_token
 from nbl.adapters import adapter_for_config
 from nbl.cache import atomic_write_text, cache_key, cached_calibration, cached_json, stats_entry
 from nbl.calibration import CalibrationResult
-from nbl.damage import single_layer_damage
+from nbl.damage import greedy_selection, single_layer_damage
 from nbl.data import TEXT_SOURCES, load_texts, token_sequences
 from nbl.distributed import calibrate_sharded
 from nbl.evaluation import average_headline, headline, perplexity, run_lm_eval
 from nbl.layerwise import calibrate_layerwise, refit_propagated
+from nbl.linalg import Ridge
 from nbl.models import load_smollm2, random_model, smollm2_folder, tiny_config
 from nbl.offline_tasks import OFFLINE_TASKS, is_builtin_task
 from nbl.provenance import code_identity, file_digest, model_revision, provenance
 from nbl.report import method_name, summary_markdown
 from nbl.schema import ConfigError, checked_config
-from nbl.selection import layer_scores, select_layers
+from nbl.selection import auto_ridge, layer_scores, lmmse_scores, select_layers
 from nbl.sequential import SequentialStep, StepStore, linearize_sequentially
 from nbl.speed import decode_memory, decode_timer, interleaved, prefill, random_prompt, timed
 from nbl.surgery import LinearizedDecoderLayer, execution_device
@@ -248,14 +250,37 @@ def calibrate_cached(
     return stats, info
 
 
-def score_all(stats: CalibrationResult, selection: DictConfig, explicit: bool) -> dict[str, dict[int, float]]:
-    """The scores this run needs, for every layer: the cosine (free: summed during calibration) and the CCA
-    bound of the configured target when it drives the selection. A bound costs O(d^3) (7.5 s per layer at
-    d = 4096 on 2 CPU cores, docs/results.md), so none is computed for nothing."""
+def heldout_calibration(
+    model: PreTrainedModel, heldout: Callable[[], list[torch.Tensor]], cfg: DictConfig, config: PretrainedConfig
+) -> CalibrationResult:
+    """Statistics of the held-out windows (the ``selection.holdout_sequences`` windows after the calibration
+    windows): the exact held-out error of every map, from second moments. Costs holdout_sequences /
+    num_sequences of a calibration pass; cached beside the calibration statistics."""
+    fields = {**calibration_fields(cfg, config), "heldout_sequences": cfg.selection.holdout_sequences}
+    stats, hit, _ = cached_calibration(
+        Path(cfg.cache_dir) / "stats", fields, lambda: calibrate(model, heldout(), cfg), expect=_expect_layers(model)
+    )
+    log.info("held-out statistics: %s (%d tokens)", "cache hit" if hit else "computed", stats.num_tokens)
+    return stats
+
+
+def score_all(
+    stats: CalibrationResult,
+    selection: DictConfig,
+    explicit: bool,
+    heldout: CalibrationResult | None = None,
+    ridge: Ridge = 0.0,
+) -> dict[str, dict[int, float]]:
+    """The scores this run needs, for every layer: the cosine (free: summed during calibration), the CCA
+    bound of the configured target when it drives the selection, the held-out LMMSE error when held-out
+    statistics are there. A bound costs O(d^3) (7.5 s per layer at d = 4096 on 2 CPU cores,
+    docs/results.md), so none is computed for nothing."""
     scores = {"cosine": layer_scores(stats, "cosine")}
     key = score_key(selection)
     if key is not None and key.startswith("cca") and not explicit:
         scores[key] = layer_scores(stats, "cca", selection.cca_target)
+    if heldout is not None:
+        scores["lmmse"] = lmmse_scores(stats, heldout, ridge)
     return scores
 
 
@@ -263,13 +288,15 @@ def score_key(selection: DictConfig) -> str | None:
     """Which of :func:`score_all`'s scores drives the selection (None: random)."""
     if selection.strategy == "cca":
         return "cca" if selection.cca_target == "residual" else "cca_attention"
-    return selection.strategy if selection.strategy in ("cosine", "loss") else None
+    return selection.strategy if selection.strategy in ("cosine", "loss", "lmmse", "greedy") else None
 
 
 def choose_layers(cfg: DictConfig, scores: dict[str, dict[int, float]], n_layers: int) -> list[int]:
     if cfg.layers is not None:
         return sorted(cfg.layers)
     key = score_key(cfg.selection)
+    if key == "greedy":  # the layers the greedy steps chose (their damages are the scores)
+        return sorted(scores["greedy"])
     if key is None:
         return select_layers(dict.fromkeys(range(n_layers), 0.0), cfg.num_layers, "random", seed=cfg.selection.seed)
     return select_layers(scores[key], cfg.num_layers, cfg.selection.strategy)
@@ -342,6 +369,7 @@ def replace(
     batches: Callable[[], list[torch.Tensor]],
     recalibrate: Callable[[PreTrainedModel, list[int]], CalibrationResult],
     store: StepStore | None = None,
+    ridge: Ridge = 0.0,
 ) -> tuple[list[int], dict[int, str], list[dict[str, float]] | None]:
     """Replace layers as ``calibration.mode`` says. Returns (layers, their modes, the sequential steps).
 
@@ -349,17 +377,18 @@ def replace(
     explicit) in one layer-by-layer pass, each map fitted on the inputs the earlier replacements produce.
     sequential: one layer at a time, each map fitted on re-calibrated statistics of the partially replaced
     model; the layers are the explicit ones (front to back) or chosen step by step by the strategy.
+    ``ridge``: the resolved ridge (a number, or one per layer for ``replacement.ridge=auto``).
     """
     rep = cfg.replacement
     if cfg.calibration.mode == "one_pass":
-        return chosen, nbl.linearize(model, stats, chosen, mode=rep.mode, ridge=rep.ridge), None
+        return chosen, nbl.linearize(model, stats, chosen, mode=rep.mode, ridge=ridge), None
     if cfg.calibration.mode == "propagated":
         refit_propagated(
             model,
             batches(),
             chosen,
             mode=rep.mode,
-            ridge=rep.ridge,
+            ridge=ridge,
             device=resolve_device(cfg.device),
             store=_store(cfg),
             gram_dtype=cfg.calibration.gram_dtype,
@@ -371,7 +400,7 @@ def replace(
         len(chosen),
         cfg.selection.strategy,
         mode=rep.mode,
-        ridge=rep.ridge,
+        ridge=ridge,
         cca_target=cfg.selection.cca_target,
         seed=cfg.selection.seed,
         order=chosen if cfg.layers is not None else None,
@@ -462,8 +491,11 @@ def run_experiment(cfg: DictConfig, ctx: RunContext) -> dict[str, Any]:
     torch.manual_seed(cfg.seed)
     device = resolve_device(cfg.device)
     tokenizer = load_tokenizer(cfg.model)
-    measured = cfg.selection.strategy == "loss" and cfg.layers is None
-    extra = cfg.selection.holdout_sequences if measured else 0
+    strategy = cfg.selection.strategy if cfg.layers is None else None
+    measured = strategy in ("loss", "greedy")  # these run the model on held-out windows
+    auto = cfg.replacement.ridge == "auto"
+    uses_heldout_stats = auto or strategy == "lmmse"
+    extra = cfg.selection.holdout_sequences if measured or uses_heldout_stats else 0
     windows = functools.cache(lambda: calibration_batches(tokenizer, cfg.calibration, extra))  # built at most once
 
     def batches() -> list[torch.Tensor]:
@@ -472,7 +504,7 @@ def run_experiment(cfg: DictConfig, ctx: RunContext) -> dict[str, Any]:
     def heldout() -> list[torch.Tensor]:
         return windows()[1]
 
-    if measured or not stats_entry(Path(cfg.cache_dir) / "stats", calibration_fields(cfg, config)).is_file():
+    if extra or not stats_entry(Path(cfg.cache_dir) / "stats", calibration_fields(cfg, config)).is_file():
         windows()  # too little or unreadable text fails here, before the weights load
     # offloaded: the weights wait on the CPU and each layer visits the device only while it calibrates
     model = load_model(cfg.model, config, torch.device("cpu") if cfg.calibration.offload else device, cfg.seed)
@@ -481,12 +513,20 @@ def run_experiment(cfg: DictConfig, ctx: RunContext) -> dict[str, Any]:
     stats, calibration_info = calibrate_cached(model, batches, cfg, config, rank=rank, world=world)
     if stats is None:  # a helper rank: its shard is in rank 0's statistics
         return {}
-    stats = stats.to(execution_device(model.get_input_embeddings()))  # score and fit where the model computes
+    stats_device = execution_device(model.get_input_embeddings())  # score and fit where the model computes
+    stats = stats.to(stats_device)
     start = time.perf_counter()
-    scores = score_all(stats, cfg.selection, explicit=cfg.layers is not None)
-    if measured:  # each layer replaced alone, its loss increase on held-out windows of the calibration text
-        rep = cfg.replacement
-        scores["loss"] = single_layer_damage(model, stats, heldout(), mode=rep.mode, ridge=rep.ridge)
+    held_stats = heldout_calibration(model, heldout, cfg, config).to(stats_device) if uses_heldout_stats else None
+    ridge = auto_ridge(stats, held_stats) if auto else float(cfg.replacement.ridge)
+    scores = score_all(stats, cfg.selection, cfg.layers is not None, held_stats, ridge)
+    rep = cfg.replacement
+    greedy_steps = None
+    if strategy == "loss":  # each layer replaced alone, its loss increase on held-out windows
+        scores["loss"] = single_layer_damage(model, stats, heldout(), mode=rep.mode, ridge=ridge)
+    elif strategy == "greedy":  # layers added one at a time, each the least damaging given the earlier ones
+        greedy = greedy_selection(model, stats, heldout(), cfg.num_layers, mode=rep.mode, ridge=ridge)
+        scores["greedy"] = {step.layer: step.damage for step in greedy}
+        greedy_steps = [dataclasses.asdict(step) for step in greedy]
     selection_seconds = time.perf_counter() - start
     chosen = choose_layers(cfg, scores, n_layers)
     cache_dir = Path(cfg.cache_dir)
@@ -515,7 +555,7 @@ def run_experiment(cfg: DictConfig, ctx: RunContext) -> dict[str, Any]:
 
     store = sequential_store(cfg, config)
     start = time.perf_counter()
-    chosen, replaced, sequential = replace(model, cfg, stats, chosen, batches, recalibrate, store)
+    chosen, replaced, sequential = replace(model, cfg, stats, chosen, batches, recalibrate, store, ridge)
     calibration_info["replace_seconds"] = time.perf_counter() - start  # fits, and refit passes if any
     del stats
     eval_nbl = evaluate(model, tokenizer, cfg.eval, cache_dir) if wants_eval else None
@@ -536,6 +576,8 @@ def run_experiment(cfg: DictConfig, ctx: RunContext) -> dict[str, Any]:
         "scores": {name: {str(i): s for i, s in s_.items()} for name, s_ in scores.items()},
         "score_used": score_key(cfg.selection) if how == "strategy" else None,
         "selection_seconds": selection_seconds,
+        "greedy_steps": greedy_steps,
+        "ridge": {str(i): r for i, r in ridge.items()} if isinstance(ridge, dict) else ridge,
         "calibration": {**calibration_info, "mode": cfg.calibration.mode, "sequential_steps": sequential},
         "eval": eval_nbl["tasks"] if eval_nbl else {},
         "eval_base": eval_base["tasks"] if eval_base else {},

@@ -59,6 +59,8 @@ class Strategy(Enum):
     cosine = "cosine"
     random = "random"
     loss = "loss"
+    lmmse = "lmmse"
+    greedy = "greedy"
 
 
 class CCATargetName(Enum):
@@ -134,15 +136,19 @@ class SelectionSchema:
     strategy: Strategy
     cca_target: CCATargetName = CCATargetName.residual
     seed: int = 0
-    holdout_sequences: int = 8  # loss: held-out calibration windows the damage is measured on
+    holdout_sequences: int = 8  # loss, greedy, lmmse, ridge=auto: held-out windows of the calibration text
 
 
 @dataclass
 class ReplacementSchema:
     mode: Mode
-    ridge: float = 0.0
+    ridge: Any = 0.0  # a number >= 0, or "auto": per layer, the grid value with the least held-out error
 
     def check(self) -> None:
+        if self.ridge == "auto":
+            return
+        if isinstance(self.ridge, bool) or not isinstance(self.ridge, int | float):
+            raise ConfigError(f"replacement.ridge={self.ridge!r} must be a number >= 0 or auto")
         _positive("replacement.ridge", self.ridge, minimum=0.0)
 
 
@@ -224,8 +230,12 @@ class ExperimentSchema:
             part.check()
         _positive("num_layers", self.num_layers, minimum=0)
         _positive("selection.holdout_sequences", self.selection.holdout_sequences)
-        if self.selection.strategy is Strategy.loss and self.calibration.mode is CalibrationMode.sequential:
-            raise ConfigError("selection=loss measures every layer once: use calibration.mode one_pass or propagated")
+        measured = (Strategy.loss, Strategy.greedy)
+        if self.selection.strategy in measured and self.calibration.mode is CalibrationMode.sequential:
+            raise ConfigError(
+                f"selection={self.selection.strategy.value} runs the model itself: "
+                "use calibration.mode one_pass or propagated"
+            )
         if self.layers is not None and len(set(self.layers)) != len(self.layers):
             raise ConfigError(f"layers={self.layers} lists a layer twice")
 

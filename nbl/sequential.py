@@ -15,7 +15,7 @@ from transformers import PreTrainedModel
 
 from nbl.adapters import get_adapter
 from nbl.calibration import CalibrationResult
-from nbl.linalg import CCATarget
+from nbl.linalg import CCATarget, Ridge
 from nbl.selection import Strategy, layer_scores, select_layers
 from nbl.stats import CovarianceAccumulator
 from nbl.surgery import ReplacementMode, linearize, replaced_layers
@@ -44,7 +44,7 @@ def linearize_sequentially(
     k: int,
     strategy: Strategy,
     mode: ReplacementMode = "linear",
-    ridge: float = 0.0,
+    ridge: Ridge = 0.0,
     cca_target: CCATarget = "residual",
     seed: int = 0,
     order: list[int] | None = None,

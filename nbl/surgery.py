@@ -11,7 +11,7 @@ from torch import nn
 from transformers import PreTrainedModel
 
 from nbl.adapters import get_adapter
-from nbl.linalg import fit_lmmse
+from nbl.linalg import Ridge, fit_lmmse, ridge_of
 from nbl.stats import CovarianceAccumulator
 
 ReplacementMode = Literal["linear", "drop"]
@@ -188,7 +188,7 @@ def linearize(
     stats: Mapping[int, CovarianceAccumulator],
     layers: Iterable[int],
     mode: ReplacementMode = "linear",
-    ridge: float = 0.0,
+    ridge: Ridge = 0.0,
 ) -> dict[int, ReplacementMode]:
     """Replace LN1 + attention of each listed layer in place; returns the replaced layers and modes.
 
@@ -213,7 +213,7 @@ def linearize(
                 f"statistics of layer {i} are {acc.d_out} x {acc.d_in}; this model's hidden size is {d}: "
                 "they were computed on another model"
             )
-        w, b = fit_lmmse(acc, ridge=ridge)
+        w, b = fit_lmmse(acc, ridge=ridge_of(ridge, i))
         linear = new_linear(model, i, d)
         linear.weight.copy_(w.to(linear.weight))
         linear.bias.copy_(b.to(linear.bias))

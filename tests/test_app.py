@@ -13,6 +13,7 @@ from omegaconf import OmegaConf
 
 from nbl.__main__ import CONF_DIR
 from nbl.runner import validate
+from nbl.selection import STRATEGIES
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parent.parent
@@ -36,7 +37,7 @@ def test_every_group_option_composes(group):
         cfg = _compose(f"{group}={option}")
         OmegaConf.to_container(cfg.model, resolve=True)
         assert cfg.model.source in ("embedded", "hub", "tiny")
-        assert cfg.selection.strategy in ("cca", "cosine", "random", "loss")
+        assert cfg.selection.strategy in STRATEGIES
         assert cfg.replacement.mode in ("linear", "drop")
 
 
@@ -93,10 +94,13 @@ def test_launcher_configs(launcher, target):
         (["calibration.source=c5"], "calibration.source=c5 is unknown"),
         (["selection.strategy=magnitude"], "selection.strategy: Invalid value 'magnitude'"),
         (["selection.cca_target=bogus"], "selection.cca_target: Invalid value 'bogus'"),
-        (["selection=loss", "calibration.mode=sequential"], "selection=loss measures every layer once"),
+        (["selection=loss", "calibration.mode=sequential"], "selection=loss runs the model itself"),
+        (["selection=greedy", "calibration.mode=sequential"], "selection=greedy runs the model itself"),
         (["selection=loss", "selection.holdout_sequences=0"], "selection.holdout_sequences=0 must be >= 1"),
         (["replacement.mode=prune"], "replacement.mode"),
-        (["replacement.ridge=-1"], "replacement.ridge=-1.0 must be >= 0.0"),
+        (["replacement.ridge=-1"], "replacement.ridge=-1 must be >= 0.0"),
+        (["replacement.ridge=bogus"], "replacement.ridge='bogus' must be a number >= 0 or auto"),
+        (["replacement.ridge=true"], "replacement.ridge=True must be a number >= 0 or auto"),
         (["logger.mode=bogus"], "logger.mode: Invalid value 'bogus'"),
         (["eval=quick", "eval.tasks=[lambada_openai]"], "no packaged data"),
         (["eval=quick", "eval.offline=false", "eval.tasks=[no_such_task]"], "lm-eval has no tasks named"),

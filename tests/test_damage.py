@@ -6,7 +6,8 @@ import pytest
 import torch
 
 import nbl
-from nbl.damage import single_layer_damage
+from nbl.damage import greedy_selection, single_layer_damage
+from nbl.selection import RIDGE_GRID
 from tests.conftest import make_tiny, token_batches
 
 
@@ -46,3 +47,67 @@ def test_loss_selection_runs_in_the_app_and_picks_the_least_damaging_layers(tmp_
     assert sorted(damage) == [0, 1, 2, 3] and results["summary_row"]["method"] == "loss+linear"
     assert results["replaced_layers"] == sorted(sorted(damage, key=damage.get)[:2])
     assert results["selection_seconds"] > 0
+
+
+def test_greedy_steps_are_the_least_damaging_layer_given_the_earlier_choices(family):
+    model = make_tiny(family)
+    stats = nbl.calibrate(model, token_batches(n_batches=3), progress=False)
+    heldout = token_batches(n_batches=2, seed=9)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    steps = greedy_selection(model, stats, heldout, 3, progress=False)
+    # independently: at each step, replace every remaining layer in a copy of the partly replaced model
+    partial, total = copy.deepcopy(model), 0.0
+    for step in steps:
+        base = _loss(partial, heldout)
+        losses = {}
+        for i in sorted(set(range(4)) - set(nbl.replaced_layers(partial))):
+            trial = copy.deepcopy(partial)
+            nbl.linearize(trial, stats, [i])
+            losses[i] = _loss(trial, heldout) - base
+        assert step.layer == min(losses, key=losses.get)
+        assert step.damage == pytest.approx(losses[step.layer], abs=1e-5)
+        total += losses[step.layer]
+        assert step.total == pytest.approx(total, abs=1e-5)
+        nbl.linearize(partial, stats, [step.layer])
+    assert nbl.replaced_layers(model) == {} and all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_greedy_restricted_to_candidates_and_k_checked():
+    model = make_tiny()
+    stats = nbl.calibrate(model, token_batches(n_batches=3), progress=False)
+    heldout = token_batches(n_batches=1, seed=9)
+    steps = greedy_selection(model, stats, heldout, 2, candidates=[1, 3], progress=False)
+    assert sorted(s.layer for s in steps) == [1, 3]
+    with pytest.raises(ValueError, match="cannot choose k=3 layers out of 2 candidates"):
+        greedy_selection(model, stats, heldout, 3, candidates=[1, 3], progress=False)
+
+
+def _run_app(tmp_path, monkeypatch, *overrides):
+    from hydra import compose, initialize_config_dir
+
+    from nbl.__main__ import CONF_DIR
+    from nbl.runner import RunContext, run_experiment
+
+    monkeypatch.setenv("NBL_CACHE", str(tmp_path / "cache"))
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        cfg = compose("config", overrides=["experiment=smoke", "speed=none", *overrides])
+    return run_experiment(cfg, RunContext(tmp_path / "run"))
+
+
+@pytest.mark.slow
+def test_greedy_selection_runs_in_the_app_and_records_its_steps(tmp_path, monkeypatch):
+    results = _run_app(tmp_path, monkeypatch, "selection=greedy", "num_layers=2")
+    steps = results["greedy_steps"]
+    assert [s["layer"] for s in steps] == list(map(int, results["scores"]["greedy"]))
+    assert results["replaced_layers"] == sorted(s["layer"] for s in steps)
+    assert results["summary_row"]["method"] == "greedy+linear"
+
+
+@pytest.mark.slow
+def test_lmmse_selection_with_auto_ridge_in_the_app(tmp_path, monkeypatch):
+    results = _run_app(tmp_path, monkeypatch, "selection=lmmse", "replacement.ridge=auto", "num_layers=2")
+    lmmse = {int(i): v for i, v in results["scores"]["lmmse"].items()}
+    assert sorted(lmmse) == [0, 1, 2, 3] and all(v >= 0 for v in lmmse.values())
+    assert results["replaced_layers"] == sorted(sorted(lmmse, key=lmmse.get)[:2])
+    assert sorted(results["ridge"]) == ["0", "1", "2", "3"]
+    assert all(r in RIDGE_GRID for r in results["ridge"].values())
