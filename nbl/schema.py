@@ -172,6 +172,7 @@ class EvalSchema:
     offline: bool = True
     evaluate_base: bool = True
     perplexity: PerplexitySchema | None = None
+    domains: list[str] = field(default_factory=list)  # further texts scored like eval.perplexity (e.g. sciq)
 
     def check(self) -> None:
         if self.limit is not None and not self.limit > 0:
@@ -181,6 +182,8 @@ class EvalSchema:
             _positive(f"eval.num_fewshot.{task}", shots, minimum=0)
         if self.perplexity is not None:
             self.perplexity.check()
+        elif self.domains:
+            raise ConfigError(f"eval.domains={self.domains} needs eval.perplexity (its seq_len and num_sequences)")
 
 
 @dataclass

@@ -79,7 +79,22 @@ def test_report_writes_paper_shaped_table(tmp_path):
     assert "_series" not in text and "Notes" not in text
     assert files["csv"].read_text().count("\n") == 6
     assert files["m_acc_vs_k"].stat().st_size > 1000 and files["m_acc_vs_speedup"].is_file()
-    assert files["m_ppl_vs_k"].is_file()
+    assert files["m_ppl_vs_k"].is_file() and files["m_ppl_vs_predicted_speedup"].is_file()
+
+
+def test_second_domains_predicted_speedups_cost_and_layers_are_columns(tmp_path):
+    runs = [_run("cca", "linear", 4, 0.65), _run("greedy", "linear", 4, 0.66)]
+    for r, sciq in zip(runs, (30.0, 28.0), strict=True):
+        r["perplexity"]["domains"] = {"sciq": {"nbl": sciq, "base": 25.0}}
+        r["predicted"] = {"prefill_speedup": 1.04}
+        r["selection_seconds"] = 12.0
+        r["replaced_layers"] = [3, 5, 7, 9]
+    by_method = _by_method(table_rows(runs))
+    assert by_method["baseline"]["ppl/sciq"] == 25.0 and by_method["greedy+linear"]["ppl/sciq"] == 28.0
+    assert by_method["Attn NBL-4"]["pred_prefill_x"] == 1.04 and by_method["Attn NBL-4"]["layers"] == "3 5 7 9"
+    text = write_report(runs, tmp_path)["markdown"].read_text()
+    assert "| ppl/sciq |" in text.splitlines()[2]  # the header row
+    assert "| greedy+linear | 4 | 1 |" in text and "| 28.00 |" in text and "| 12 | 3 5 7 9 |" in text
 
 
 def test_runs_differing_beyond_the_seed_get_their_own_labelled_rows():
