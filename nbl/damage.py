@@ -6,7 +6,7 @@ i..L-1, the final norm and the LM head again, so scoring every layer costs about
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -105,6 +105,7 @@ def greedy_selection(
     ridge: Ridge = 0.0,
     candidates: Iterable[int] | None = None,
     progress: bool = True,
+    start: Sequence[GreedyStep] = (),
 ) -> list[GreedyStep]:
     """Choose k layers one at a time: each step adds the candidate whose replacement raises the held-out loss
     of the model with the earlier choices already replaced the least (interactions between replaced layers
@@ -112,7 +113,8 @@ def greedy_selection(
 
     Maps are fitted on ``stats`` (the one-pass statistics; refitting every candidate on the partially
     replaced model's inputs would cost a calibration pass per candidate). Cost: k steps of one forward plus,
-    per remaining candidate, the layers from it to the top. The model is left as it was.
+    per remaining candidate, the layers from it to the top. ``start``: the first steps of an earlier run with
+    the same inputs (greedy steps do not depend on k), continued from there. The model is left as it was.
     """
     adapter = get_adapter(model)
     layers = adapter.layers(model)
@@ -120,9 +122,10 @@ def greedy_selection(
     if not 0 <= k <= len(pool):
         raise ValueError(f"cannot choose k={k} layers out of {len(pool)} candidates")
     originals = {i: layers[i] for i in pool}
-    steps: list[GreedyStep] = []
+    steps: list[GreedyStep] = list(start[:k])
     try:
-        for n in range(k):
+        linearize(model, stats, [s.layer for s in steps], mode=mode, ridge=ridge)
+        for n in range(len(steps), k):
             left = [i for i in pool if i not in {s.layer for s in steps}]
             damage = single_layer_damage(
                 model, stats, heldout, mode, ridge, progress, candidates=left, desc=f"greedy step {n + 1}/{k}"

@@ -29,7 +29,7 @@ from nbl.accounting import BytesModel, FlopModel, kv_cache_bytes_per_token
 from nbl.adapters import adapter_for_config
 from nbl.cache import atomic_write_text, cache_key, cached_calibration, cached_json, stats_entry
 from nbl.calibration import CalibrationResult
-from nbl.damage import greedy_selection, single_layer_damage
+from nbl.damage import GreedyStep, greedy_selection, single_layer_damage
 from nbl.data import TEXT_SOURCES, load_texts, token_sequences
 from nbl.distributed import calibrate_sharded
 from nbl.evaluation import average_headline, headline, perplexity, run_lm_eval
@@ -265,6 +265,43 @@ def heldout_calibration(
     )
     log.info("held-out statistics: %s (%d tokens)", "cache hit" if hit else "computed", stats.num_tokens)
     return stats
+
+
+def greedy_cached(
+    model: PreTrainedModel,
+    stats: CalibrationResult,
+    heldout: Callable[[], list[torch.Tensor]],
+    cfg: DictConfig,
+    config: PretrainedConfig,
+    ridge: Ridge,
+) -> list[GreedyStep]:
+    """:func:`greedy_selection`'s k steps, cached; a run continues the longest cached run of the same inputs
+    (greedy steps do not depend on k), so a sweep over k costs the largest k's steps once."""
+    folder = Path(cfg.cache_dir) / "greedy"
+    fields = {
+        **calibration_fields(cfg, config),
+        "heldout_sequences": cfg.selection.holdout_sequences,
+        "replacement": OmegaConf.to_container(cfg.replacement, resolve=True),
+    }
+
+    def cached(j: int) -> list[GreedyStep] | None:
+        path = folder / f"{cache_key({**fields, 'k': j})}.json"
+        if not path.is_file():
+            return None
+        value, _ = cached_json(folder, {**fields, "k": j}, lambda: {"steps": None})  # a bad entry reads as None
+        if value["steps"] is None:
+            path.unlink(missing_ok=True)
+            return None
+        return [GreedyStep(**step) for step in value["steps"]]
+
+    k = cfg.num_layers
+    longest = next((steps for j in range(config.num_hidden_layers, 0, -1) if (steps := cached(j))), [])
+    if len(longest) >= k:
+        return longest[:k]
+    rep = cfg.replacement
+    steps = greedy_selection(model, stats, heldout(), k, mode=rep.mode, ridge=ridge, start=longest)
+    cached_json(folder, {**fields, "k": k}, lambda: {"steps": [dataclasses.asdict(s) for s in steps]})
+    return steps
 
 
 def score_all(
@@ -542,7 +579,7 @@ def run_experiment(cfg: DictConfig, ctx: RunContext) -> dict[str, Any]:
     if strategy == "loss":  # each layer replaced alone, its loss increase on held-out windows
         scores["loss"] = single_layer_damage(model, stats, heldout(), mode=rep.mode, ridge=ridge)
     elif strategy == "greedy":  # layers added one at a time, each the least damaging given the earlier ones
-        greedy = greedy_selection(model, stats, heldout(), cfg.num_layers, mode=rep.mode, ridge=ridge)
+        greedy = greedy_cached(model, stats, heldout, cfg, config, ridge)
         scores["greedy"] = {step.layer: step.damage for step in greedy}
         greedy_steps = [dataclasses.asdict(step) for step in greedy]
     selection_seconds = time.perf_counter() - start

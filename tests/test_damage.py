@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import nbl
+from nbl import runner
 from nbl.damage import greedy_selection, single_layer_damage
 from nbl.selection import RIDGE_GRID
 from tests.conftest import make_tiny, token_batches
@@ -101,6 +102,16 @@ def test_greedy_selection_runs_in_the_app_and_records_its_steps(tmp_path, monkey
     assert [s["layer"] for s in steps] == list(map(int, results["scores"]["greedy"]))
     assert results["replaced_layers"] == sorted(s["layer"] for s in steps)
     assert results["summary_row"]["method"] == "greedy+linear"
+    # a larger k continues the cached steps; a smaller k replays them without running the model
+    starts = []
+    real = runner.greedy_selection
+    monkeypatch.setattr(runner, "greedy_selection", lambda *a, **kw: starts.append(len(kw["start"])) or real(*a, **kw))
+    (tmp_path / "run").rename(tmp_path / "run2")
+    longer = _run_app(tmp_path, monkeypatch, "selection=greedy", "num_layers=3")
+    assert starts == [2] and [s["layer"] for s in longer["greedy_steps"]][:2] == [s["layer"] for s in steps]
+    (tmp_path / "run").rename(tmp_path / "run3")
+    shorter = _run_app(tmp_path, monkeypatch, "selection=greedy", "num_layers=1")
+    assert starts == [2] and shorter["greedy_steps"] == steps[:1]
 
 
 @pytest.mark.slow
