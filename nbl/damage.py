@@ -1,4 +1,9 @@
-"""Measured selection: the language-model loss each layer's replacement adds, one layer at a time.
+"""Measured selection: the damage each layer's replacement does on held-out tokens, one layer at a time.
+
+Damage is measured either as the increase of the next-token loss (``measure="loss"``) or as the increase of
+the KL divergence from the unmodified model's next-token distributions (``measure="kl"``). The KL measures
+how far the model moves from what it was, on any text; the loss also rewards a map that happens to fit the
+calibration text better than the attention it replaces, which does not carry over to other text.
 
 The decoder layers' inputs on held-out tokens are computed once; replacing layer i then only needs layers
 i..L-1, the final norm and the LM head again, so scoring every layer costs about L/2 forwards, not L.
@@ -8,6 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from torch import nn
@@ -20,30 +26,44 @@ from nbl.linalg import Ridge, fit_lmmse, ridge_of
 from nbl.stats import CovarianceAccumulator
 from nbl.surgery import LinearizedDecoderLayer, ReplacementMode, assign_cache_slots, linearize, new_linear
 
+Measure = Literal["loss", "kl"]
+
+
+@torch.no_grad()
+def _final_hidden(model: PreTrainedModel, start: int, item: LayerInput, replacement: nn.Module | None = None
+                  ) -> torch.Tensor:  # fmt: skip
+    """The final-normed hidden states when layers start..L-1 run on one batch's ``item`` (layer ``start``
+    swapped for ``replacement`` if given)."""
+    adapter = get_adapter(model)
+    layers = adapter.layers(model)
+    device = next(model.get_output_embeddings().parameters()).device
+    hidden = item.hidden.to(device)
+    kwargs = {k: to_device(v, device) for k, v in item.kwargs.items()}
+    for i in range(start, len(layers)):
+        layer = replacement if (i == start and replacement is not None) else layers[i]
+        out = layer(hidden, **kwargs)
+        hidden = out[0] if isinstance(out, tuple) else out
+    return adapter.final_norm(model)(hidden)
+
 
 @torch.no_grad()
 def _loss_from(model: PreTrainedModel, start: int, inputs: list[LayerInput], ids: list[torch.Tensor],
-               replacement: nn.Module | None = None) -> float:  # fmt: skip
+               replacement: nn.Module | None = None, reference: list[torch.Tensor] | None = None
+               ) -> float:  # fmt: skip
     """Mean next-token loss when layers start..L-1 run on ``inputs`` (layer ``start`` swapped for
-    ``replacement`` if given)."""
-    adapter = get_adapter(model)
-    layers = adapter.layers(model)
+    ``replacement`` if given); with ``reference`` (the unmodified model's final hidden states per batch), the
+    mean KL(reference || model) of the next-token distributions instead."""
     head = model.get_output_embeddings()
-    device = next(head.parameters()).device
     total, count = 0.0, 0
-    for item, batch in zip(inputs, ids, strict=True):
-        hidden = item.hidden.to(device)
-        kwargs = {k: to_device(v, device) for k, v in item.kwargs.items()}
-        for i in range(start, len(layers)):
-            layer = replacement if (i == start and replacement is not None) else layers[i]
-            out = layer(hidden, **kwargs)
-            hidden = out[0] if isinstance(out, tuple) else out
-        logits = head(adapter.final_norm(model)(hidden))[:, :-1].float()
-        target = batch.to(device)[:, 1:]
-        total += float(
-            nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1), reduction="sum")
-        )
-        count += target.numel()
+    for b, (item, batch) in enumerate(zip(inputs, ids, strict=True)):
+        log_q = torch.log_softmax(head(_final_hidden(model, start, item, replacement))[:, :-1].float(), dim=-1)
+        if reference is None:
+            target = batch.to(log_q.device)[:, 1:]
+            total -= float(log_q.gather(-1, target.unsqueeze(-1)).sum())
+        else:
+            log_p = torch.log_softmax(head(reference[b].to(log_q.device))[:, :-1].float(), dim=-1)
+            total += float((log_p.exp() * (log_p - log_q)).sum())
+        count += log_q.shape[0] * log_q.shape[1]
     return total / count
 
 
@@ -51,8 +71,7 @@ def _loss_from(model: PreTrainedModel, start: int, inputs: list[LayerInput], ids
 def _inputs_of_every_layer(model: PreTrainedModel, heldout: list[torch.Tensor]) -> list[list[LayerInput]]:
     """What each decoder layer receives on the held-out batches: one forward, every layer's inputs kept."""
     layers = get_adapter(model).layers(model)
-    device = next(model.get_input_embeddings().parameters()).device
-    inputs = capture_layer_inputs(model, heldout, device)
+    inputs = capture_layer_inputs(model, heldout, _device(model))
     per_layer: list[list[LayerInput]] = []
     for i in range(len(layers)):
         per_layer.append([LayerInput(item.hidden, item.kwargs, item.mask) for item in inputs])
@@ -72,20 +91,38 @@ def single_layer_damage(
     progress: bool = True,
     candidates: Iterable[int] | None = None,
     desc: str = "single-layer damage",
+    measure: Measure = "loss",
+    reference: list[torch.Tensor] | None = None,
 ) -> dict[int, float]:
-    """Layer -> increase of the mean next-token loss on ``heldout`` (batches of token ids) when that layer
-    alone is replaced (its map fitted on ``stats``) in the model as it is. Lower = safer to replace.
-    ``candidates``: the layers to try (default: every attention layer in ``stats``). The model is not changed."""
+    """Layer -> increase of the damage measure on ``heldout`` (batches of token ids) when that layer alone is
+    replaced (its map fitted on ``stats``) in the model as it is. Lower = safer to replace.
+    ``candidates``: the layers to try (default: every attention layer in ``stats``); ``reference`` (kl): the
+    final hidden states KL is measured from (default: the model as it is). The model is not changed."""
     layers = get_adapter(model).layers(model)
     per_layer = _inputs_of_every_layer(model, heldout)
-    base = _loss_from(model, 0, per_layer[0], heldout)
+    if measure == "kl" and reference is None:
+        reference = reference_states(model, heldout)
+    elif measure == "loss":
+        reference = None
+    base = _loss_from(model, 0, per_layer[0], heldout, reference=reference)
     live = [i for i in stats if not isinstance(layers[i], LinearizedDecoderLayer)]
     todo = live if candidates is None else [i for i in candidates if i in live]
     damage = {}
     for i in tqdm(todo, desc=desc, disable=not progress):
         probe = _probe(model, stats, i, mode, ridge)
-        damage[i] = _loss_from(model, i, per_layer[i], heldout, replacement=probe) - base
+        damage[i] = _loss_from(model, i, per_layer[i], heldout, replacement=probe, reference=reference) - base
     return damage
+
+
+@torch.no_grad()
+def reference_states(model: PreTrainedModel, heldout: list[torch.Tensor]) -> list[torch.Tensor]:
+    """The model's final hidden states on every held-out batch (tokens x d each: the LM head turns them into
+    next-token distributions when needed, so no vocabulary-sized tensor is kept)."""
+    return [_final_hidden(model, 0, item) for item in capture_layer_inputs(model, heldout, _device(model))]
+
+
+def _device(model: PreTrainedModel) -> torch.device:
+    return next(model.get_input_embeddings().parameters()).device
 
 
 @dataclass
@@ -106,10 +143,12 @@ def greedy_selection(
     candidates: Iterable[int] | None = None,
     progress: bool = True,
     start: Sequence[GreedyStep] = (),
+    measure: Measure = "loss",
 ) -> list[GreedyStep]:
     """Choose k layers one at a time: each step adds the candidate whose replacement raises the held-out loss
     of the model with the earlier choices already replaced the least (interactions between replaced layers
-    count; single-layer damage ignores them).
+    count; single-layer damage ignores them). With ``measure="kl"`` the damage is the KL from the unmodified
+    model.
 
     Maps are fitted on ``stats`` (the one-pass statistics; refitting every candidate on the partially
     replaced model's inputs would cost a calibration pass per candidate). Cost: k steps of one forward plus,
@@ -123,12 +162,13 @@ def greedy_selection(
         raise ValueError(f"cannot choose k={k} layers out of {len(pool)} candidates")
     originals = {i: layers[i] for i in pool}
     steps: list[GreedyStep] = list(start[:k])
+    reference = reference_states(model, heldout) if measure == "kl" else None
     try:
         linearize(model, stats, [s.layer for s in steps], mode=mode, ridge=ridge)
         for n in range(len(steps), k):
             left = [i for i in pool if i not in {s.layer for s in steps}]
             damage = single_layer_damage(
-                model, stats, heldout, mode, ridge, progress, candidates=left, desc=f"greedy step {n + 1}/{k}"
+                model, stats, heldout, mode, ridge, progress, left, f"greedy step {n + 1}/{k}", measure, reference
             )
             best = min(damage, key=lambda i: (damage[i], i))
             linearize(model, stats, [best], mode=mode, ridge=ridge)

@@ -281,6 +281,7 @@ def greedy_cached(
     fields = {
         **calibration_fields(cfg, config),
         "heldout_sequences": cfg.selection.holdout_sequences,
+        "measure": cfg.selection.measure,
         "replacement": OmegaConf.to_container(cfg.replacement, resolve=True),
     }
 
@@ -299,7 +300,9 @@ def greedy_cached(
     if len(longest) >= k:
         return longest[:k]
     rep = cfg.replacement
-    steps = greedy_selection(model, stats, heldout(), k, mode=rep.mode, ridge=ridge, start=longest)
+    steps = greedy_selection(
+        model, stats, heldout(), k, mode=rep.mode, ridge=ridge, start=longest, measure=cfg.selection.measure
+    )
     cached_json(folder, {**fields, "k": k}, lambda: {"steps": [dataclasses.asdict(s) for s in steps]})
     return steps
 
@@ -577,7 +580,9 @@ def run_experiment(cfg: DictConfig, ctx: RunContext) -> dict[str, Any]:
     rep = cfg.replacement
     greedy_steps = None
     if strategy == "loss":  # each layer replaced alone, its loss increase on held-out windows
-        scores["loss"] = single_layer_damage(model, stats, heldout(), mode=rep.mode, ridge=ridge)
+        scores["loss"] = single_layer_damage(
+            model, stats, heldout(), mode=rep.mode, ridge=ridge, measure=cfg.selection.measure
+        )
     elif strategy == "greedy":  # layers added one at a time, each the least damaging given the earlier ones
         greedy = greedy_cached(model, stats, heldout, cfg, config, ridge)
         scores["greedy"] = {step.layer: step.damage for step in greedy}

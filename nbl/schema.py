@@ -63,6 +63,11 @@ class Strategy(Enum):
     greedy = "greedy"
 
 
+class Measure(Enum):
+    loss = "loss"
+    kl = "kl"
+
+
 class CCATargetName(Enum):
     residual = "residual"
     attention = "attention"
@@ -137,6 +142,7 @@ class SelectionSchema:
     cca_target: CCATargetName = CCATargetName.residual
     seed: int = 0
     holdout_sequences: int = 8  # loss, greedy, lmmse, ridge=auto: held-out windows of the calibration text
+    measure: Measure = Measure.loss  # loss, greedy: damage as loss increase, or as KL from the original model
 
 
 @dataclass

@@ -122,3 +122,31 @@ def test_lmmse_selection_with_auto_ridge_in_the_app(tmp_path, monkeypatch):
     assert results["replaced_layers"] == sorted(sorted(lmmse, key=lmmse.get)[:2])
     assert sorted(results["ridge"]) == ["0", "1", "2", "3"]
     assert all(r in RIDGE_GRID for r in results["ridge"].values())
+
+
+def _kl(reference, model, batches) -> float:
+    """Mean KL(reference || model) of next-token distributions over every position but the last."""
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for b in batches:
+            log_p = torch.log_softmax(reference(b).logits[:, :-1].double(), -1)
+            log_q = torch.log_softmax(model(b).logits[:, :-1].double(), -1)
+            total += float((log_p.exp() * (log_p - log_q)).sum())
+            count += log_p.shape[0] * log_p.shape[1]
+    return total / count
+
+
+def test_kl_damage_is_the_divergence_from_the_unmodified_model(family):
+    model = make_tiny(family)
+    stats = nbl.calibrate(model, token_batches(n_batches=3), progress=False)
+    heldout = token_batches(n_batches=2, seed=9)
+    damage = single_layer_damage(model, stats, heldout, measure="kl", progress=False)
+    for i in range(4):
+        replaced = copy.deepcopy(model)
+        nbl.linearize(replaced, stats, [i])
+        assert damage[i] == pytest.approx(_kl(model, replaced, heldout), abs=1e-5) and damage[i] > 0
+    steps = greedy_selection(model, stats, heldout, 2, measure="kl", progress=False)
+    both = copy.deepcopy(model)
+    nbl.linearize(both, stats, [s.layer for s in steps])
+    assert steps[0].damage == pytest.approx(damage[steps[0].layer], abs=1e-6)
+    assert steps[1].total == pytest.approx(_kl(model, both, heldout), abs=1e-5)  # KL from the original model
