@@ -29,7 +29,7 @@ from nbl.accounting import BytesModel, FlopModel, kv_cache_bytes_per_token
 from nbl.adapters import adapter_for_config
 from nbl.cache import atomic_write_text, cache_key, cached_calibration, cached_json, stats_entry
 from nbl.calibration import CalibrationResult
-from nbl.damage import GreedyStep, greedy_selection, single_layer_damage
+from nbl.damage import GreedyStep, cost_in_passes, greedy_selection, single_layer_damage
 from nbl.data import TEXT_SOURCES, load_texts, token_sequences
 from nbl.distributed import calibrate_sharded
 from nbl.evaluation import average_headline, headline, perplexity, run_lm_eval
@@ -265,6 +265,21 @@ def heldout_calibration(
     )
     log.info("held-out statistics: %s (%d tokens)", "cache hit" if hit else "computed", stats.num_tokens)
     return stats
+
+
+def warn_measurement_cost(cfg: DictConfig, n_layers: int) -> float:
+    """Tell the user when a measured selection costs more than one calibration pass per 4 layers chosen."""
+    k, sel = cfg.num_layers, cfg.selection
+    steps = k if sel.strategy == "greedy" else 1
+    candidates = n_layers - (k - 1) / 2 if sel.strategy == "greedy" else n_layers  # the mean over the steps
+    passes = cost_in_passes(n_layers, candidates, steps, sel.holdout_sequences, cfg.calibration.num_sequences)
+    if passes > k / 4:
+        log.warning(
+            "selection=%s costs about %.1f calibration passes (%d held-out windows), more than one per 4 layers "
+            "chosen (%.1f); fewer selection.holdout_sequences make it cheaper and noisier",
+            sel.strategy, passes, sel.holdout_sequences, k / 4,
+        )  # fmt: skip
+    return passes
 
 
 def greedy_cached(
@@ -579,6 +594,8 @@ def run_experiment(cfg: DictConfig, ctx: RunContext) -> dict[str, Any]:
     scores = score_all(stats, cfg.selection, cfg.layers is not None, held_stats, ridge)
     rep = cfg.replacement
     greedy_steps = None
+    if measured:
+        warn_measurement_cost(cfg, n_layers)
     if strategy == "loss":  # each layer replaced alone, its loss increase on held-out windows
         scores["loss"] = single_layer_damage(
             model, stats, heldout(), mode=rep.mode, ridge=ridge, measure=cfg.selection.measure
