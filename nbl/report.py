@@ -78,6 +78,8 @@ BASELINE_SECTIONS = ("model", "eval", "speed", "device", "seed")
 def method_name(results: dict[str, Any]) -> str:
     """How the layers were chosen and replaced: the paper's name where there is one."""
     sel = results["selection"]
+    if sel.get("layers_from") != "explicit" and sel["strategy"] == "plan":  # modes chosen per layer
+        return f"plan {sel.get('target')}>={sel.get('target_value')}"
     chosen_by = "explicit" if sel.get("layers_from") == "explicit" else sel["strategy"]
     key = (chosen_by, results["replacement"]["mode"])
     name = PAPER_NAMES.get(key, f"{key[0]}+{key[1]}")

@@ -37,6 +37,7 @@ from nbl.layerwise import calibrate_layerwise, refit_propagated
 from nbl.linalg import Ridge
 from nbl.models import load_smollm2, random_model, smollm2_folder, tiny_config
 from nbl.offline_tasks import OFFLINE_TASKS, is_builtin_task
+from nbl.plan import Metric, PlanStep, greedy_plan, reachable, target_metric
 from nbl.provenance import code_identity, file_digest, model_revision, provenance
 from nbl.report import method_name, summary_markdown
 from nbl.schema import ConfigError, checked_config
@@ -100,6 +101,13 @@ def validate(cfg: DictConfig) -> tuple[DictConfig, PretrainedConfig]:
             raise ConfigError(f"layers {bad} do not exist: {cfg.model.name} has layers 0..{n - 1}")
     elif not cfg.num_layers <= n:
         raise ConfigError(f"num_layers={cfg.num_layers} is outside 0..{n} ({cfg.model.name} has {n} layers)")
+    if cfg.selection.strategy == "plan" and cfg.layers is None:
+        best = reachable(config, plan_metric(cfg, config))
+        if best < cfg.selection.target_value:
+            raise ConfigError(
+                f"selection.target_value={cfg.selection.target_value} is out of reach: dropping every attention "
+                f"layer of {cfg.model.name} gives {cfg.selection.target}={best:.4f}"
+            )
     d = adapter.hidden_size(config)
     tokens = cfg.calibration.num_sequences * cfg.calibration.seq_len
     if tokens <= d:
@@ -267,9 +275,56 @@ def heldout_calibration(
     return stats
 
 
+def plan_metric(cfg: DictConfig, config: PretrainedConfig) -> Metric:
+    """The quantity selection=plan must reach, at the speed settings' prompt length and mid-decode context."""
+    context = cfg.speed.prompt_len + cfg.speed.new_tokens // 2
+    return target_metric(config, cfg.selection.target, cfg.speed.prompt_len, context)
+
+
+def plan_cached(
+    model: PreTrainedModel,
+    stats: CalibrationResult,
+    heldout: Callable[[], list[torch.Tensor]],
+    cfg: DictConfig,
+    config: PretrainedConfig,
+    ridge: Ridge,
+) -> list[PlanStep]:
+    """:func:`greedy_plan`'s steps to ``selection.target_value``, cached by everything but that value: a run
+    continues (or cuts) the longest earlier run of the same inputs, so a sweep over values pays once."""
+    sel = cfg.selection
+    fields = {
+        **calibration_fields(cfg, config),
+        "heldout_sequences": sel.holdout_sequences,
+        "measure": sel.measure,
+        "target": sel.target,
+        "speed": {"prompt_len": cfg.speed.prompt_len, "new_tokens": cfg.speed.new_tokens},
+        "ridge": OmegaConf.to_container(cfg.replacement, resolve=True)["ridge"],
+    }
+    path = Path(cfg.cache_dir) / "plan" / f"{cache_key(fields)}.json"
+    earlier: list[PlanStep] = []
+    if path.is_file():
+        try:
+            data = json.loads(path.read_text())
+            if data["fields"] == json.loads(json.dumps(fields)):
+                earlier = [PlanStep(**step) for step in data["steps"]]
+        except (ValueError, KeyError, TypeError) as err:
+            log.warning("unreadable plan cache %s (%s): recomputing", path, err)
+    steps = greedy_plan(
+        model, stats, heldout(), plan_metric(cfg, config), sel.target_value, sel.measure, ridge, start=earlier
+    )
+    if len(steps) > len(earlier):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(path, json.dumps({"fields": fields, "steps": [dataclasses.asdict(s) for s in steps]}))
+    return steps
+
+
 def warn_measurement_cost(cfg: DictConfig, n_layers: int) -> float:
     """Tell the user when a measured selection costs more than one calibration pass per 4 layers chosen."""
     k, sel = cfg.num_layers, cfg.selection
+    if sel.strategy == "plan":  # k unknown before the plan is made: say what one step costs
+        passes = 2 * cost_in_passes(n_layers, n_layers, 1, sel.holdout_sequences, cfg.calibration.num_sequences)
+        log.info("selection=plan: each step costs about %.1f calibration passes (linear and drop tried)", passes)
+        return passes
     steps = k if sel.strategy == "greedy" else 1
     candidates = n_layers - (k - 1) / 2 if sel.strategy == "greedy" else n_layers  # the mean over the steps
     passes = cost_in_passes(n_layers, candidates, steps, sel.holdout_sequences, cfg.calibration.num_sequences)
@@ -346,15 +401,15 @@ def score_key(selection: DictConfig) -> str | None:
     """Which of :func:`score_all`'s scores drives the selection (None: random)."""
     if selection.strategy == "cca":
         return "cca" if selection.cca_target == "residual" else "cca_attention"
-    return selection.strategy if selection.strategy in ("cosine", "loss", "lmmse", "greedy") else None
+    return selection.strategy if selection.strategy in ("cosine", "loss", "lmmse", "greedy", "plan") else None
 
 
 def choose_layers(cfg: DictConfig, scores: dict[str, dict[int, float]], n_layers: int) -> list[int]:
     if cfg.layers is not None:
         return sorted(cfg.layers)
     key = score_key(cfg.selection)
-    if key == "greedy":  # the layers the greedy steps chose (their damages are the scores)
-        return sorted(scores["greedy"])
+    if key in ("greedy", "plan"):  # the layers the greedy steps chose (their damages are the scores)
+        return sorted(scores[key])
     if key is None:
         return select_layers(dict.fromkeys(range(n_layers), 0.0), cfg.num_layers, "random", seed=cfg.selection.seed)
     return select_layers(scores[key], cfg.num_layers, cfg.selection.strategy)
@@ -443,6 +498,7 @@ def replace(
     recalibrate: Callable[[PreTrainedModel, list[int]], CalibrationResult],
     store: StepStore | None = None,
     ridge: Ridge = 0.0,
+    plan: dict[int, str] | None = None,
 ) -> tuple[list[int], dict[int, str], list[dict[str, float]] | None]:
     """Replace layers as ``calibration.mode`` says. Returns (layers, their modes, the sequential steps).
 
@@ -450,9 +506,14 @@ def replace(
     explicit) in one layer-by-layer pass, each map fitted on the inputs the earlier replacements produce.
     sequential: one layer at a time, each map fitted on re-calibrated statistics of the partially replaced
     model; the layers are the explicit ones (front to back) or chosen step by step by the strategy.
-    ``ridge``: the resolved ridge (a number, or one per layer for ``replacement.ridge=auto``).
+    ``ridge``: the resolved ridge (a number, or one per layer for ``replacement.ridge=auto``). ``plan``
+    (selection=plan): layer -> "linear" or "drop", fitted on ``stats``.
     """
     rep = cfg.replacement
+    if plan is not None:  # selection=plan: each layer its own mode
+        for mode in ("linear", "drop"):
+            nbl.linearize(model, stats, [i for i in chosen if plan[i] == mode], mode=mode, ridge=ridge)
+        return chosen, nbl.replaced_layers(model), None
     if cfg.calibration.mode == "one_pass":
         return chosen, nbl.linearize(model, stats, chosen, mode=rep.mode, ridge=ridge), None
     if cfg.calibration.mode == "propagated":
@@ -565,7 +626,7 @@ def run_experiment(cfg: DictConfig, ctx: RunContext) -> dict[str, Any]:
     device = resolve_device(cfg.device)
     tokenizer = load_tokenizer(cfg.model)
     strategy = cfg.selection.strategy if cfg.layers is None else None
-    measured = strategy in ("loss", "greedy")  # these run the model on held-out windows
+    measured = strategy in ("loss", "greedy", "plan")  # these run the model on held-out windows
     auto = cfg.replacement.ridge == "auto"
     uses_heldout_stats = auto or strategy == "lmmse"
     extra = cfg.selection.holdout_sequences if measured or uses_heldout_stats else 0
@@ -600,6 +661,10 @@ def run_experiment(cfg: DictConfig, ctx: RunContext) -> dict[str, Any]:
         scores["loss"] = single_layer_damage(
             model, stats, heldout(), mode=rep.mode, ridge=ridge, measure=cfg.selection.measure
         )
+    elif strategy == "plan":  # keep / linear / drop per layer, to the target at the least damage
+        plan = plan_cached(model, stats, heldout, cfg, config, ridge)
+        scores["plan"] = {step.layer: step.damage for step in plan}
+        greedy_steps = [dataclasses.asdict(step) for step in plan]
     elif strategy == "greedy":  # layers added one at a time, each the least damaging given the earlier ones
         greedy = greedy_cached(model, stats, heldout, cfg, config, ridge)
         scores["greedy"] = {step.layer: step.damage for step in greedy}
@@ -632,7 +697,8 @@ def run_experiment(cfg: DictConfig, ctx: RunContext) -> dict[str, Any]:
 
     store = sequential_store(cfg, config)
     start = time.perf_counter()
-    chosen, replaced, sequential = replace(model, cfg, stats, chosen, batches, recalibrate, store, ridge)
+    plan_modes = {s["layer"]: s["mode"] for s in greedy_steps} if strategy == "plan" else None
+    chosen, replaced, sequential = replace(model, cfg, stats, chosen, batches, recalibrate, store, ridge, plan_modes)
     calibration_info["replace_seconds"] = time.perf_counter() - start  # fits, and refit passes if any
     del stats
     eval_nbl = evaluate(model, tokenizer, cfg.eval, cache_dir) if wants_eval else None

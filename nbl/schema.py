@@ -61,11 +61,20 @@ class Strategy(Enum):
     loss = "loss"
     lmmse = "lmmse"
     greedy = "greedy"
+    plan = "plan"
 
 
 class Measure(Enum):
     loss = "loss"
     kl = "kl"
+
+
+class PlanTarget(Enum):
+    prefill = "prefill"
+    decode = "decode"
+    decode_bytes = "decode_bytes"
+    kv = "kv"
+    params = "params"
 
 
 class CCATargetName(Enum):
@@ -143,6 +152,8 @@ class SelectionSchema:
     seed: int = 0
     holdout_sequences: int = 8  # loss, greedy, lmmse, ridge=auto: held-out windows of the calibration text
     measure: Measure = Measure.loss  # loss, greedy: damage as loss increase, or as KL from the original model
+    target: PlanTarget = PlanTarget.prefill  # plan: the predicted quantity to reach (nbl.plan.target_metric)
+    target_value: float | None = None  # plan: reach at least this (a speed-up, or a fraction removed)
 
 
 @dataclass
@@ -239,12 +250,19 @@ class ExperimentSchema:
             part.check()
         _positive("num_layers", self.num_layers, minimum=0)
         _positive("selection.holdout_sequences", self.selection.holdout_sequences)
-        measured = (Strategy.loss, Strategy.greedy)
+        measured = (Strategy.loss, Strategy.greedy, Strategy.plan)
         if self.selection.strategy in measured and self.calibration.mode is CalibrationMode.sequential:
             raise ConfigError(
                 f"selection={self.selection.strategy.value} runs the model itself: "
                 "use calibration.mode one_pass or propagated"
             )
+        if self.selection.strategy is Strategy.plan and self.layers is None:
+            if self.selection.target_value is None or not math.isfinite(self.selection.target_value):
+                raise ConfigError("selection=plan needs selection.target_value (e.g. 1.1 for a 1.1x speed-up)")
+            if self.calibration.mode is not CalibrationMode.one_pass:
+                raise ConfigError(
+                    "selection=plan fits its maps on the one-pass statistics: use calibration.mode=one_pass"
+                )
         if self.layers is not None and len(set(self.layers)) != len(self.layers):
             raise ConfigError(f"layers={self.layers} lists a layer twice")
 

@@ -1,0 +1,122 @@
+"""A per-layer plan among keep / linear / drop that meets a target at the least measured damage.
+
+The target is a number the accounting models predict from the plan alone: a prefill or decode speed-up
+(FLOP model), a decode speed-up of a bytes-bound step (bytes model), or the fraction of the KV cache or of
+the decoder layers' weights removed. The plan is built greedily: at each step every remaining layer is
+tried as linear and as dropped in the model as planned so far (its damage measured on held-out windows,
+:mod:`nbl.damage`), and the option with the least damage per unit of progress towards the target is taken,
+until the target is met. Steps do not depend on the target's value, so a sweep over values replays one run.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from transformers import PretrainedConfig, PreTrainedModel
+
+from nbl.accounting import BytesModel, FlopModel, kv_cache_bytes_per_token
+from nbl.adapters import get_adapter
+from nbl.damage import Measure, reference_states, single_layer_damage
+from nbl.linalg import Ridge
+from nbl.stats import CovarianceAccumulator
+from nbl.surgery import ReplacementMode, assign_cache_slots, linearize
+
+TargetKind = Literal["prefill", "decode", "decode_bytes", "kv", "params"]
+TARGETS: tuple[str, ...] = ("prefill", "decode", "decode_bytes", "kv", "params")
+Metric = Callable[[Mapping[int, ReplacementMode]], float]
+
+
+def target_metric(config: PretrainedConfig, kind: TargetKind, prompt_len: int, context: int) -> Metric:
+    """Plan -> the predicted quantity the target bounds from below (higher = faster or smaller).
+
+    prefill / decode: FLOP-model speed-up (prompt of ``prompt_len``; one step at ``context``); decode_bytes:
+    bytes-model speed-up at ``context``; kv: fraction of the KV cache removed; params: fraction of the decoder
+    layers' weights removed.
+    """
+    flops, bytes_model = FlopModel(config), BytesModel(config)
+    if kind == "prefill":
+        return lambda plan: flops.prefill_speedup(plan, prompt_len)
+    if kind == "decode":
+        return lambda plan: flops.decode_speedup(plan, context)
+    if kind == "decode_bytes":
+        return lambda plan: bytes_model.decode_speedup(plan, context)
+    if kind == "kv":
+        return lambda plan: 1 - kv_cache_bytes_per_token(config, plan) / kv_cache_bytes_per_token(config, {})
+    if kind == "params":
+        layers = range(config.num_hidden_layers)
+        base = sum(bytes_model.layer_weights(None) for _ in layers)
+        return lambda plan: 1 - sum(bytes_model.layer_weights(plan.get(i)) for i in layers) / base
+    raise ValueError(f"unknown plan target {kind!r}; choose from {TARGETS}")
+
+
+def reachable(config: PretrainedConfig, metric: Metric) -> float:
+    """The most any plan can reach: every layer's attention dropped."""
+    return metric(dict.fromkeys(range(config.num_hidden_layers), "drop"))
+
+
+@dataclass
+class PlanStep:
+    layer: int
+    mode: str  # "linear" or "drop"
+    damage: float  # damage this option added, given the earlier steps
+    value: float  # the target quantity once it is applied
+
+
+@torch.no_grad()
+def greedy_plan(
+    model: PreTrainedModel,
+    stats: Mapping[int, CovarianceAccumulator],
+    heldout: list[torch.Tensor],
+    metric: Metric,
+    target: float,
+    measure: Measure = "kl",
+    ridge: Ridge = 0.0,
+    start: Sequence[PlanStep] = (),
+    progress: bool = True,
+) -> list[PlanStep]:
+    """The steps until ``metric`` reaches ``target`` (continuing ``start``, an earlier run's steps; if a prefix
+    of them already reaches it, that prefix). The model is left as it was.
+
+    Each step costs two single-layer damage sweeps (linear and drop) over the remaining layers.
+    """
+    for n, step in enumerate(start):
+        if step.value >= target:
+            return list(start[: n + 1])
+    layers = get_adapter(model).layers(model)
+    originals = {i: layers[i] for i in stats}
+    steps = list(start)
+    plan: dict[int, ReplacementMode] = {s.layer: s.mode for s in steps}  # type: ignore[misc]
+    reference = reference_states(model, heldout) if measure == "kl" else None
+    try:
+        for s in steps:
+            linearize(model, stats, [s.layer], mode=s.mode, ridge=ridge)  # type: ignore[arg-type]
+        current = metric(plan)
+        while current < target:
+            left = [i for i in stats if i not in plan]
+            if not left:
+                raise ValueError(f"the target {target} is out of reach: every layer replaced gives {current:.4f}")
+            options = []
+            for mode in ("linear", "drop"):
+                desc = f"plan step {len(steps) + 1} ({mode})"
+                damage = single_layer_damage(
+                    model, stats, heldout, mode, ridge, progress, left, desc, measure, reference
+                )
+                for i, d in damage.items():
+                    gain = metric({**plan, i: mode}) - current
+                    if gain > 0:
+                        options.append((d / gain, i, mode, d))
+            if not options:
+                raise ValueError(f"no replacement moves the target quantity beyond {current:.4f}")
+            _, layer, mode, damage_added = min(options)
+            linearize(model, stats, [layer], mode=mode, ridge=ridge)
+            plan[layer] = mode
+            current = metric(plan)
+            steps.append(PlanStep(layer, mode, damage_added, current))
+    finally:
+        for i, layer in originals.items():
+            layers[i] = layer
+        assign_cache_slots(model)
+    return steps
