@@ -196,7 +196,11 @@ def table_rows(runs: list[dict[str, Any]], notes: list[str] | None = None) -> li
     tasks = sorted({t for r in runs for t in r["eval"]})
     domains = sorted({d for r in runs for d in r["perplexity"].get("domains", {})})
     rows = []
-    base_entries = [("baseline", 0, _identity(r, BASELINE_SECTIONS), r) for r in runs if r.get("eval_base")]
+    base_entries = [
+        ("baseline", 0, _identity(r, BASELINE_SECTIONS), r)
+        for r in runs
+        if r.get("eval_base") or r["perplexity"]["base"]
+    ]
     for g in sorted(_groups(base_entries), key=lambda g: g.method):
         base = g.runs[-1]
         rows.append(
@@ -237,7 +241,7 @@ def table_rows(runs: list[dict[str, Any]], notes: list[str] | None = None) -> li
                 **{f"ppl/{d}": _mean([v for m in members if (v := _domain(m, d, "nbl")) is not None]) for d in domains},
                 "prefill_x": _mean([s["prefill_speedup"] for s in speed]),
                 "decode_x": _mean([s["decode_speedup"] for s in speed]),
-                "pred_prefill_x": _mean([m["predicted"]["prefill_speedup"] for m in members if m.get("predicted")]),
+                "pred_prefill_x": _mean([v for m in members if (v := _predicted_prefill(m)) is not None]),
                 "selection_s": _mean(
                     [m["selection_seconds"] for m in members if m.get("selection_seconds") is not None]
                 ),
@@ -246,6 +250,14 @@ def table_rows(runs: list[dict[str, Any]], notes: list[str] | None = None) -> li
             }
         )
     return rows
+
+
+def _predicted_prefill(run: dict[str, Any]) -> float | None:
+    """The FLOP model's prefill speed-up of a run; None where it was not recorded or was computed for an empty
+    prompt (runs with speed=none before it kept its lengths)."""
+    if not run.get("predicted") or not run["config"].get("speed", {}).get("prompt_len"):
+        return None
+    return run["predicted"]["prefill_speedup"]
 
 
 def _domain(run: dict[str, Any], domain: str, which: str) -> float | None:

@@ -87,11 +87,14 @@ def test_second_domains_predicted_speedups_cost_and_layers_are_columns(tmp_path)
     for r, sciq in zip(runs, (30.0, 28.0), strict=True):
         r["perplexity"]["domains"] = {"sciq": {"nbl": sciq, "base": 25.0}}
         r["predicted"] = {"prefill_speedup": 1.04}
+        r["config"]["speed"]["prompt_len"] = 512
         r["selection_seconds"] = 12.0
         r["replaced_layers"] = [3, 5, 7, 9]
     by_method = _by_method(table_rows(runs))
     assert by_method["baseline"]["ppl/sciq"] == 25.0 and by_method["greedy+linear"]["ppl/sciq"] == 28.0
     assert by_method["Attn NBL-4"]["pred_prefill_x"] == 1.04 and by_method["Attn NBL-4"]["layers"] == "3 5 7 9"
+    runs[0]["config"]["speed"]["prompt_len"] = 0  # a prediction for an empty prompt says nothing
+    assert _by_method(table_rows(runs))["Attn NBL-4"]["pred_prefill_x"] is None
     text = write_report(runs, tmp_path)["markdown"].read_text()
     assert "| ppl/sciq |" in text.splitlines()[2]  # the header row
     assert "| greedy+linear | 4 | 1 |" in text and "| 28.00 |" in text and "| 12 | 3 5 7 9 |" in text
@@ -177,3 +180,11 @@ def test_a_truncated_results_file_is_named(tmp_path):
     (tmp_path / "run" / "results.json").write_text('{"model": "m", "eval": {')
     with pytest.raises(ValueError, match=r"run/results\.json is not valid JSON"):
         collect([tmp_path])
+
+
+def test_a_perplexity_only_sweep_still_has_its_baseline_row():
+    runs = [_run("cosine", "linear", 4, 0.6), _run("cca", "linear", 4, 0.6)]
+    for r in runs:
+        r["eval"], r["eval_base"], r["average"], r["average_base"] = {}, {}, None, None
+    by_method = _by_method(table_rows(runs))
+    assert by_method["baseline"]["perplexity"] == 18.0 and by_method["Attn NBL-4"]["perplexity"] == 24.0

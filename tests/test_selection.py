@@ -84,7 +84,11 @@ def test_lmmse_score_is_heldout_error_relative_to_the_residual_stream():
 
 def test_auto_ridge_takes_the_grid_value_with_least_heldout_error():
     # few tokens for d = 24: the exact fit overfits and a ridge helps; with many tokens it does not
-    few, many, held = _pairs(40, 24, seed=0, noise=1.0), _pairs(20000, 24, seed=0, noise=1.0), _pairs(2000, 24, seed=1, noise=1.0)
+    few, many, held = (
+        _pairs(40, 24, seed=0, noise=1.0),
+        _pairs(20000, 24, seed=0, noise=1.0),
+        _pairs(2000, 24, seed=1, noise=1.0),
+    )
     held_acc = _acc(*held)
     grid = (0.0, 1e-3, 1e-2, 1e-1, 1.0)
     chosen = auto_ridge({0: _acc(*few), 1: _acc(*many)}, {0: held_acc, 1: held_acc}, grid)
