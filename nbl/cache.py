@@ -146,3 +146,33 @@ def cached_json(folder: Path, fields: Mapping[str, object], compute: Callable[[]
         compute,
         lambda value, tmp: tmp.write_text(_dump({"fields": fields, "value": value})),
     )
+
+
+def grown_steps(folder: Path, fields: Mapping[str, object], grow: Callable[[list[dict]], list[dict]]) -> list[dict]:
+    """Steps of a greedy procedure whose first steps do not depend on how many are asked for (greedy layers,
+    plan steps), cached as one entry per ``fields`` that only grows.
+
+    ``grow(earlier)`` gets the cached steps (``[]`` if none or unreadable) and returns this run's steps: a
+    prefix of them, or them continued. The entry is rewritten, under a lock, only when the new list is longer
+    than what the file holds then, so concurrent jobs can only add steps.
+    """
+    path = folder / f"{cache_key(fields)}.json"
+    canonical = _canonical(fields)
+
+    def read() -> list[dict]:
+        if not path.is_file():
+            return []
+        try:
+            data = json.loads(path.read_text())
+            if _canonical(data["fields"]) != canonical:
+                raise CacheEntryError("it was written for other key fields")
+            return list(data["steps"])
+        except (ValueError, KeyError, TypeError) as err:
+            log.warning("ignoring unreadable cache entry %s (%s)", path, err)
+            return []
+
+    steps = grow(read())
+    with file_lock(folder / f"{cache_key(fields)}.lock"):
+        if len(steps) > len(read()):
+            atomic_write_text(path, _dump({"fields": fields, "steps": steps}))
+    return steps

@@ -27,7 +27,7 @@ import nbl
 from nbl import distributed
 from nbl.accounting import BytesModel, FlopModel, kv_cache_bytes_per_token
 from nbl.adapters import adapter_for_config
-from nbl.cache import atomic_write_text, cache_key, cached_calibration, cached_json, stats_entry
+from nbl.cache import atomic_write_text, cache_key, cached_calibration, cached_json, grown_steps, stats_entry
 from nbl.calibration import CalibrationResult
 from nbl.damage import GreedyStep, cost_in_passes, greedy_selection, single_layer_damage
 from nbl.data import TEXT_SOURCES, load_texts, token_sequences
@@ -300,22 +300,14 @@ def plan_cached(
         "speed": {"prompt_len": cfg.speed.prompt_len, "new_tokens": cfg.speed.new_tokens},
         "ridge": OmegaConf.to_container(cfg.replacement, resolve=True)["ridge"],
     }
-    path = Path(cfg.cache_dir) / "plan" / f"{cache_key(fields)}.json"
-    earlier: list[PlanStep] = []
-    if path.is_file():
-        try:
-            data = json.loads(path.read_text())
-            if data["fields"] == json.loads(json.dumps(fields)):
-                earlier = [PlanStep(**step) for step in data["steps"]]
-        except (ValueError, KeyError, TypeError) as err:
-            log.warning("unreadable plan cache %s (%s): recomputing", path, err)
-    steps = greedy_plan(
-        model, stats, heldout(), plan_metric(cfg, config), sel.target_value, sel.measure, ridge, start=earlier
-    )
-    if len(steps) > len(earlier):
-        path.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(path, json.dumps({"fields": fields, "steps": [dataclasses.asdict(s) for s in steps]}))
-    return steps
+
+    def grow(earlier: list[dict]) -> list[dict]:
+        start = [PlanStep(**step) for step in earlier]
+        metric = plan_metric(cfg, config)
+        steps = greedy_plan(model, stats, heldout(), metric, sel.target_value, sel.measure, ridge, start=start)
+        return [dataclasses.asdict(step) for step in steps]
+
+    return [PlanStep(**step) for step in grown_steps(Path(cfg.cache_dir) / "plan", fields, grow)]
 
 
 def warn_measurement_cost(cfg: DictConfig, n_layers: int) -> float:
@@ -347,34 +339,24 @@ def greedy_cached(
 ) -> list[GreedyStep]:
     """:func:`greedy_selection`'s k steps, cached; a run continues the longest cached run of the same inputs
     (greedy steps do not depend on k), so a sweep over k costs the largest k's steps once."""
-    folder = Path(cfg.cache_dir) / "greedy"
     fields = {
         **calibration_fields(cfg, config),
         "heldout_sequences": cfg.selection.holdout_sequences,
         "measure": cfg.selection.measure,
         "replacement": OmegaConf.to_container(cfg.replacement, resolve=True),
     }
+    k, rep = cfg.num_layers, cfg.replacement
 
-    def cached(j: int) -> list[GreedyStep] | None:
-        path = folder / f"{cache_key({**fields, 'k': j})}.json"
-        if not path.is_file():
-            return None
-        value, _ = cached_json(folder, {**fields, "k": j}, lambda: {"steps": None})  # a bad entry reads as None
-        if value["steps"] is None:
-            path.unlink(missing_ok=True)
-            return None
-        return [GreedyStep(**step) for step in value["steps"]]
+    def grow(earlier: list[dict]) -> list[dict]:
+        if len(earlier) >= k:
+            return earlier[:k]
+        start = [GreedyStep(**step) for step in earlier]
+        steps = greedy_selection(
+            model, stats, heldout(), k, rep.mode, ridge, start=start, measure=cfg.selection.measure
+        )
+        return [dataclasses.asdict(step) for step in steps]
 
-    k = cfg.num_layers
-    longest = next((steps for j in range(config.num_hidden_layers, 0, -1) if (steps := cached(j))), [])
-    if len(longest) >= k:
-        return longest[:k]
-    rep = cfg.replacement
-    steps = greedy_selection(
-        model, stats, heldout(), k, mode=rep.mode, ridge=ridge, start=longest, measure=cfg.selection.measure
-    )
-    cached_json(folder, {**fields, "k": k}, lambda: {"steps": [dataclasses.asdict(s) for s in steps]})
-    return steps
+    return [GreedyStep(**step) for step in grown_steps(Path(cfg.cache_dir) / "greedy", fields, grow)]
 
 
 def score_all(

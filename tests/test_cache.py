@@ -145,3 +145,28 @@ def test_atomic_write_replaces_whole_files_and_leaves_no_temporaries(tmp_path):
     atomic_write_text(target, "old")
     atomic_write_text(target, "new")
     assert target.read_text() == "new" and [p.name for p in tmp_path.iterdir()] == ["results.json"]
+
+
+def test_grown_steps_only_grow_and_survive_a_bad_entry(tmp_path, caplog):
+    from nbl.cache import grown_steps
+
+    fields = {"what": "greedy"}
+    seen = []
+
+    def grow_to(n):
+        def grow(earlier):
+            seen.append(len(earlier))
+            return earlier[:n] if len(earlier) >= n else earlier + [{"step": i} for i in range(len(earlier), n)]
+
+        return grow
+
+    assert grown_steps(tmp_path, fields, grow_to(2)) == [{"step": 0}, {"step": 1}]
+    assert grown_steps(tmp_path, fields, grow_to(4)) == [{"step": i} for i in range(4)]
+    assert grown_steps(tmp_path, fields, grow_to(1)) == [{"step": 0}]  # a prefix, and the entry keeps 4
+    assert grown_steps(tmp_path, fields, grow_to(3)) == [{"step": i} for i in range(3)]
+    assert seen == [0, 2, 4, 4]
+    (entry,) = tmp_path.glob("*.json")
+    entry.write_text("{ torn")
+    assert grown_steps(tmp_path, fields, grow_to(2)) == [{"step": 0}, {"step": 1}]
+    assert "ignoring unreadable cache entry" in caplog.text and seen[-1] == 0
+    assert grown_steps(tmp_path, {"what": "other"}, grow_to(1)) == [{"step": 0}] and seen[-1] == 0
