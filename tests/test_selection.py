@@ -4,11 +4,10 @@ import math
 
 import numpy as np
 import pytest
-import torch
 
 from nbl.linalg import fit_lmmse, heldout_error
 from nbl.selection import auto_ridge, lmmse_scores, select_layers
-from nbl.stats import CovarianceAccumulator
+from tests.test_stats_linalg import _acc
 
 
 def test_cca_takes_lowest_bounds_and_cosine_highest_similarity():
@@ -53,12 +52,6 @@ def _pairs(n: int, d: int, seed: int, noise: float = 0.3) -> tuple[np.ndarray, n
     x = rng.normal(size=(n, d)) @ mix + 2.0
     a = x @ m.T + 0.5 + noise * rng.normal(size=(n, d))
     return x, a
-
-
-def _acc(x: np.ndarray, a: np.ndarray) -> CovarianceAccumulator:
-    acc = CovarianceAccumulator(x.shape[1], a.shape[1])
-    acc.update(torch.from_numpy(x), torch.from_numpy(a))
-    return acc
 
 
 def test_heldout_error_equals_the_mean_squared_error_on_the_heldout_tokens():
