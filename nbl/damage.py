@@ -11,7 +11,8 @@ i..L-1, the final norm and the LM head again, so scoring every layer costs about
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Literal
 
@@ -164,15 +165,12 @@ def greedy_selection(
     per remaining candidate, the layers from it to the top. ``start``: the first steps of an earlier run with
     the same inputs (greedy steps do not depend on k), continued from there. The model is left as it was.
     """
-    adapter = get_adapter(model)
-    layers = adapter.layers(model)
     pool = sorted(stats) if candidates is None else sorted(set(candidates))
     if not 0 <= k <= len(pool):
         raise ValueError(f"cannot choose k={k} layers out of {len(pool)} candidates")
-    originals = {i: layers[i] for i in pool}
     steps: list[GreedyStep] = list(start[:k])
     reference = reference_states(model, heldout) if measure == "kl" else None
-    try:
+    with layers_restored(model, pool):
         linearize(model, stats, [s.layer for s in steps], mode=mode, ridge=ridge)
         for n in range(len(steps), k):
             left = [i for i in pool if i not in {s.layer for s in steps}]
@@ -182,11 +180,21 @@ def greedy_selection(
             best = min(damage, key=lambda i: (damage[i], i))
             linearize(model, stats, [best], mode=mode, ridge=ridge)
             steps.append(GreedyStep(best, damage[best], (steps[-1].total if steps else 0.0) + damage[best]))
+    return steps
+
+
+@contextmanager
+def layers_restored(model: PreTrainedModel, indices: Iterable[int]) -> Iterator[None]:
+    """Whatever the block replaces among the decoder layers ``indices``, they are the originals again after it
+    (also on errors), with the cache slots of the original layout."""
+    layers = get_adapter(model).layers(model)
+    originals = {i: layers[i] for i in indices}
+    try:
+        yield
     finally:
         for i, layer in originals.items():
             layers[i] = layer
         assign_cache_slots(model)
-    return steps
 
 
 def _probe(model: PreTrainedModel, stats: Mapping[int, CovarianceAccumulator], i: int, mode: ReplacementMode,

@@ -18,11 +18,10 @@ import torch
 from transformers import PretrainedConfig, PreTrainedModel
 
 from nbl.accounting import BytesModel, FlopModel, kv_cache_bytes_per_token
-from nbl.adapters import get_adapter
-from nbl.damage import Measure, reference_states, single_layer_damage
+from nbl.damage import Measure, layers_restored, reference_states, single_layer_damage
 from nbl.linalg import Ridge
 from nbl.stats import CovarianceAccumulator
-from nbl.surgery import ReplacementMode, assign_cache_slots, linearize
+from nbl.surgery import ReplacementMode, linearize
 
 TargetKind = Literal["prefill", "decode", "decode_bytes", "kv", "params"]
 TARGETS: tuple[str, ...] = ("prefill", "decode", "decode_bytes", "kv", "params")
@@ -85,12 +84,10 @@ def greedy_plan(
     for n, step in enumerate(start):
         if step.value >= target:
             return list(start[: n + 1])
-    layers = get_adapter(model).layers(model)
-    originals = {i: layers[i] for i in stats}
     steps = list(start)
     plan: dict[int, ReplacementMode] = {s.layer: s.mode for s in steps}  # type: ignore[misc]
     reference = reference_states(model, heldout) if measure == "kl" else None
-    try:
+    with layers_restored(model, stats):
         for s in steps:
             linearize(model, stats, [s.layer], mode=s.mode, ridge=ridge)  # type: ignore[arg-type]
         current = metric(plan)
@@ -115,8 +112,4 @@ def greedy_plan(
             plan[layer] = mode
             current = metric(plan)
             steps.append(PlanStep(layer, mode, damage_added, current))
-    finally:
-        for i, layer in originals.items():
-            layers[i] = layer
-        assign_cache_slots(model)
     return steps

@@ -275,10 +275,16 @@ def heldout_calibration(
     return stats
 
 
+def measured_fields(cfg: DictConfig, config: PretrainedConfig) -> dict[str, Any]:
+    """What a measured selection's damages depend on besides its own settings: the statistics' key, the
+    held-out windows, the damage measure."""
+    sel = cfg.selection
+    return {**calibration_fields(cfg, config), "heldout_sequences": sel.holdout_sequences, "measure": sel.measure}
+
+
 def plan_metric(cfg: DictConfig, config: PretrainedConfig) -> Metric:
     """The quantity selection=plan must reach, at the speed settings' prompt length and mid-decode context."""
-    context = cfg.speed.prompt_len + cfg.speed.new_tokens // 2
-    return target_metric(config, cfg.selection.target, cfg.speed.prompt_len, context)
+    return target_metric(config, cfg.selection.target, cfg.speed.prompt_len, mid_context(cfg.speed))
 
 
 def plan_cached(
@@ -293,9 +299,7 @@ def plan_cached(
     continues (or cuts) the longest earlier run of the same inputs, so a sweep over values pays once."""
     sel = cfg.selection
     fields = {
-        **calibration_fields(cfg, config),
-        "heldout_sequences": sel.holdout_sequences,
-        "measure": sel.measure,
+        **measured_fields(cfg, config),
         "target": sel.target,
         "speed": {"prompt_len": cfg.speed.prompt_len, "new_tokens": cfg.speed.new_tokens},
         "ridge": OmegaConf.to_container(cfg.replacement, resolve=True)["ridge"],
@@ -339,12 +343,7 @@ def greedy_cached(
 ) -> list[GreedyStep]:
     """:func:`greedy_selection`'s k steps, cached; a run continues the longest cached run of the same inputs
     (greedy steps do not depend on k), so a sweep over k costs the largest k's steps once."""
-    fields = {
-        **calibration_fields(cfg, config),
-        "heldout_sequences": cfg.selection.holdout_sequences,
-        "measure": cfg.selection.measure,
-        "replacement": OmegaConf.to_container(cfg.replacement, resolve=True),
-    }
+    fields = {**measured_fields(cfg, config), "replacement": OmegaConf.to_container(cfg.replacement, resolve=True)}
     k, rep = cfg.num_layers, cfg.replacement
 
     def grow(earlier: list[dict]) -> list[dict]:
@@ -439,9 +438,7 @@ def measure_speed(base: PreTrainedModel, replaced: PreTrainedModel, speed_cfg: D
     )
     n_prefill = speed_cfg.batch_size * speed_cfg.prompt_len
     n_decode = speed_cfg.batch_size * speed_cfg.new_tokens
-    flops = FlopModel(base.config)
-    modes = nbl.replaced_layers(replaced)
-    mid_context = speed_cfg.prompt_len + speed_cfg.new_tokens // 2
+    predicted = predicted_speedups(base.config, nbl.replaced_layers(replaced), speed_cfg)
     memory = {name: decode_memory(m, prompt, speed_cfg.new_tokens) for name, m in (("base", base), ("nbl", replaced))}
     return {
         "device": str(device),
@@ -451,18 +448,23 @@ def measure_speed(base: PreTrainedModel, replaced: PreTrainedModel, speed_cfg: D
         "decode_tok_s_nbl": n_decode / times["decode_nbl"].median_s,
         "prefill_speedup": times["prefill_base"].median_s / times["prefill_nbl"].median_s,
         "decode_speedup": times["decode_base"].median_s / times["decode_nbl"].median_s,
-        "prefill_speedup_predicted": flops.prefill_speedup(modes, speed_cfg.prompt_len),
-        "decode_speedup_predicted": flops.decode_speedup(modes, mid_context),
+        "prefill_speedup_predicted": predicted["prefill_speedup"],
+        "decode_speedup_predicted": predicted["decode_speedup"],
         **{f"{key}_{name}": value for name, m in memory.items() for key, value in m.items()},
         "repeats": speed_cfg.repeats,
         "settings": OmegaConf.to_container(speed_cfg, resolve=True),
     }
 
 
+def mid_context(speed_cfg: DictConfig) -> int:
+    """The context length of the middle decoding step: where the predictions evaluate decode speed."""
+    return speed_cfg.prompt_len + speed_cfg.new_tokens // 2
+
+
 def predicted_speedups(config: PretrainedConfig, replaced: dict[int, str], speed_cfg: DictConfig) -> dict[str, float]:
     """Speed-ups the FLOP and bytes models predict for this replacement (at the speed settings' prompt length and
     mid-decode context), recorded whether or not speed is measured: the x axis of damage-vs-speed plots."""
-    context = speed_cfg.prompt_len + speed_cfg.new_tokens // 2
+    context = mid_context(speed_cfg)
     flops = FlopModel(config)
     return {
         "prefill_speedup": flops.prefill_speedup(replaced, speed_cfg.prompt_len),
