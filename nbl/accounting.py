@@ -4,12 +4,16 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
+from types import MappingProxyType
 
 import torch
 from transformers import AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
 
 from nbl.adapters import adapter_for_config
 from nbl.surgery import ReplacementMode, replaced_layers
+
+Modes = Mapping[int, ReplacementMode]  # layer -> how its attention (or its MLP) was replaced
+_NONE: Modes = MappingProxyType({})
 
 
 def _count(module: torch.nn.Module) -> int:
@@ -79,9 +83,10 @@ class FlopModel:
             c.vocab_size,
         )
 
-    def layer(self, mode: ReplacementMode | None, context: float) -> float:
+    def layer(self, mode: ReplacementMode | None, context: float, mlp_mode: ReplacementMode | None = None) -> float:
+        """One layer; ``mode``: its attention's replacement (None: kept), ``mlp_mode``: its MLP's."""
         d, h, kv, hd, ff, _ = self._dims()
-        mlp = 2 * 3 * d * ff  # gated MLP: gate, up, down
+        mlp = {None: 2 * 3 * d * ff, "linear": 2 * d * d, "drop": 0}[mlp_mode]  # gated MLP: gate, up, down
         if mode == "drop":
             return mlp
         if mode == "linear":
@@ -94,22 +99,23 @@ class FlopModel:
         d, *_, vocab = self._dims()
         return 2 * d * vocab
 
-    def token(self, replaced: Mapping[int, ReplacementMode], context: float) -> float:
-        return sum(self.layer(replaced.get(i), context) for i in range(self.config.num_hidden_layers))
+    def token(self, replaced: Modes, context: float, mlps: Modes = _NONE) -> float:
+        """``replaced``: layer -> its attention's mode; ``mlps``: layer -> its MLP's mode (a block: drop there)."""
+        return sum(self.layer(replaced.get(i), context, mlps.get(i)) for i in range(self.config.num_hidden_layers))
 
-    def prefill(self, replaced: Mapping[int, ReplacementMode], n: int) -> float:
+    def prefill(self, replaced: Modes, n: int, mlps: Modes = _NONE) -> float:
         """A causal prompt of n tokens (token t attends to t tokens: mean context (n+1)/2), logits for the last."""
-        return n * self.token(replaced, (n + 1) / 2) + self.lm_head()
+        return n * self.token(replaced, (n + 1) / 2, mlps) + self.lm_head()
 
-    def decode(self, replaced: Mapping[int, ReplacementMode], context: int) -> float:
+    def decode(self, replaced: Modes, context: int, mlps: Modes = _NONE) -> float:
         """One cached decoding step at the given context length, logits included."""
-        return self.token(replaced, context) + self.lm_head()
+        return self.token(replaced, context, mlps) + self.lm_head()
 
-    def prefill_speedup(self, replaced: Mapping[int, ReplacementMode], n: int) -> float:
-        return self.prefill({}, n) / self.prefill(replaced, n)
+    def prefill_speedup(self, replaced: Modes, n: int, mlps: Modes = _NONE) -> float:
+        return self.prefill({}, n) / self.prefill(replaced, n, mlps)
 
-    def decode_speedup(self, replaced: Mapping[int, ReplacementMode], context: int) -> float:
-        return self.decode({}, context) / self.decode(replaced, context)
+    def decode_speedup(self, replaced: Modes, context: int, mlps: Modes = _NONE) -> float:
+        return self.decode({}, context) / self.decode(replaced, context, mlps)
 
 
 @dataclass(frozen=True)
@@ -124,24 +130,25 @@ class BytesModel:
     config: PretrainedConfig
     bytes_per_value: int = 2
 
-    def layer_weights(self, mode: ReplacementMode | None) -> int:
+    def layer_weights(self, mode: ReplacementMode | None, mlp_mode: ReplacementMode | None = None) -> int:
         c = self.config
         adapter = adapter_for_config(c)
         d, h, kv, hd = adapter.hidden_size(c), c.num_attention_heads, adapter.num_kv_heads(c), adapter.head_dim(c)
-        mlp = 3 * d * c.intermediate_size + d  # gate, up, down; post-attention norm
+        # gate, up, down and the post-attention norm; or the map that replaced them
+        mlp = {None: 3 * d * c.intermediate_size + d, "linear": d * d + d, "drop": 0}[mlp_mode]
         if mode == "drop":
             return mlp
         if mode == "linear":
             return mlp + d * d + d  # W and b
         return mlp + d * h * hd + 2 * d * kv * hd + h * hd * d + d  # q, k, v, o; input norm
 
-    def decode(self, replaced: Mapping[int, ReplacementMode], context: int) -> float:
+    def decode(self, replaced: Modes, context: int, mlps: Modes = _NONE) -> float:
         """Bytes read by one decoding step with ``context`` cached tokens (logits included)."""
         c = self.config
-        weights = sum(self.layer_weights(replaced.get(i)) for i in range(c.num_hidden_layers))
+        weights = sum(self.layer_weights(replaced.get(i), mlps.get(i)) for i in range(c.num_hidden_layers))
         weights += adapter_for_config(c).hidden_size(c) * (c.vocab_size + 1)  # LM head and final norm
         kv = context * kv_cache_bytes_per_token(c, replaced, self.bytes_per_value)
         return weights * self.bytes_per_value + kv
 
-    def decode_speedup(self, replaced: Mapping[int, ReplacementMode], context: int) -> float:
-        return self.decode({}, context) / self.decode(replaced, context)
+    def decode_speedup(self, replaced: Modes, context: int, mlps: Modes = _NONE) -> float:
+        return self.decode({}, context) / self.decode(replaced, context, mlps)

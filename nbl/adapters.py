@@ -39,6 +39,11 @@ class DecoderAdapter:
     def mlp(self, layer: nn.Module) -> nn.Module:
         return layer.mlp
 
+    def set_mlp_path(self, layer: nn.Module, norm: nn.Module, mlp: nn.Module) -> None:
+        """Swap the post-attention norm and the MLP (the layer computes ``h + mlp(norm(h))``)."""
+        layer.post_attention_layernorm = norm
+        layer.mlp = mlp
+
     def hidden_size(self, config: PretrainedConfig) -> int:
         return config.hidden_size
 

@@ -16,7 +16,7 @@ from transformers import PreTrainedModel
 
 from nbl.adapters import get_adapter
 from nbl.stats import CovarianceAccumulator
-from nbl.surgery import LinearizedDecoderLayer, execution_device
+from nbl.surgery import PARTS, Part, execution_device, replaced_layers, replaced_mlps
 
 Batch = torch.Tensor | Mapping[str, torch.Tensor]
 
@@ -136,25 +136,35 @@ class _StoredLayers(Mapping[int, CovarianceAccumulator]):
         return len(self.layers)
 
 
-class AttentionTap:
-    """Owns the hooks that feed (x, a) of chosen layers into accumulators; always removes them."""
+class SubBlockTap:
+    """Owns the hooks that feed (input, output) pairs of chosen sub-blocks into accumulators; always removes them.
 
-    def __init__(self, model: PreTrainedModel, layers: list[int], result: CalibrationResult) -> None:
+    Per part, of layer i: attention (x, Attn(LN1(x))) with x the layer input; mlp (h, MLP(LN2(h))) with h the
+    residual stream after the attention; block (x, layer output - x). ``results`` holds one
+    :class:`CalibrationResult` per part; each is fed for the layers it holds.
+    """
+
+    def __init__(self, model: PreTrainedModel, results: Mapping[Part, CalibrationResult]) -> None:
         self.model = model
-        self.layers = layers
-        self.result = result
+        self.results = results
         self.mask: torch.Tensor | None = None
-        self._inputs: dict[int, torch.Tensor] = {}
+        self._inputs: dict[tuple[str, int], torch.Tensor] = {}
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
 
-    def __enter__(self) -> AttentionTap:
+    def __enter__(self) -> SubBlockTap:
         adapter = get_adapter(self.model)
         decoder_layers = adapter.layers(self.model)
         try:
-            for i in self.layers:
-                layer = decoder_layers[i]
-                self._handles.append(layer.register_forward_pre_hook(self._save_input(i), with_kwargs=True))
-                self._handles.append(adapter.attention(layer).register_forward_hook(self._accumulate(i)))
+            for part, result in self.results.items():
+                for i in result.accumulators:
+                    layer = decoder_layers[i]
+                    entry, exit_ = {
+                        "attention": (layer, adapter.attention(layer)),
+                        "mlp": (adapter.post_attention_norm(layer), adapter.mlp(layer)),
+                        "block": (layer, layer),
+                    }[part]
+                    self._handles.append(entry.register_forward_pre_hook(self._save_input(part, i), with_kwargs=True))
+                    self._handles.append(exit_.register_forward_hook(self._accumulate(part, i)))
         except BaseException:
             self.__exit__(None, None, None)
             raise
@@ -166,24 +176,35 @@ class AttentionTap:
         self._handles.clear()
         self._inputs.clear()
 
-    def _save_input(self, i: int):
+    def _save_input(self, part: str, i: int):
         def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
-            self._inputs[i] = args[0] if args else kwargs["hidden_states"]
+            self._inputs[part, i] = args[0] if args else kwargs["hidden_states"]
 
         return hook
 
-    def _accumulate(self, i: int):
+    def _accumulate(self, part: str, i: int):
         def hook(module: nn.Module, args: tuple, output: object) -> None:
-            x = self._inputs.pop(i)
-            a = output[0] if isinstance(output, tuple) else output
+            x = self._inputs.pop((part, i))
+            out = output[0] if isinstance(output, tuple) else output
+            a = out - x if part == "block" else out  # a block's "output" is what it adds to the stream
             mask = self.mask.to(x.device) if self.mask is not None else None
-            self.result.accumulators[i].update(x, a, mask)
+            result = self.results[part]
+            result.accumulators[i].update(x, a, mask)
             cos = torch.nn.functional.cosine_similarity(x.float(), (x + a).float(), dim=-1)
             if mask is not None:
                 cos = cos[mask.bool()]
-            self.result.cosine_sums[i] += float(cos.double().sum())
+            result.cosine_sums[i] += float(cos.double().sum())
 
         return hook
+
+
+def live_layers(model: PreTrainedModel, part: Part) -> list[int]:
+    """The layers whose ``part`` is still there to calibrate (a block: attention and MLP both)."""
+    adapter = get_adapter(model)
+    gone = set(replaced_layers(model)) if part != "mlp" else set()
+    if part != "attention":
+        gone |= set(replaced_mlps(model))
+    return [i for i in range(len(adapter.layers(model))) if i not in gone]
 
 
 def unpack_batch(batch: Batch, device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -205,44 +226,65 @@ def calibrate(
     layers: Iterable[int] | None = None,
     progress: bool = True,
     gram_dtype: str = "float64",
+    part: Part = "attention",
 ) -> CalibrationResult:
-    """One pass over ``batches``; statistics for every attention-bearing layer (or only ``layers``).
+    """One pass over ``batches``; statistics of ``part`` in every layer that still has it (or only ``layers``).
 
     The LM head is skipped (only the backbone runs); padding tokens (attention_mask == 0) are not
     counted. Memory is O(L d^2) whatever the number of tokens. ``gram_dtype``: see
     :class:`~nbl.stats.CovarianceAccumulator`.
     """
+    return calibrate_parts(model, batches, (part,), layers, progress, gram_dtype)[part]
+
+
+@torch.no_grad()
+def calibrate_parts(
+    model: PreTrainedModel,
+    batches: Iterable[Batch],
+    parts: Iterable[Part],
+    layers: Iterable[int] | None = None,
+    progress: bool = True,
+    gram_dtype: str = "float64",
+) -> dict[Part, CalibrationResult]:
+    """:func:`calibrate` for several parts in the same pass: 3 d^2 + 2 d float64 sums per (layer, part), so
+    every granularity at once holds three times the attention-only statistics."""
     adapter = get_adapter(model)
-    decoder_layers = adapter.layers(model)
-    if layers is None:
-        chosen = [i for i, layer in enumerate(decoder_layers) if not isinstance(layer, LinearizedDecoderLayer)]
-    else:
-        chosen = sorted({int(i) for i in layers})
-        for i in chosen:
-            if not 0 <= i < len(decoder_layers):
-                raise IndexError(f"layer {i} out of range for {len(decoder_layers)} layers")
-            if isinstance(decoder_layers[i], LinearizedDecoderLayer):
-                raise ValueError(f"layer {i} has no attention left to calibrate")
+    n = len(adapter.layers(model))
     d = adapter.hidden_size(model.config)
-    result = CalibrationResult.empty(chosen, d, gram_dtype)
+    results: dict[Part, CalibrationResult] = {}
+    for part in dict.fromkeys(parts):
+        if part not in PARTS:
+            raise ValueError(f"unknown part {part!r}; use one of {PARTS}")
+        live = live_layers(model, part)
+        if layers is None:
+            chosen = live
+        else:
+            chosen = sorted({int(i) for i in layers})
+            for i in chosen:
+                if not 0 <= i < n:
+                    raise IndexError(f"layer {i} out of range for {n} layers")
+                if i not in live:
+                    raise ValueError(f"layer {i} has no {part} left to calibrate")
+        results[part] = CalibrationResult.empty(chosen, d, gram_dtype)
     device = execution_device(model.get_input_embeddings())  # dispatched models: weights may sit on "meta"
     backbone = adapter.backbone(model)
     was_training = model.training
     model.eval()
     total = len(batches) if hasattr(batches, "__len__") else None
+    names = "+".join(results)
     try:
-        with AttentionTap(model, chosen, result) as tap:
-            for b, batch in enumerate(
-                tqdm(batches, total=total, desc=f"calibrating {len(chosen)} layers", disable=not progress)
-            ):
+        with SubBlockTap(model, results) as tap:
+            for b, batch in enumerate(tqdm(batches, total=total, desc=f"calibrating ({names})", disable=not progress)):
                 input_ids, mask = unpack_batch(batch, device)
                 tap.mask = mask
                 backbone(input_ids=input_ids, attention_mask=mask, use_cache=False)
-                raise_on_overflow(result, b, next(backbone.parameters()).dtype)
+                for result in results.values():
+                    raise_on_overflow(result, b, next(backbone.parameters()).dtype)
     finally:
         model.train(was_training)
-    check_token_count(result, d)
-    return result
+    for result in results.values():
+        check_token_count(result, d)
+    return results
 
 
 def check_token_count(result: CalibrationResult, d: int) -> None:
@@ -269,7 +311,7 @@ def raise_on_overflow(
     flags = torch.stack([torch.isfinite(t).all() for i in layers for t in (result[i].sum_x, result[i].sum_a)]).tolist()
     for j, ok in enumerate(flags):
         if not ok:
-            i, what = layers[j // 2], ("the residual stream entering" if j % 2 == 0 else "the attention output of")
+            i, what = layers[j // 2], ("the input of" if j % 2 == 0 else "the output of")
             raise FloatingPointError(
                 f"calibration batch {batch}: {what} layer {i} holds NaN or inf in {dtype}: the model's activations "
                 "overflow on this text (float16 overflows on many LLMs: load the model in bfloat16 or float32)"

@@ -13,7 +13,7 @@ from safetensors.torch import load_model, save_file, save_model
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
 
 from nbl.adapters import adapter_for_config
-from nbl.surgery import apply_replacements, replaced_layers
+from nbl.surgery import apply_replacements, replaced_layers, replaced_mlps
 
 NBL_FILE = "nbl.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -37,7 +37,8 @@ def save_linearized(model: PreTrainedModel, path: str | Path, tokenizer: PreTrai
     meta = {
         "format_version": FORMAT_VERSION,
         "model_type": model.config.model_type,
-        "replaced_layers": {str(i): mode for i, mode in sorted(replaced_layers(model).items())},
+        "replaced_layers": {str(i): mode for i, mode in sorted(replaced_layers(model).items())},  # attention
+        "replaced_mlps": {str(i): mode for i, mode in sorted(replaced_mlps(model).items())},  # a block: "drop" here
     }
     (folder / NBL_FILE).write_text(json.dumps(meta, indent=2) + "\n")
     if tokenizer is not None:
@@ -60,6 +61,7 @@ def load_linearized(
     adapter_for_config(config)  # clear error for an unsupported family
     model = AutoModelForCausalLM.from_config(config, dtype=dtype or config.dtype or torch.float32)
     apply_replacements(model, {int(i): mode for i, mode in meta["replaced_layers"].items()})
+    apply_replacements(model, {int(i): mode for i, mode in meta.get("replaced_mlps", {}).items()}, part="mlp")
     missing, unexpected = load_model(model, str(folder / WEIGHTS_FILE), strict=False)
     tied = {"lm_head.weight"} if getattr(config, "tie_word_embeddings", False) else set()
     if set(missing) - tied or unexpected:

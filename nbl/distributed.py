@@ -8,7 +8,7 @@ rank 0 then scores, fits, evaluates and writes the results, the other ranks stop
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import TypeVar
 
 import torch
@@ -83,9 +83,10 @@ def all_reduce_statistics(result: CalibrationResult) -> CalibrationResult:
 
 
 def calibrate_sharded(
-    calibrate: Callable[[list], CalibrationResult], batches: Sequence, rank: int, world: int
-) -> CalibrationResult:
-    """``calibrate`` on this rank's shard, then summed over ranks (world == 1: plain ``calibrate``)."""
+    calibrate: Callable[[list], Mapping[str, CalibrationResult]], batches: Sequence, rank: int, world: int
+) -> dict[str, CalibrationResult]:
+    """``calibrate`` (statistics per part) on this rank's shard, then summed over ranks (world == 1: plain
+    ``calibrate``)."""
     if world == 1:
-        return calibrate(list(batches))
-    return all_reduce_statistics(calibrate(shard(batches, rank, world)))
+        return dict(calibrate(list(batches)))
+    return {part: all_reduce_statistics(stats) for part, stats in calibrate(shard(batches, rank, world)).items()}

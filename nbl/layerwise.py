@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
 from nbl.adapters import get_adapter
-from nbl.calibration import AttentionTap, Batch, CalibrationResult, check_token_count, raise_on_overflow, unpack_batch
+from nbl.calibration import Batch, CalibrationResult, SubBlockTap, check_token_count, raise_on_overflow, unpack_batch
 from nbl.linalg import Ridge
 from nbl.surgery import (
     LinearizedDecoderLayer,
@@ -107,7 +107,8 @@ def _run_layer(
     """Run layer i on every batch: statistics into ``tap`` (if given) and, with ``carry``, outputs replace inputs."""
     layer = get_adapter(model).layers(model)[i]
     device = next(layer.parameters()).device
-    with AttentionTap(model, [i], tap) if tap is not None else nullcontext() as hooks:
+    one = CalibrationResult({i: tap[i]}, tap.cosine_sums) if tap is not None else None  # this layer's hooks only
+    with SubBlockTap(model, {"attention": one}) if one is not None else nullcontext() as hooks:
         for b, item in enumerate(inputs):
             if hooks is not None:
                 hooks.mask = item.mask

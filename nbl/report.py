@@ -66,7 +66,17 @@ def summary_markdown(results: dict[str, Any]) -> str:
 
 
 # -- sweep reports -------------------------------------------------------------------------------------
-PAPER_NAMES = {("cca", "linear"): "Attn NBL", ("cosine", "drop"): "Attn DROP"}
+# (strategy, mode, granularity) -> the name the paper (NBL; LLM-Drop for the drops) gives that method
+PAPER_NAMES = {
+    ("cca", "linear", "attention"): "Attn NBL",
+    ("cca", "linear", "block"): "Block NBL",
+    ("cca", "linear", "mlp"): "MLP NBL",
+    ("cca", "linear", "joint"): "Joint NBL",
+    ("cosine", "drop", "attention"): "Attn DROP",
+    ("cosine", "drop", "mlp"): "MLP DROP",
+    ("cosine", "drop", "block"): "Block DROP",
+    ("cosine", "drop", "joint"): "Joint DROP",
+}
 # config keys that vary a random draw: runs differing only in these are seeds of one row
 SEED_KEYS = ("seed", "selection.seed", "calibration.seed")
 # config sections that change no reported number
@@ -81,8 +91,9 @@ def method_name(results: dict[str, Any]) -> str:
     if sel.get("layers_from") != "explicit" and sel["strategy"] == "plan":  # modes chosen per layer
         return f"plan {sel.get('target')}>={sel.get('target_value')}"
     chosen_by = "explicit" if sel.get("layers_from") == "explicit" else sel["strategy"]
-    key = (chosen_by, results["replacement"]["mode"])
-    name = PAPER_NAMES.get(key, f"{key[0]}+{key[1]}")
+    granularity = results["replacement"].get("granularity", "attention")
+    key = (chosen_by, results["replacement"]["mode"], granularity)
+    name = PAPER_NAMES.get(key, f"{key[0]}+{key[1]}" + ("" if granularity == "attention" else f" ({granularity})"))
     mode = results.get("calibration", {}).get("mode")
     return name + {"sequential": " seq", "propagated": " prop"}.get(mode, "")
 

@@ -28,7 +28,7 @@ from nbl import distributed
 from nbl.accounting import BytesModel, FlopModel, kv_cache_bytes_per_token
 from nbl.adapters import adapter_for_config
 from nbl.cache import atomic_write_text, cache_key, cached_calibration, cached_json, grown_steps, stats_entry
-from nbl.calibration import CalibrationResult
+from nbl.calibration import CalibrationResult, live_layers
 from nbl.damage import GreedyStep, cost_in_passes, greedy_selection, single_layer_damage
 from nbl.data import TEXT_SOURCES, load_texts, token_sequences
 from nbl.distributed import calibrate_sharded
@@ -44,7 +44,7 @@ from nbl.schema import ConfigError, checked_config
 from nbl.selection import auto_ridge, layer_scores, lmmse_scores, select_layers
 from nbl.sequential import SequentialStep, StepStore, linearize_sequentially
 from nbl.speed import decode_memory, decode_timer, interleaved, prefill, random_prompt, timed
-from nbl.surgery import LinearizedDecoderLayer, execution_device
+from nbl.surgery import Part, execution_device
 
 log = logging.getLogger(__name__)
 
@@ -99,8 +99,12 @@ def validate(cfg: DictConfig) -> tuple[DictConfig, PretrainedConfig]:
         bad = [i for i in cfg.layers if not 0 <= i < n]
         if bad:
             raise ConfigError(f"layers {bad} do not exist: {cfg.model.name} has layers 0..{n - 1}")
-    elif not cfg.num_layers <= n:
-        raise ConfigError(f"num_layers={cfg.num_layers} is outside 0..{n} ({cfg.model.name} has {n} layers)")
+    elif not cfg.num_layers <= n * len(PARTS_OF[cfg.replacement.granularity]):
+        units = n * len(PARTS_OF[cfg.replacement.granularity])
+        raise ConfigError(
+            f"num_layers={cfg.num_layers} is outside 0..{units} ({cfg.model.name} has {n} layers, "
+            f"{units} {cfg.replacement.granularity} units)"
+        )
     if cfg.selection.strategy == "plan" and cfg.layers is None:
         best = reachable(config, plan_metric(cfg, config))
         if best < cfg.selection.target_value:
@@ -188,14 +192,29 @@ def calibration_fields(cfg: DictConfig, config: PretrainedConfig, replaced_order
     return {"model": model_fields(cfg, config), "calibration": cal, "code": code_identity()}
 
 
-def calibrate(model: PreTrainedModel, batches: list[torch.Tensor], cfg: DictConfig) -> CalibrationResult:
-    """One calibration pass as configured: forward hooks, or layer by layer (optionally offloaded to the CPU)."""
+# the sub-blocks each replacement.granularity calibrates and replaces
+PARTS_OF: dict[str, tuple[Part, ...]] = {
+    "attention": ("attention",),
+    "mlp": ("mlp",),
+    "block": ("block",),
+    "joint": ("attention", "mlp"),
+}
+
+
+def calibrate(
+    model: PreTrainedModel, batches: list[torch.Tensor], cfg: DictConfig, parts: tuple[Part, ...] = ("attention",)
+) -> dict[Part, CalibrationResult]:
+    """One calibration pass as configured: forward hooks (every part at once), or layer by layer (attention only,
+    optionally offloaded to the CPU)."""
     cal = cfg.calibration
     if cal.method == "layerwise":
-        return calibrate_layerwise(
+        if parts != ("attention",):
+            raise ValueError(f"layer-by-layer calibration gathers attention statistics only, not {parts}")
+        stats = calibrate_layerwise(
             model, batches, device=resolve_device(cfg.device), store=_store(cfg), gram_dtype=cal.gram_dtype
         )
-    return nbl.calibrate(model, batches, gram_dtype=cal.gram_dtype)
+        return {"attention": stats}
+    return nbl.calibrate_parts(model, batches, parts, gram_dtype=cal.gram_dtype)
 
 
 def _store(cfg: DictConfig) -> torch.device | None:
@@ -203,17 +222,16 @@ def _store(cfg: DictConfig) -> torch.device | None:
     return torch.device("cpu") if cfg.calibration.offload else None
 
 
-def _expect_layers(model: PreTrainedModel) -> Callable[[CalibrationResult], None]:
-    """A check for cached statistics: one d x d accumulator per layer of ``model`` that keeps attention."""
-    adapter = nbl.get_adapter(model)
-    d = adapter.hidden_size(model.config)
-    live = [i for i, layer in enumerate(adapter.layers(model)) if not isinstance(layer, LinearizedDecoderLayer)]
+def _expect_layers(model: PreTrainedModel, part: Part = "attention") -> Callable[[CalibrationResult], None]:
+    """A check for cached statistics: one d x d accumulator per layer of ``model`` that keeps ``part``."""
+    d = nbl.get_adapter(model).hidden_size(model.config)
+    live = live_layers(model, part)
 
     def expect(stats: CalibrationResult) -> None:  # after stats.check(): every layer has the first one's shape
         first = stats[next(iter(stats))]
         if list(stats) != live or (first.d_in, first.d_out) != (d, d):
             raise ValueError(
-                f"it holds layers {list(stats)} of size {first.d_in}, the model has attention layers {live} of size {d}"
+                f"it holds layers {list(stats)} of size {first.d_in}, the model has {part} layers {live} of size {d}"
             )
 
     return expect
@@ -226,53 +244,75 @@ def calibrate_cached(
     config: PretrainedConfig,
     rank: int = 0,
     world: int = 1,
-) -> tuple[CalibrationResult | None, dict]:
-    """Statistics of the model's attention layers, from the cache when the same pass ran before.
+    parts: tuple[Part, ...] = ("attention",),
+) -> tuple[dict[Part, CalibrationResult] | None, dict]:
+    """Statistics of the model's ``parts`` (one cache entry each), from the cache when the same pass ran before;
+    the parts not cached come from one pass.
 
-    With several ranks (torchrun), rank 0 looks the entry up and tells the others; on a miss every rank
+    With several ranks (torchrun), rank 0 looks the entries up and tells the others; on a miss every rank
     calibrates its shard of the batches and the sums are all-reduced. Ranks > 0 get (None, {}).
     """
-    fields = calibration_fields(cfg, config)
     start = time.perf_counter()
     folder = Path(cfg.cache_dir) / "stats"
+    fields = {part: part_fields(calibration_fields(cfg, config), part) for part in parts}
 
-    reduced: CalibrationResult | None = None
+    reduced: dict[Part, CalibrationResult] | None = None
     if world > 1:
-        flag = [stats_entry(folder, fields).is_file() if rank == 0 else None]
+        flag = [all(stats_entry(folder, f).is_file() for f in fields.values()) if rank == 0 else None]
         torch.distributed.broadcast_object_list(flag, src=0)
         if not flag[0]:
-            reduced = calibrate_sharded(lambda part: calibrate(model, part, cfg), batches(), rank, world)
+            reduced = calibrate_sharded(lambda shard: calibrate(model, shard, cfg, parts), batches(), rank, world)
         if rank > 0:
             return None, {}
 
-    def compute() -> CalibrationResult:
-        # rank 0 after a sharded pass: its reduced sums; an entry that vanished after the lookup: alone
-        return reduced if reduced is not None else calibrate(model, batches(), cfg)
-
-    stats, hit, path = cached_calibration(folder, fields, compute, expect=_expect_layers(model))
+    # rank 0 after a sharded pass: its reduced sums; an entry that vanished after the lookup: alone
+    one_pass = functools.cache(lambda: reduced if reduced is not None else calibrate(model, batches(), cfg, parts))
+    stats, hits, paths = {}, {}, {}
+    for part in parts:
+        stats[part], hits[part], paths[part] = cached_calibration(
+            folder, fields[part], lambda part=part: one_pass()[part], expect=_expect_layers(model, part)
+        )
+    tokens = stats[parts[0]].num_tokens
     info = {
-        "tokens": stats.num_tokens,
-        "cache_hit": hit,
-        "cache_file": str(path),
+        "tokens": tokens,
+        "cache_hit": all(hits.values()),
+        "cache_file": str(paths[parts[0]]) if len(parts) == 1 else {p: str(f) for p, f in paths.items()},
         "seconds": time.perf_counter() - start,
         "world_size": world,
     }
-    log.info("calibration: %s (%d tokens)", "cache hit" if hit else "computed", stats.num_tokens)
+    log.info("calibration: %s (%d tokens)", "cache hit" if info["cache_hit"] else "computed", tokens)
     return stats, info
 
 
+def part_fields(fields: dict[str, Any], part: Part) -> dict[str, Any]:
+    """A statistics cache key for ``part`` (attention keeps the key it always had)."""
+    return fields if part == "attention" else {**fields, "part": part}
+
+
 def heldout_calibration(
-    model: PreTrainedModel, heldout: Callable[[], list[torch.Tensor]], cfg: DictConfig, config: PretrainedConfig
-) -> CalibrationResult:
+    model: PreTrainedModel,
+    heldout: Callable[[], list[torch.Tensor]],
+    cfg: DictConfig,
+    config: PretrainedConfig,
+    parts: tuple[Part, ...] = ("attention",),
+) -> dict[Part, CalibrationResult]:
     """Statistics of the held-out windows (the ``selection.holdout_sequences`` windows after the calibration
     windows): the exact held-out error of every map, from second moments. Costs holdout_sequences /
     num_sequences of a calibration pass; cached beside the calibration statistics."""
     fields = {**calibration_fields(cfg, config), "heldout_sequences": cfg.selection.holdout_sequences}
-    stats, hit, _ = cached_calibration(
-        Path(cfg.cache_dir) / "stats", fields, lambda: calibrate(model, heldout(), cfg), expect=_expect_layers(model)
-    )
-    log.info("held-out statistics: %s (%d tokens)", "cache hit" if hit else "computed", stats.num_tokens)
-    return stats
+    one_pass = functools.cache(lambda: calibrate(model, heldout(), cfg, parts))
+    out = {}
+    for part in parts:
+        out[part], hit, _ = cached_calibration(
+            Path(cfg.cache_dir) / "stats",
+            part_fields(fields, part),
+            lambda part=part: one_pass()[part],
+            expect=_expect_layers(model, part),
+        )
+        log.info(
+            "held-out %s statistics: %s (%d tokens)", part, "cache hit" if hit else "computed", out[part].num_tokens
+        )
+    return out
 
 
 def measured_fields(cfg: DictConfig, config: PretrainedConfig) -> dict[str, Any]:
@@ -385,6 +425,23 @@ def score_key(selection: DictConfig) -> str | None:
     return selection.strategy if selection.strategy in ("cosine", "loss", "lmmse", "greedy", "plan") else None
 
 
+def choose_units(cfg: DictConfig, part_scores: dict[Part, dict[str, dict[int, float]]], n_layers: int
+                 ) -> dict[Part, list[int]]:  # fmt: skip
+    """The layers to replace, per part. One part: :func:`choose_layers`. Several (granularity=joint): the
+    k sub-blocks of best score among all parts' together (LLM-Drop's joint layer drop, with cosine)."""
+    if len(part_scores) == 1:
+        ((part, scores),) = part_scores.items()
+        return {part: choose_layers(cfg, scores, n_layers)}
+    key = score_key(cfg.selection)
+    if key is None:
+        units = {(i, part): 0.0 for part in part_scores for i in range(n_layers)}
+        chosen = select_layers(units, cfg.num_layers, "random", seed=cfg.selection.seed)
+    else:
+        units = {(i, part): s for part, scores in part_scores.items() for i, s in scores[key].items()}
+        chosen = select_layers(units, cfg.num_layers, cfg.selection.strategy)
+    return {part: sorted(i for i, p in chosen if p == part) for part in part_scores}
+
+
 def choose_layers(cfg: DictConfig, scores: dict[str, dict[int, float]], n_layers: int) -> list[int]:
     if cfg.layers is not None:
         return sorted(cfg.layers)
@@ -438,7 +495,7 @@ def measure_speed(base: PreTrainedModel, replaced: PreTrainedModel, speed_cfg: D
     )
     n_prefill = speed_cfg.batch_size * speed_cfg.prompt_len
     n_decode = speed_cfg.batch_size * speed_cfg.new_tokens
-    predicted = predicted_speedups(base.config, nbl.replaced_layers(replaced), speed_cfg)
+    predicted = predicted_speedups(base.config, nbl.replaced_layers(replaced), speed_cfg, nbl.replaced_mlps(replaced))
     memory = {name: decode_memory(m, prompt, speed_cfg.new_tokens) for name, m in (("base", base), ("nbl", replaced))}
     return {
         "device": str(device),
@@ -461,15 +518,18 @@ def mid_context(speed_cfg: DictConfig) -> int:
     return speed_cfg.prompt_len + speed_cfg.new_tokens // 2
 
 
-def predicted_speedups(config: PretrainedConfig, replaced: dict[int, str], speed_cfg: DictConfig) -> dict[str, float]:
-    """Speed-ups the FLOP and bytes models predict for this replacement (at the speed settings' prompt length and
-    mid-decode context), recorded whether or not speed is measured: the x axis of damage-vs-speed plots."""
-    context = mid_context(speed_cfg)
+def predicted_speedups(
+    config: PretrainedConfig, replaced: dict[int, str], speed_cfg: DictConfig, mlps: dict[int, str] | None = None
+) -> dict[str, float]:
+    """Speed-ups the FLOP and bytes models predict for this replacement (``replaced``: attention modes,
+    ``mlps``: MLP modes) at the speed settings' prompt length and mid-decode context, recorded whether or not
+    speed is measured: the x axis of damage-vs-speed plots."""
+    context, mlps = mid_context(speed_cfg), mlps or {}
     flops = FlopModel(config)
     return {
-        "prefill_speedup": flops.prefill_speedup(replaced, speed_cfg.prompt_len),
-        "decode_speedup": flops.decode_speedup(replaced, context),
-        "decode_bytes_speedup": BytesModel(config).decode_speedup(replaced, context),
+        "prefill_speedup": flops.prefill_speedup(replaced, speed_cfg.prompt_len, mlps),
+        "decode_speedup": flops.decode_speedup(replaced, context, mlps),
+        "decode_bytes_speedup": BytesModel(config).decode_speedup(replaced, context, mlps),
     }
 
 
@@ -628,15 +688,21 @@ def run_experiment(cfg: DictConfig, ctx: RunContext) -> dict[str, Any]:
     model = load_model(cfg.model, config, torch.device("cpu") if cfg.calibration.offload else device, cfg.seed)
     n_layers = config.num_hidden_layers
 
-    stats, calibration_info = calibrate_cached(model, batches, cfg, config, rank=rank, world=world)
-    if stats is None:  # a helper rank: its shard is in rank 0's statistics
+    parts = PARTS_OF[cfg.replacement.granularity]
+    all_stats, calibration_info = calibrate_cached(model, batches, cfg, config, rank=rank, world=world, parts=parts)
+    if all_stats is None:  # a helper rank: its shard is in rank 0's statistics
         return {}
     stats_device = execution_device(model.get_input_embeddings())  # score and fit where the model computes
-    stats = stats.to(stats_device)
+    all_stats = {p: s.to(stats_device) for p, s in all_stats.items()}
     start = time.perf_counter()
-    held_stats = heldout_calibration(model, heldout, cfg, config).to(stats_device) if uses_heldout_stats else None
-    ridge = auto_ridge(stats, held_stats) if auto else float(cfg.replacement.ridge)
-    scores = score_all(stats, cfg.selection, cfg.layers is not None, held_stats, ridge)
+    held = heldout_calibration(model, heldout, cfg, config, parts) if uses_heldout_stats else {}
+    held = {p: s.to(stats_device) for p, s in held.items()}
+    ridges = {p: auto_ridge(all_stats[p], held[p]) if auto else float(cfg.replacement.ridge) for p in parts}
+    part_scores = {
+        p: score_all(all_stats[p], cfg.selection, cfg.layers is not None, held.get(p), ridges[p]) for p in parts
+    }
+    # the measured strategies and the refitting modes replace attention only (checked by the schema)
+    stats, ridge, scores = all_stats[parts[0]], ridges[parts[0]], part_scores[parts[0]]
     rep = cfg.replacement
     greedy_steps = None
     if measured:
@@ -654,7 +720,7 @@ def run_experiment(cfg: DictConfig, ctx: RunContext) -> dict[str, Any]:
         scores["greedy"] = {step.layer: step.damage for step in greedy}
         greedy_steps = [dataclasses.asdict(step) for step in greedy]
     selection_seconds = time.perf_counter() - start
-    chosen = choose_layers(cfg, scores, n_layers)
+    chosen_parts = choose_units(cfg, part_scores, n_layers)
     cache_dir = Path(cfg.cache_dir)
 
     wants_eval = bool(cfg.eval.tasks or cfg.eval.perplexity)
@@ -677,14 +743,24 @@ def run_experiment(cfg: DictConfig, ctx: RunContext) -> dict[str, Any]:
             base = copy.deepcopy(model)
 
     def recalibrate(partial_model: PreTrainedModel, order: list[int]) -> CalibrationResult:
-        return calibrate(partial_model, batches(), cfg)  # the store below keeps what a later run reuses
+        return calibrate(partial_model, batches(), cfg)["attention"]  # the store below keeps what a later run reuses
 
     store = sequential_store(cfg, config)
     start = time.perf_counter()
     plan_modes = {s["layer"]: s["mode"] for s in greedy_steps} if strategy == "plan" else None
-    chosen, replaced, sequential = replace(model, cfg, stats, chosen, batches, recalibrate, store, ridge, plan_modes)
+    sequential = None
+    if parts == ("attention",):
+        chosen, _, sequential = replace(
+            model, cfg, stats, chosen_parts["attention"], batches, recalibrate, store, ridge, plan_modes
+        )
+        chosen_parts = {"attention": chosen}
+    else:  # one pass, every part's maps fitted on its own statistics
+        for p, layers in chosen_parts.items():
+            nbl.linearize(model, all_stats[p], layers, mode=rep.mode, ridge=ridges[p], part=p)
+    replaced, replaced_mlps = nbl.replaced_layers(model), nbl.replaced_mlps(model)
+    chosen = sorted({i for layers in chosen_parts.values() for i in layers})
     calibration_info["replace_seconds"] = time.perf_counter() - start  # fits, and refit passes if any
-    del stats
+    del stats, all_stats
     eval_nbl = evaluate(model, tokenizer, cfg.eval, cache_dir) if wants_eval else None
     speed = measure_speed(base, model, cfg.speed) if base is not None else None
     del base
@@ -697,10 +773,16 @@ def run_experiment(cfg: DictConfig, ctx: RunContext) -> dict[str, Any]:
         "model": cfg.model.name,
         "selection": {**OmegaConf.to_container(cfg.selection, resolve=True), "layers_from": how},
         "replacement": OmegaConf.to_container(cfg.replacement, resolve=True),
-        "num_layers": len(chosen),
+        "num_layers": sum(len(layers) for layers in chosen_parts.values()),  # sub-blocks for granularity=joint
         "replaced_layers": chosen,
-        "replaced_modes": {str(i): m for i, m in replaced.items()},
-        "scores": {name: {str(i): s for i, s in s_.items()} for name, s_ in scores.items()},
+        "replaced_parts": chosen_parts,
+        "replaced_modes": {str(i): m for i, m in replaced.items()},  # attention (a block's map sits there)
+        "replaced_mlp_modes": {str(i): m for i, m in replaced_mlps.items()},  # a block: "drop" here
+        "scores": {  # joint: "<part>/<score>"
+            (name if len(parts) == 1 else f"{p}/{name}"): {str(i): s for i, s in s_.items()}
+            for p in parts
+            for name, s_ in part_scores[p].items()  # the measured scores were added to the first part's
+        },
         "score_used": score_key(cfg.selection) if how == "strategy" else None,
         "selection_seconds": selection_seconds,
         "greedy_steps": greedy_steps,
@@ -722,7 +804,7 @@ def run_experiment(cfg: DictConfig, ctx: RunContext) -> dict[str, Any]:
                 for d in cfg.eval.domains
             },
         },
-        "predicted": predicted_speedups(config, replaced, cfg.speed),
+        "predicted": predicted_speedups(config, replaced, cfg.speed, replaced_mlps),
         "speed": speed,
         "params": params,
         "config": OmegaConf.to_container(cfg, resolve=True),

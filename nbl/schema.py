@@ -44,6 +44,13 @@ class CalibrationMethod(Enum):
     layerwise = "layerwise"
 
 
+class Granularity(Enum):
+    attention = "attention"
+    mlp = "mlp"
+    block = "block"
+    joint = "joint"  # attention and MLP sub-blocks ranked together; k counts sub-blocks
+
+
 class Windows(Enum):
     stream = "stream"
     documents = "documents"
@@ -160,6 +167,7 @@ class SelectionSchema:
 class ReplacementSchema:
     mode: Mode
     ridge: Any = 0.0  # a number >= 0, or "auto": per layer, the grid value with the least held-out error
+    granularity: Granularity = Granularity.attention  # what one replaced unit is (nbl.surgery)
 
     def check(self) -> None:
         if self.ridge == "auto":
@@ -263,8 +271,30 @@ class ExperimentSchema:
                 raise ConfigError(
                     "selection=plan fits its maps on the one-pass statistics: use calibration.mode=one_pass"
                 )
+        self._check_granularity()
         if self.layers is not None and len(set(self.layers)) != len(self.layers):
             raise ConfigError(f"layers={self.layers} lists a layer twice")
+
+    def _check_granularity(self) -> None:
+        """Sub-blocks other than attention are calibrated by hooks in one pass and fitted on it; the measured
+        strategies, the layer-by-layer passes and the sequential / propagated refits handle attention only."""
+        granularity = self.replacement.granularity
+        if granularity is Granularity.attention:
+            return
+        unsupported = {
+            f"selection={self.selection.strategy.value}": self.layers is None
+            and self.selection.strategy in (Strategy.loss, Strategy.greedy, Strategy.plan),
+            f"calibration.mode={self.calibration.mode.value}": self.calibration.mode is not CalibrationMode.one_pass,
+            "calibration.method=layerwise": self.calibration.method is CalibrationMethod.layerwise,
+            "explicit layers (a joint unit is a sub-block, not a layer)": granularity is Granularity.joint
+            and self.layers is not None,
+        }
+        for what, bad in unsupported.items():
+            if bad:
+                raise ConfigError(
+                    f"replacement.granularity={granularity.value} does not support {what} yet: "
+                    "use replacement.granularity=attention, or selection cca / cosine / lmmse / random in one pass"
+                )
 
 
 def checked_config(cfg: DictConfig) -> DictConfig:

@@ -1,7 +1,16 @@
-"""In-place replacement of attention sub-blocks by a linear map (NBL) or by nothing (attention drop)."""
+"""In-place replacement of decoder sub-blocks by a linear map (NBL) or by nothing (drop).
+
+Three granularities (``Part``), all expressed with two module swaps, so a model may mix them:
+- attention: the decoder layer becomes a :class:`LinearizedDecoderLayer`, ``h + Attn(LN1(h))`` -> ``h + (W h + b)``;
+- mlp: inside the layer, ``LN2`` becomes the identity and the MLP an :class:`MlpMap`, ``h + MLP(LN2(h))`` ->
+  ``h + (W h + b)``; the attention (and its KV cache) stays;
+- block: the whole layer ``x -> x + Attn(..) + MLP(..)`` becomes ``x + (W x + b)``: stored as the layer's
+  attention map with its MLP dropped, the same function, so checkpoints and accounting need no third case.
+"""
 
 from __future__ import annotations
 
+import itertools
 import operator
 from collections.abc import Iterable, Mapping
 from typing import Any, Literal
@@ -16,6 +25,23 @@ from nbl.stats import CovarianceAccumulator
 
 ReplacementMode = Literal["linear", "drop"]
 MODES: tuple[str, ...] = ("linear", "drop")
+Part = Literal["attention", "mlp", "block"]
+PARTS: tuple[str, ...] = ("attention", "mlp", "block")
+
+
+class MlpMap(nn.Module):
+    """Stands in for LN2 + MLP: ``W h + b``, or zero (MLP drop). The layer adds it to the residual stream."""
+
+    def __init__(self, linear: nn.Linear | None) -> None:
+        super().__init__()
+        self.linear = linear
+
+    @property
+    def mode(self) -> ReplacementMode:
+        return "linear" if self.linear is not None else "drop"
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return self.linear(hidden_states) if self.linear is not None else torch.zeros_like(hidden_states)
 
 
 class LinearizedDecoderLayer(nn.Module):
@@ -73,13 +99,22 @@ def _rebuild_linearized(family: type[nn.Module] | None) -> LinearizedDecoderLaye
 
 
 def replaced_layers(model: PreTrainedModel) -> dict[int, ReplacementMode]:
-    """Layer index -> mode for every replaced layer of ``model``."""
+    """Layer index -> mode for every layer of ``model`` whose attention is replaced (attention or block)."""
     layers = get_adapter(model).layers(model)
     return {i: layer.mode for i, layer in enumerate(layers) if isinstance(layer, LinearizedDecoderLayer)}
 
 
-def validate_layers(model: PreTrainedModel, layers: Iterable[int]) -> list[int]:
-    """``layers`` as sorted ints, refused unless they are integer indices, in range, distinct and not replaced yet."""
+def replaced_mlps(model: PreTrainedModel) -> dict[int, ReplacementMode]:
+    """Layer index -> mode for every layer of ``model`` whose MLP is replaced (mlp, or block: dropped there)."""
+    adapter = get_adapter(model)
+    return {i: m.mode for i, layer in enumerate(adapter.layers(model)) if isinstance(m := adapter.mlp(layer), MlpMap)}
+
+
+def validate_layers(model: PreTrainedModel, layers: Iterable[int], part: Part = "attention") -> list[int]:
+    """``layers`` as sorted ints, refused unless they are integer indices, in range, distinct and their ``part``
+    is not replaced yet (a block: neither its attention nor its MLP)."""
+    if part not in PARTS:
+        raise ValueError(f"unknown part {part!r}; use one of {PARTS}")
     if isinstance(layers, (str, bytes)) or not isinstance(layers, Iterable):
         raise TypeError(f"layers must be an iterable of layer indices, got {layers!r}")
     chosen = []
@@ -96,9 +131,12 @@ def validate_layers(model: PreTrainedModel, layers: Iterable[int]) -> list[int]:
         raise IndexError(f"layer indices {bad} out of range for a model with {n} decoder layers")
     if len(set(chosen)) != len(chosen):
         raise ValueError(f"duplicate layer indices in {chosen}")
-    already = sorted(set(chosen) & set(replaced_layers(model)))
+    done = set(replaced_layers(model)) if part != "mlp" else set()
+    if part != "attention":
+        done |= set(replaced_mlps(model))
+    already = sorted(set(chosen) & done)
     if already:
-        raise ValueError(f"layers {already} are already replaced")
+        raise ValueError(f"layers {already} already have a replaced {'sub-block' if part == 'block' else part}")
     return sorted(chosen)
 
 
@@ -115,6 +153,21 @@ def _replace_layer(model: PreTrainedModel, index: int, linear: nn.Linear | None)
 
         add_hook_to_module(new, AlignDevicesHook(execution_device=execution_device(old), io_same_device=False))
     layers[index] = new
+
+
+def _replace_mlp(model: PreTrainedModel, index: int, linear: nn.Linear | None) -> None:
+    """LN2 + MLP of layer ``index`` -> :class:`MlpMap` (works in original and linearized layers alike)."""
+    adapter = get_adapter(model)
+    adapter.set_mlp_path(adapter.layers(model)[index], nn.Identity(), MlpMap(linear))
+
+
+def _replace(model: PreTrainedModel, index: int, part: Part, linear: nn.Linear | None) -> None:
+    if part == "mlp":
+        _replace_mlp(model, index, linear)
+        return
+    _replace_layer(model, index, linear)
+    if part == "block":  # x + (W x + b): the map where the attention was, nothing where the MLP was
+        _replace_mlp(model, index, None)
 
 
 def _accelerate_hook(module: nn.Module) -> Any:
@@ -165,20 +218,21 @@ def assign_cache_slots(model: PreTrainedModel) -> None:
 def new_linear(model: PreTrainedModel, index: int, d: int) -> nn.Linear:
     """An empty d x d map for layer ``index``: on the layer's execution device, in its dtype."""
     layer = get_adapter(model).layers(model)[index]
-    dtype = next(get_adapter(model).mlp(layer).parameters()).dtype
+    dtype = next(itertools.chain(layer.parameters(), model.parameters())).dtype  # a dropped block has none
     return nn.Linear(d, d, bias=True, device=execution_device(layer), dtype=dtype)
 
 
-def apply_replacements(model: PreTrainedModel, modes: Mapping[int, ReplacementMode]) -> None:
+def apply_replacements(model: PreTrainedModel, modes: Mapping[int, ReplacementMode], part: Part = "attention") -> None:
     """Structural surgery with freshly initialised linear maps (used to rebuild saved checkpoints)."""
-    indices = validate_layers(model, modes)
+    indices = validate_layers(model, modes, part)
     bad = {i: modes[i] for i in indices if modes[i] not in MODES}
     if bad:
         raise ValueError(f"unknown replacement modes {bad}; use one of {MODES}")
-    slot_plan(model, set(indices) | set(replaced_layers(model)))
+    if part != "mlp":
+        slot_plan(model, set(indices) | set(replaced_layers(model)))
     d = get_adapter(model).hidden_size(model.config)
     for i in indices:
-        _replace_layer(model, i, new_linear(model, i, d) if modes[i] == "linear" else None)
+        _replace(model, i, part, new_linear(model, i, d) if modes[i] == "linear" else None)
     assign_cache_slots(model)
 
 
@@ -189,16 +243,18 @@ def linearize(
     layers: Iterable[int],
     mode: ReplacementMode = "linear",
     ridge: Ridge = 0.0,
+    part: Part = "attention",
 ) -> dict[int, ReplacementMode]:
-    """Replace LN1 + attention of each listed layer in place; returns the replaced layers and modes.
+    """Replace ``part`` (LN1 + attention, LN2 + MLP, or the whole block) of each listed layer in place;
+    returns the replaced layers and modes.
 
-    ``stats`` maps a layer index to its calibration accumulator (``CalibrationResult`` works).
+    ``stats`` maps a layer index to its calibration accumulator for that part (``CalibrationResult`` works).
     All or nothing: the layers, the statistics' shapes, every fitted map (finite) and the cache-slot
     layout are checked before the model is touched, so any error leaves the model as it was.
     """
     if mode not in MODES:
         raise ValueError(f"unknown replacement mode {mode!r}; use one of {MODES}")
-    indices = validate_layers(model, layers)
+    indices = validate_layers(model, layers, part)
     d = get_adapter(model).hidden_size(model.config)
     linears: dict[int, nn.Linear | None] = {}
     for i in indices:
@@ -220,8 +276,9 @@ def linearize(
         if not (torch.isfinite(linear.weight).all() and torch.isfinite(linear.bias).all()):
             raise ValueError(f"the map of layer {i} overflows {linear.weight.dtype}: try a ridge > 0")
         linears[i] = linear
-    slot_plan(model, set(indices) | set(replaced_layers(model)))
+    if part != "mlp":
+        slot_plan(model, set(indices) | set(replaced_layers(model)))
     for i, linear in linears.items():
-        _replace_layer(model, i, linear)
+        _replace(model, i, part, linear)
     assign_cache_slots(model)
     return {i: mode for i in indices}

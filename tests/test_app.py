@@ -111,6 +111,11 @@ def test_launcher_configs(launcher, target):
         (["eval=quick", "eval.perplexity.seq_len=1"], "eval.perplexity.seq_len=1 must be >= 2"),
         (["speed.repeats=0"], "speed.repeats=0 must be >= 1"),
         (["+num_layer=3"], "num_layer"),
+        (["replacement.granularity=mlp", "selection=greedy"], "granularity=mlp does not support selection=greedy"),
+        (["replacement.granularity=block", "calibration.method=layerwise"], "does not support calibration.method"),
+        (["replacement.granularity=joint", "layers=[0]"], "does not support explicit layers"),
+        (["replacement.granularity=joint", "num_layers=9"], "outside 0..8"),
+        (["replacement.granularity=layer"], "replacement.granularity: Invalid value 'layer'"),
     ],
 )
 def test_bad_input_fails_before_loading_weights(overrides, message, monkeypatch):
@@ -278,3 +283,33 @@ def test_sequential_mode_from_python_without_hydra(tmp_path, monkeypatch):
                             RunContext(tmp_path / "run4"))  # fmt: skip
     assert [s["layer"] for s in longer["calibration"]["sequential_steps"][:3]] == [s["layer"] for s in steps]
     assert len(calibrations) == 1  # the three earlier steps came from the store; only step four calibrated
+
+
+def test_every_granularity_runs_and_the_report_uses_the_paper_names(tmp_path):
+    from nbl.report import collect, table_rows
+
+    proc = _run(
+        tmp_path,
+        "-m",
+        "experiment=smoke",
+        "selection=cosine",
+        "replacement=drop",
+        "replacement.granularity=mlp,block,joint",
+        "num_layers=3",
+        "speed=none",
+        f"hydra.sweep.dir={tmp_path / 'sweep'}",
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    runs = {r["replacement"]["granularity"]: r for r in _results(tmp_path / "sweep")}
+    assert sorted(runs) == ["block", "joint", "mlp"]
+    assert runs["mlp"]["replaced_modes"] == {} and len(runs["mlp"]["replaced_mlp_modes"]) == 3
+    assert len(runs["block"]["replaced_modes"]) == 3 and set(runs["block"]["replaced_mlp_modes"].values()) == {"drop"}
+    joint = runs["joint"]
+    assert sum(len(v) for v in joint["replaced_parts"].values()) == 3 == joint["num_layers"]
+    assert {"attention/cosine", "mlp/cosine"} <= set(joint["scores"])
+    for r in runs.values():
+        assert r["predicted"]["prefill_speedup"] > 1.0
+    # a block removes more than its MLP or its attention alone
+    assert runs["block"]["predicted"]["prefill_speedup"] > runs["mlp"]["predicted"]["prefill_speedup"]
+    names = {row["method"] for row in table_rows(collect([tmp_path / "sweep"]), [])}
+    assert {"MLP DROP", "Block DROP", "Joint DROP"} <= names

@@ -23,8 +23,8 @@ def _worker(rank: int, world: int, init_file: str, out: str) -> None:
     try:
         model = make_tiny("qwen2")  # the same seeded weights on every rank
         stats = calibrate_sharded(
-            lambda part: nbl.calibrate(model, part, progress=False), token_batches(5), rank, world
-        )
+            lambda part: {"attention": nbl.calibrate(model, part, progress=False)}, token_batches(5), rank, world
+        )["attention"]
         if rank == 1:
             stats.save(out)
     finally:

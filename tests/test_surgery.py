@@ -110,7 +110,7 @@ def test_bad_layers_leave_model_untouched():
         nbl.linearize(model, stats, [1], mode="prune")
     assert nbl.replaced_layers(model) == {}
     nbl.linearize(model, stats, [1])
-    with pytest.raises(ValueError, match="already replaced"):
+    with pytest.raises(ValueError, match="already have a replaced attention"):
         nbl.linearize(model, stats, [1])
 
 
