@@ -28,7 +28,7 @@ def summary_markdown(results: dict[str, Any]) -> str:
     head = ["model", *tasks, "avg acc", "perplexity", "prefill tok/s", "decode tok/s", "prefill x", "decode x"]
     rows = []
     for label, ev, ppl, suffix in (
-        ("base", results["eval_base"], results["perplexity"]["base"], "base"),
+        ("base" + quant_suffix(results), results["eval_base"], results["perplexity"]["base"], "base"),
         (f"{method} k={results['num_layers']}", results["eval"], results["perplexity"]["nbl"], "nbl"),
     ):
         accs = [_fmt(headline(t, ev[t])) if t in ev else "-" for t in tasks]
@@ -82,7 +82,7 @@ SEED_KEYS = ("seed", "selection.seed", "calibration.seed")
 # config sections that change no reported number
 NEUTRAL_SECTIONS = ("logger", "cache_dir", "save_checkpoint")
 # what the baseline row depends on (it is the same unmodified model whatever is selected or replaced)
-BASELINE_SECTIONS = ("model", "eval", "speed", "device", "seed")
+BASELINE_SECTIONS = ("model", "eval", "speed", "device", "seed", "quantize")
 
 
 def method_name(results: dict[str, Any]) -> str:
@@ -95,7 +95,16 @@ def method_name(results: dict[str, Any]) -> str:
     key = (chosen_by, results["replacement"]["mode"], granularity)
     name = PAPER_NAMES.get(key, f"{key[0]}+{key[1]}" + ("" if granularity == "attention" else f" ({granularity})"))
     mode = results.get("calibration", {}).get("mode")
-    return name + {"sequential": " seq", "propagated": " prop"}.get(mode, "")
+    return name + {"sequential": " seq", "propagated": " prop"}.get(mode, "") + quant_suffix(results)
+
+
+def quant_suffix(results: dict[str, Any]) -> str:
+    """The suffix " + <scheme>" for a run whose models were quantized (base and replaced alike), else ""."""
+    scheme = results.get("config", {}).get("quantize", {}).get("scheme", "none")
+    return "" if scheme == "none" else f" + {scheme}"
+
+
+PAPER_FAMILIES = ("Attn", "MLP", "Block", "Joint")  # rows of these methods are named "<method>-<k>" as in the paper
 
 
 def collect(paths: list[Path]) -> list[dict[str, Any]]:
@@ -208,7 +217,7 @@ def table_rows(runs: list[dict[str, Any]], notes: list[str] | None = None) -> li
     domains = sorted({d for r in runs for d in r["perplexity"].get("domains", {})})
     rows = []
     base_entries = [
-        ("baseline", 0, _identity(r, BASELINE_SECTIONS), r)
+        ("baseline" + quant_suffix(r), 0, _identity(r, BASELINE_SECTIONS), r)
         for r in runs
         if r.get("eval_base") or r["perplexity"]["base"]
     ]
@@ -241,7 +250,7 @@ def table_rows(runs: list[dict[str, Any]], notes: list[str] | None = None) -> li
         speed = [m["speed"] for m in members if m.get("speed")]
         rows.append(
             {
-                "method": f"{g.method}-{g.k}" if g.method.startswith("Attn") else g.method,
+                "method": f"{g.method}-{g.k}" if g.method.startswith(PAPER_FAMILIES) else g.method,
                 "k": g.k,
                 "n": len(members),
                 "sparsity": _mean([m["params"]["sparsity"] for m in members]),

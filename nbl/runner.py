@@ -39,6 +39,7 @@ from nbl.models import load_smollm2, random_model, smollm2_folder, tiny_config
 from nbl.offline_tasks import OFFLINE_TASKS, is_builtin_task
 from nbl.plan import Metric, PlanStep, greedy_plan, reachable, target_metric
 from nbl.provenance import code_identity, file_digest, model_revision, provenance
+from nbl.quantization import quantize_model
 from nbl.report import method_name, summary_markdown
 from nbl.schema import ConfigError, checked_config
 from nbl.selection import auto_ridge, layer_scores, lmmse_scores, select_layers
@@ -724,23 +725,30 @@ def run_experiment(cfg: DictConfig, ctx: RunContext) -> dict[str, Any]:
     cache_dir = Path(cfg.cache_dir)
 
     wants_eval = bool(cfg.eval.tasks or cfg.eval.perplexity)
+    scheme = cfg.quantize.scheme
+    base = None  # the unmodified model beside the replaced one: for the speed test, and quantized for its eval
+    if cfg.speed.enabled:
+        if cfg.model.device_map is not None:
+            log.warning("speed test skipped: a sharded model (device_map) cannot be copied for an interleaved run")
+        else:
+            base = copy.deepcopy(model)
+    if scheme != "none" and base is None and cfg.eval.evaluate_base and wants_eval:
+        base = copy.deepcopy(model)
+    if base is not None:
+        quantize_model(base, scheme)
+
     eval_base = None
     if cfg.eval.evaluate_base and wants_eval:
         fields = {
             "model": model_fields(cfg, config),
             "eval": OmegaConf.to_container(cfg.eval, resolve=True),
             "code": code_identity(),
+            **({"quantize": scheme} if scheme != "none" else {}),
         }
+        evaluated = base if scheme != "none" else model
         eval_base, _ = cached_json(
-            cache_dir / "base_eval", fields, lambda: evaluate(model, tokenizer, cfg.eval, cache_dir)
+            cache_dir / "base_eval", fields, lambda: evaluate(evaluated, tokenizer, cfg.eval, cache_dir)
         )
-
-    base = None
-    if cfg.speed.enabled:
-        if cfg.model.device_map is not None:
-            log.warning("speed test skipped: a sharded model (device_map) cannot be copied for an interleaved run")
-        else:
-            base = copy.deepcopy(model)
 
     def recalibrate(partial_model: PreTrainedModel, order: list[int]) -> CalibrationResult:
         return calibrate(partial_model, batches(), cfg)["attention"]  # the store below keeps what a later run reuses
@@ -761,8 +769,12 @@ def run_experiment(cfg: DictConfig, ctx: RunContext) -> dict[str, Any]:
     chosen = sorted({i for layers in chosen_parts.values() for i in layers})
     calibration_info["replace_seconds"] = time.perf_counter() - start  # fits, and refit passes if any
     del stats, all_stats
+    checkpoint = None
+    if cfg.save_checkpoint:  # before quantization: the checkpoint stays a plain linearized model
+        checkpoint = str(nbl.save_linearized(model, ctx.output_dir / "checkpoint", tokenizer))
+    quantized = quantize_model(model, scheme)
     eval_nbl = evaluate(model, tokenizer, cfg.eval, cache_dir) if wants_eval else None
-    speed = measure_speed(base, model, cfg.speed) if base is not None else None
+    speed = measure_speed(base, model, cfg.speed) if cfg.speed.enabled and base is not None else None
     del base
 
     params = nbl.parameter_report(model).as_dict()
@@ -805,6 +817,7 @@ def run_experiment(cfg: DictConfig, ctx: RunContext) -> dict[str, Any]:
             },
         },
         "predicted": predicted_speedups(config, replaced, cfg.speed, replaced_mlps),
+        "quantized_modules": len(quantized),  # nn.Linear modules quantized in each model (quantize.scheme)
         "speed": speed,
         "params": params,
         "config": OmegaConf.to_container(cfg, resolve=True),
@@ -819,8 +832,8 @@ def run_experiment(cfg: DictConfig, ctx: RunContext) -> dict[str, Any]:
     if results["average"] is not None and results["average_base"]:
         results["retention"] = results["average"] / results["average_base"]
     results["summary_row"] = _summary_row(results)
-    if cfg.save_checkpoint:
-        results["checkpoint"] = str(nbl.save_linearized(model, ctx.output_dir / "checkpoint", tokenizer))
+    if checkpoint is not None:
+        results["checkpoint"] = checkpoint
 
     atomic_write_text(ctx.output_dir / "results.json", json.dumps(results, indent=2) + "\n")
     summary = summary_markdown(results)

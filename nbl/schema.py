@@ -51,6 +51,12 @@ class Granularity(Enum):
     joint = "joint"  # attention and MLP sub-blocks ranked together; k counts sub-blocks
 
 
+class QuantScheme(Enum):
+    none = "none"
+    int8_weight = "int8_weight"
+    int8_dynamic = "int8_dynamic"
+
+
 class Windows(Enum):
     stream = "stream"
     documents = "documents"
@@ -238,6 +244,11 @@ class LoggerSchema:
 
 
 @dataclass
+class QuantizeSchema:
+    scheme: QuantScheme = QuantScheme.none  # nbl.quantization: applied to the base and the replaced model
+
+
+@dataclass
 class ExperimentSchema:
     model: ModelSchema
     calibration: CalibrationSchema
@@ -246,6 +257,7 @@ class ExperimentSchema:
     eval: EvalSchema
     speed: SpeedSchema
     logger: LoggerSchema
+    quantize: QuantizeSchema = field(default_factory=QuantizeSchema)
     num_layers: int = 8
     layers: list[int] | None = None
     seed: int = 0

@@ -313,3 +313,27 @@ def test_every_granularity_runs_and_the_report_uses_the_paper_names(tmp_path):
     assert runs["block"]["predicted"]["prefill_speedup"] > runs["mlp"]["predicted"]["prefill_speedup"]
     names = {row["method"] for row in table_rows(collect([tmp_path / "sweep"]), [])}
     assert {"MLP DROP", "Block DROP", "Joint DROP"} <= names
+
+
+def test_quantized_runs_evaluate_a_quantized_base_under_their_own_names(tmp_path):
+    from nbl.report import collect, table_rows
+
+    proc = _run(
+        tmp_path,
+        "-m",
+        "experiment=smoke",
+        "quantize=none,int8_weight",
+        "eval=quick",
+        "eval.tasks=[]",
+        "eval.perplexity.num_sequences=2",
+        "eval.perplexity.seq_len=64",
+        "speed=none",
+        f"hydra.sweep.dir={tmp_path / 'sweep'}",
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    runs = {r["config"]["quantize"]["scheme"]: r for r in _results(tmp_path / "sweep")}
+    assert runs["none"]["quantized_modules"] == 0 and runs["int8_weight"]["quantized_modules"] == 4 * 7 - 2 * 4 + 2
+    base, quantized_base = runs["none"]["perplexity"]["base"], runs["int8_weight"]["perplexity"]["base"]
+    assert base != quantized_base and abs(quantized_base / base - 1) < 0.05  # its own (cached) base evaluation
+    names = {row["method"] for row in table_rows(collect([tmp_path / "sweep"]), [])}
+    assert {"baseline", "baseline + int8_weight", "Attn NBL-2", "Attn NBL + int8_weight-2"} <= names
