@@ -95,7 +95,8 @@ def method_name(results: dict[str, Any]) -> str:
     key = (chosen_by, results["replacement"]["mode"], granularity)
     name = PAPER_NAMES.get(key, f"{key[0]}+{key[1]}" + ("" if granularity == "attention" else f" ({granularity})"))
     mode = results.get("calibration", {}).get("mode")
-    return name + {"sequential": " seq", "propagated": " prop"}.get(mode, "") + quant_suffix(results)
+    healed = " + LoRA" if results.get("config", {}).get("finetune", {}).get("method", "none") != "none" else ""
+    return name + {"sequential": " seq", "propagated": " prop"}.get(mode, "") + healed + quant_suffix(results)
 
 
 def quant_suffix(results: dict[str, Any]) -> str:
@@ -352,9 +353,9 @@ def _plots(rows: list[dict[str, Any]], out: Path, prefix: str = "") -> dict[str,
             methods.setdefault(r["_series"], []).append(r)
     files = {}
     panels = (
-        ("acc_vs_k", "k", "replaced attention layers k", "avg", "average accuracy"),
+        ("acc_vs_k", "k", "replaced units k (layers; joint: sub-blocks)", "avg", "average accuracy"),
         ("acc_vs_speedup", "prefill_x", "prefill speed-up", "avg", "average accuracy"),
-        ("ppl_vs_k", "k", "replaced attention layers k", "perplexity", "perplexity (log scale)"),
+        ("ppl_vs_k", "k", "replaced units k (layers; joint: sub-blocks)", "perplexity", "perplexity (log scale)"),
         ("ppl_vs_predicted_speedup", "pred_prefill_x", "predicted prefill speed-up (FLOP model)", "perplexity",
          "perplexity (log scale)"),
     )  # fmt: skip
@@ -378,3 +379,27 @@ def _plots(rows: list[dict[str, Any]], out: Path, prefix: str = "") -> dict[str,
         fig.savefig(files[prefix + name], dpi=120)
         plt.close(fig)
     return files
+
+
+def plot_loss_curve(losses: list[float], path: Path, title: str) -> Path:
+    """Training loss per step (and its running mean over 10 steps) as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5.5, 3.5))
+    ax.plot(range(1, len(losses) + 1), losses, alpha=0.4, label="loss")
+    window = min(10, len(losses))
+    smooth = [statistics.fmean(losses[max(0, i - window + 1) : i + 1]) for i in range(len(losses))]
+    ax.plot(range(1, len(losses) + 1), smooth, label=f"mean of last {window}")
+    ax.set_xlabel("step")
+    ax.set_ylabel("next-token loss (training text)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path

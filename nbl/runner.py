@@ -33,6 +33,7 @@ from nbl.damage import GreedyStep, cost_in_passes, greedy_selection, single_laye
 from nbl.data import TEXT_SOURCES, load_texts, token_sequences
 from nbl.distributed import calibrate_sharded
 from nbl.evaluation import average_headline, headline, perplexity, run_lm_eval
+from nbl.finetune import LoraSettings, lora_finetune
 from nbl.layerwise import calibrate_layerwise, refit_propagated
 from nbl.linalg import Ridge
 from nbl.models import load_smollm2, random_model, smollm2_folder, tiny_config
@@ -40,7 +41,7 @@ from nbl.offline_tasks import OFFLINE_TASKS, is_builtin_task
 from nbl.plan import Metric, PlanStep, greedy_plan, reachable, target_metric
 from nbl.provenance import code_identity, file_digest, model_revision, provenance
 from nbl.quantization import quantize_model
-from nbl.report import method_name, summary_markdown
+from nbl.report import method_name, plot_loss_curve, summary_markdown
 from nbl.schema import ConfigError, checked_config
 from nbl.selection import auto_ridge, layer_scores, lmmse_scores, select_layers
 from nbl.sequential import SequentialStep, StepStore, linearize_sequentially
@@ -161,6 +162,42 @@ def calibration_batches(
     n = cal_cfg.num_sequences
     ids = token_sequences(tokenizer, texts, n + heldout, cal_cfg.seq_len, cal_cfg.seed, cal_cfg.windows)
     return list(ids[:n].split(cal_cfg.batch_size)), list(ids[n:].split(cal_cfg.batch_size))
+
+
+def finetune_batches(tokenizer, cfg: DictConfig) -> list[torch.Tensor]:
+    """The fine-tuning windows (finetune.steps batches of finetune.batch_size): drawn with the calibration
+    windows, after them and the held-out ones, so they share no token with either."""
+    cal, ft = cfg.calibration, cfg.finetune
+    skip = cal.num_sequences + cfg.selection.holdout_sequences
+    texts = load_texts(cal.source, cal.path)
+    ids = token_sequences(tokenizer, texts, skip + ft.steps * ft.batch_size, cal.seq_len, cal.seed, cal.windows)
+    return list(ids[skip:].split(ft.batch_size))
+
+
+def heal(model: PreTrainedModel, batches: list[torch.Tensor], cfg: DictConfig, output_dir: Path
+         ) -> tuple[PreTrainedModel, dict[str, Any]]:  # fmt: skip
+    """LoRA healing as configured; the loss curve is returned and drawn into the run folder."""
+    ft = cfg.finetune
+    settings = LoraSettings(
+        rank=ft.rank,
+        alpha=ft.alpha,
+        dropout=ft.dropout,
+        target_modules=tuple(ft.target_modules),
+        train_maps=ft.train_maps,
+        steps=ft.steps,
+        lr=ft.lr,
+    )
+    model, trace = lora_finetune(model, batches, settings)
+    plot = plot_loss_curve(trace.losses, output_dir / "finetune_loss.png", f"LoRA healing (r={ft.rank})")
+    info = {
+        "losses": trace.losses,
+        "trainable_params": trace.trainable_params,
+        "tokens": sum(b.numel() for b in batches[: ft.steps]),
+        "seconds": trace.seconds,
+        "plot": str(plot),
+    }
+    log.info("LoRA healing: loss %.3f -> %.3f in %.0f s", trace.losses[0], trace.losses[-1], trace.seconds)
+    return model, info
 
 
 def model_fields(cfg: DictConfig, config: PretrainedConfig) -> dict[str, Any]:
@@ -685,6 +722,7 @@ def run_experiment(cfg: DictConfig, ctx: RunContext) -> dict[str, Any]:
 
     if extra or not stats_entry(Path(cfg.cache_dir) / "stats", calibration_fields(cfg, config)).is_file():
         windows()  # too little or unreadable text fails here, before the weights load
+    train = finetune_batches(tokenizer, cfg) if cfg.finetune.method == "lora" else None
     # offloaded: the weights wait on the CPU and each layer visits the device only while it calibrates
     model = load_model(cfg.model, config, torch.device("cpu") if cfg.calibration.offload else device, cfg.seed)
     n_layers = config.num_hidden_layers
@@ -769,6 +807,9 @@ def run_experiment(cfg: DictConfig, ctx: RunContext) -> dict[str, Any]:
     chosen = sorted({i for layers in chosen_parts.values() for i in layers})
     calibration_info["replace_seconds"] = time.perf_counter() - start  # fits, and refit passes if any
     del stats, all_stats
+    finetune = None
+    if train is not None:
+        model, finetune = heal(model, train, cfg, ctx.output_dir)
     checkpoint = None
     if cfg.save_checkpoint:  # before quantization: the checkpoint stays a plain linearized model
         checkpoint = str(nbl.save_linearized(model, ctx.output_dir / "checkpoint", tokenizer))
@@ -817,6 +858,7 @@ def run_experiment(cfg: DictConfig, ctx: RunContext) -> dict[str, Any]:
             },
         },
         "predicted": predicted_speedups(config, replaced, cfg.speed, replaced_mlps),
+        "finetune": finetune,
         "quantized_modules": len(quantized),  # nn.Linear modules quantized in each model (quantize.scheme)
         "speed": speed,
         "params": params,

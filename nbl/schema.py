@@ -243,6 +243,34 @@ class LoggerSchema:
     tags: list[str] = field(default_factory=list)
 
 
+class FinetuneMethod(Enum):
+    none = "none"
+    lora = "lora"
+
+
+@dataclass
+class FinetuneSchema:
+    method: FinetuneMethod = FinetuneMethod.none  # nbl.finetune: healing of the replaced model
+    rank: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    target_modules: list[str] = field(default_factory=list)
+    train_maps: bool = False
+    steps: int = 0
+    batch_size: int = 1
+    lr: float = 3e-4
+
+    def check(self) -> None:
+        if self.method is FinetuneMethod.none:
+            return
+        for key in ("rank", "steps", "batch_size"):
+            _positive(f"finetune.{key}", getattr(self, key))
+        if not self.lr > 0 or not math.isfinite(self.lr):
+            raise ConfigError(f"finetune.lr={self.lr} must be a positive number")
+        if not self.target_modules:
+            raise ConfigError("finetune.target_modules is empty: name the projections that get adapters")
+
+
 @dataclass
 class QuantizeSchema:
     scheme: QuantScheme = QuantScheme.none  # nbl.quantization: applied to the base and the replaced model
@@ -257,6 +285,7 @@ class ExperimentSchema:
     eval: EvalSchema
     speed: SpeedSchema
     logger: LoggerSchema
+    finetune: FinetuneSchema = field(default_factory=FinetuneSchema)
     quantize: QuantizeSchema = field(default_factory=QuantizeSchema)
     num_layers: int = 8
     layers: list[int] | None = None
@@ -266,7 +295,7 @@ class ExperimentSchema:
     cache_dir: str = "~/.cache/nbl"
 
     def check(self) -> None:
-        for part in (self.model, self.calibration, self.replacement, self.eval, self.speed):
+        for part in (self.model, self.calibration, self.replacement, self.eval, self.speed, self.finetune):
             part.check()
         _positive("num_layers", self.num_layers, minimum=0)
         _positive("selection.holdout_sequences", self.selection.holdout_sequences)

@@ -83,6 +83,8 @@ class Tracker:
         summary = wandb.Table(columns=list(results["summary_row"]), data=[list(results["summary_row"].values())])
         self.run.log({"results": summary})
         self.run.summary["replaced_layers"] = results["replaced_layers"]
+        for step, loss in enumerate((results.get("finetune") or {}).get("losses", []), start=1):
+            self.run.log({"finetune/step": step, "finetune/loss": loss})
 
     def finish(self) -> None:
         if self.run is not None:

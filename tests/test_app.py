@@ -116,6 +116,9 @@ def test_launcher_configs(launcher, target):
         (["replacement.granularity=joint", "layers=[0]"], "does not support explicit layers"),
         (["replacement.granularity=joint", "num_layers=9"], "outside 0..8"),
         (["replacement.granularity=layer"], "replacement.granularity: Invalid value 'layer'"),
+        (["finetune=lora", "finetune.steps=0"], "finetune.steps=0 must be >= 1"),
+        (["finetune=lora", "finetune.lr=0"], "finetune.lr=0.0 must be a positive number"),
+        (["quantize.scheme=int3"], "quantize.scheme: Invalid value 'int3'"),
     ],
 )
 def test_bad_input_fails_before_loading_weights(overrides, message, monkeypatch):
@@ -337,3 +340,27 @@ def test_quantized_runs_evaluate_a_quantized_base_under_their_own_names(tmp_path
     assert base != quantized_base and abs(quantized_base / base - 1) < 0.05  # its own (cached) base evaluation
     names = {row["method"] for row in table_rows(collect([tmp_path / "sweep"]), [])}
     assert {"baseline", "baseline + int8_weight", "Attn NBL-2", "Attn NBL + int8_weight-2"} <= names
+
+
+def test_lora_healing_runs_logs_its_loss_curve_and_keeps_a_plain_checkpoint(tmp_path):
+    proc = _run(
+        tmp_path,
+        "experiment=smoke",
+        "finetune=lora",
+        "finetune.steps=3",
+        "eval=quick",
+        "eval.tasks=[]",
+        "eval.perplexity.num_sequences=2",
+        "eval.perplexity.seq_len=64",
+        "speed=none",
+        "save_checkpoint=true",
+        f"hydra.run.dir={tmp_path / 'run'}",
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (results,) = _results(tmp_path / "run")
+    heal = results["finetune"]
+    assert len(heal["losses"]) == 3 and heal["tokens"] == 3 * 2 * 64 and heal["trainable_params"] > 0
+    assert (tmp_path / "run" / "finetune_loss.png").is_file()
+    assert results["summary_row"]["method"] == "Attn NBL + LoRA"
+    meta = json.loads((tmp_path / "run" / "checkpoint" / "nbl.json").read_text())
+    assert meta["replaced_layers"] == {str(i): "linear" for i in results["replaced_layers"]}
