@@ -69,6 +69,20 @@ def test_paper_grid_composes_into_the_full_grid():
     ]
 
 
+def test_granularity_grid_covers_granularity_mode_and_k():
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    cfg = _compose("experiment=granularity_grid", hydra=True)
+    overrides = [f"{key}={value}" for key, value in cfg.hydra.sweeper.params.items()]
+    batches = BasicSweeper.split_arguments(OverridesParser.create().parse_overrides(overrides), None)
+    jobs = {tuple(sorted(job)) for batch in batches for job in batch}
+    assert len(jobs) == 2 * 2 * 4 * 4
+    for granularity in ("attention", "mlp", "block", "joint"):
+        for mode in ("linear", "drop"):
+            assert sum(f"replacement.granularity={granularity}" in j and f"replacement={mode}" in j for j in jobs) == 8
+
+
 @pytest.mark.parametrize(("launcher", "target"), [("slurm", "SlurmLauncher"), ("local", "LocalLauncher")])
 def test_launcher_configs(launcher, target):
     cfg = _compose(f"hydra/launcher={launcher}", "hydra.launcher.timeout_min=30", hydra=True)
