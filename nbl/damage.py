@@ -17,31 +17,28 @@ from dataclasses import dataclass
 from typing import Literal
 
 import torch
-from torch import nn
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
 from nbl.adapters import get_adapter
+from nbl.calibration import live_layers
 from nbl.layerwise import LayerInput, capture_layer_inputs, to_device
-from nbl.linalg import Ridge, fit_lmmse, ridge_of
+from nbl.linalg import Ridge
 from nbl.stats import CovarianceAccumulator
-from nbl.surgery import LinearizedDecoderLayer, ReplacementMode, assign_cache_slots, linearize, new_linear
+from nbl.surgery import Part, ReplacementMode, assign_cache_slots, linearize
 
 Measure = Literal["loss", "kl"]
 
 
 @torch.no_grad()
-def _final_hidden(model: PreTrainedModel, start: int, item: LayerInput, replacement: nn.Module | None = None
-                  ) -> torch.Tensor:  # fmt: skip
-    """The final-normed hidden states when layers start..L-1 run on one batch's ``item`` (layer ``start``
-    swapped for ``replacement`` if given)."""
+def _final_hidden(model: PreTrainedModel, start: int, item: LayerInput) -> torch.Tensor:
+    """The final-normed hidden states when layers start..L-1 run on one batch's ``item``."""
     adapter = get_adapter(model)
     layers = adapter.layers(model)
     device = next(model.get_output_embeddings().parameters()).device
     hidden = item.hidden.to(device)
     kwargs = {k: to_device(v, device) for k, v in item.kwargs.items()}
-    for i in range(start, len(layers)):
-        layer = replacement if (i == start and replacement is not None) else layers[i]
+    for layer in layers[start:]:
         out = layer(hidden, **kwargs)
         hidden = out[0] if isinstance(out, tuple) else out
     return adapter.final_norm(model)(hidden)
@@ -49,15 +46,13 @@ def _final_hidden(model: PreTrainedModel, start: int, item: LayerInput, replacem
 
 @torch.no_grad()
 def _loss_from(model: PreTrainedModel, start: int, inputs: list[LayerInput], ids: list[torch.Tensor],
-               replacement: nn.Module | None = None, reference: Reference | None = None
-               ) -> float:  # fmt: skip
-    """Mean next-token loss when layers start..L-1 run on ``inputs`` (layer ``start`` swapped for
-    ``replacement`` if given); with ``reference`` (the unmodified model's next-token distributions), the mean
-    KL(reference || model) instead."""
+               reference: Reference | None = None) -> float:  # fmt: skip
+    """Mean next-token loss when layers start..L-1 run on ``inputs``; with ``reference`` (the unmodified
+    model's next-token distributions), the mean KL(reference || model) instead."""
     head = model.get_output_embeddings()
     total, count = 0.0, 0
     for b, (item, batch) in enumerate(zip(inputs, ids, strict=True)):
-        log_q = torch.log_softmax(head(_final_hidden(model, start, item, replacement))[:, :-1].float(), dim=-1)
+        log_q = torch.log_softmax(head(_final_hidden(model, start, item))[:, :-1].float(), dim=-1)
         if reference is None:
             target = batch.to(log_q.device)[:, 1:]
             total -= float(log_q.gather(-1, target.unsqueeze(-1)).sum())
@@ -94,24 +89,25 @@ def single_layer_damage(
     desc: str = "single-layer damage",
     measure: Measure = "loss",
     reference: Reference | None = None,
+    part: Part = "attention",
 ) -> dict[int, float]:
-    """Layer -> increase of the damage measure on ``heldout`` (batches of token ids) when that layer alone is
-    replaced (its map fitted on ``stats``) in the model as it is. Lower = safer to replace.
-    ``candidates``: the layers to try (default: every attention layer in ``stats``); ``reference`` (kl): the
-    distributions KL is measured from (default: the model's as it is). The model is not changed."""
-    layers = get_adapter(model).layers(model)
+    """Layer -> increase of the damage measure on ``heldout`` (batches of token ids) when that layer's ``part``
+    alone is replaced (its map fitted on ``stats``) in the model as it is. Lower = safer to replace.
+    ``candidates``: the layers to try (default: every layer in ``stats`` that still has ``part``); ``reference``
+    (kl): the distributions KL is measured from (default: the model's as it is). The model is left as it was."""
     per_layer = _inputs_of_every_layer(model, heldout)
     if measure == "kl" and reference is None:
         reference = reference_states(model, heldout)
     elif measure == "loss":
         reference = None
     base = _loss_from(model, 0, per_layer[0], heldout, reference=reference)
-    live = [i for i in stats if not isinstance(layers[i], LinearizedDecoderLayer)]
+    live = [i for i in live_layers(model, part) if i in stats]
     todo = live if candidates is None else [i for i in candidates if i in live]
     damage = {}
     for i in tqdm(todo, desc=desc, disable=not progress):
-        probe = _probe(model, stats, i, mode, ridge)
-        damage[i] = _loss_from(model, i, per_layer[i], heldout, replacement=probe, reference=reference) - base
+        with layers_restored(model, [i]):  # replaced in place for the measurement only
+            linearize(model, stats, [i], mode=mode, ridge=ridge, part=part)
+            damage[i] = _loss_from(model, i, per_layer[i], heldout, reference=reference) - base
     return damage
 
 
@@ -154,6 +150,7 @@ def greedy_selection(
     progress: bool = True,
     start: Sequence[GreedyStep] = (),
     measure: Measure = "loss",
+    part: Part = "attention",
 ) -> list[GreedyStep]:
     """Choose k layers one at a time: each step adds the candidate whose replacement raises the held-out loss
     of the model with the earlier choices already replaced the least (interactions between replaced layers
@@ -171,44 +168,33 @@ def greedy_selection(
     steps: list[GreedyStep] = list(start[:k])
     reference = reference_states(model, heldout) if measure == "kl" else None
     with layers_restored(model, pool):
-        linearize(model, stats, [s.layer for s in steps], mode=mode, ridge=ridge)
+        linearize(model, stats, [s.layer for s in steps], mode=mode, ridge=ridge, part=part)
         for n in range(len(steps), k):
             left = [i for i in pool if i not in {s.layer for s in steps}]
             damage = single_layer_damage(
-                model, stats, heldout, mode, ridge, progress, left, f"greedy step {n + 1}/{k}", measure, reference
-            )
+                model, stats, heldout, mode, ridge, progress, left, f"greedy step {n + 1}/{k}", measure, reference,
+                part,
+            )  # fmt: skip
             best = min(damage, key=lambda i: (damage[i], i))
-            linearize(model, stats, [best], mode=mode, ridge=ridge)
+            linearize(model, stats, [best], mode=mode, ridge=ridge, part=part)
             steps.append(GreedyStep(best, damage[best], (steps[-1].total if steps else 0.0) + damage[best]))
     return steps
 
 
 @contextmanager
 def layers_restored(model: PreTrainedModel, indices: Iterable[int]) -> Iterator[None]:
-    """Whatever the block replaces among the decoder layers ``indices``, they are the originals again after it
-    (also on errors), with the cache slots of the original layout."""
-    layers = get_adapter(model).layers(model)
-    originals = {i: layers[i] for i in indices}
+    """Whatever the block replaces among the decoder layers ``indices`` (attention, MLP, whole block), they are
+    the originals again after it (also on errors), with the cache slots of the original layout."""
+    adapter = get_adapter(model)
+    layers = adapter.layers(model)
+    originals = {i: (layers[i], adapter.post_attention_norm(layers[i]), adapter.mlp(layers[i])) for i in indices}
     try:
         yield
     finally:
-        for i, layer in originals.items():
+        for i, (layer, norm, mlp) in originals.items():
             layers[i] = layer
+            adapter.set_mlp_path(layer, norm, mlp)  # an MLP replacement swaps modules inside the layer
         assign_cache_slots(model)
-
-
-def _probe(model: PreTrainedModel, stats: Mapping[int, CovarianceAccumulator], i: int, mode: ReplacementMode,
-           ridge: Ridge) -> nn.Module:  # fmt: skip
-    """Layer i as :func:`nbl.linearize` would replace it, built beside the model (which stays unchanged)."""
-    adapter = get_adapter(model)
-    original = adapter.layers(model)[i]
-    linear = None
-    if mode == "linear":
-        w, b = fit_lmmse(stats[i], ridge=ridge_of(ridge, i))
-        linear = new_linear(model, i, w.shape[0])
-        linear.weight.copy_(w.to(linear.weight))
-        linear.bias.copy_(b.to(linear.bias))
-    return LinearizedDecoderLayer(adapter.mlp(original), adapter.post_attention_norm(original), linear)
 
 
 def cost_in_passes(n_layers: int, candidates: int, steps: int, heldout_tokens: int, calibration_tokens: int) -> float:

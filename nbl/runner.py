@@ -429,8 +429,9 @@ def greedy_cached(
             return earlier[:k]
         start = [GreedyStep(**step) for step in earlier]
         steps = greedy_selection(
-            model, stats, heldout(), k, rep.mode, ridge, start=start, measure=cfg.selection.measure
-        )
+            model, stats, heldout(), k, rep.mode, ridge, start=start, measure=cfg.selection.measure,
+            part=rep.granularity,
+        )  # fmt: skip
         return [dataclasses.asdict(step) for step in steps]
 
     return [GreedyStep(**step) for step in grown_steps(Path(cfg.cache_dir) / "greedy", fields, grow)]
@@ -748,7 +749,7 @@ def run_experiment(cfg: DictConfig, ctx: RunContext) -> dict[str, Any]:
         warn_measurement_cost(cfg, n_layers)
     if strategy == "loss":  # each layer replaced alone, its loss increase on held-out windows
         scores["loss"] = single_layer_damage(
-            model, stats, heldout(), mode=rep.mode, ridge=ridge, measure=cfg.selection.measure
+            model, stats, heldout(), mode=rep.mode, ridge=ridge, measure=cfg.selection.measure, part=parts[0]
         )
     elif strategy == "plan":  # keep / linear / drop per layer, to the target at the least damage
         plan = plan_cached(model, stats, heldout, cfg, config, ridge)

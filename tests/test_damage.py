@@ -18,19 +18,29 @@ def _loss(model, batches) -> float:
     return sum(loss * n for loss, n in losses) / sum(n for _, n in losses)
 
 
+def _untouched(model, before: dict) -> bool:
+    state = model.state_dict()
+    return (
+        nbl.replaced_layers(model) == {} == nbl.replaced_mlps(model)
+        and state.keys() == before.keys()
+        and all(torch.equal(before[k], v) for k, v in state.items())
+    )
+
+
+@pytest.mark.parametrize("part", ["attention", "mlp", "block"])
 @pytest.mark.parametrize("mode", ["linear", "drop"])
-def test_single_layer_damage_equals_replacing_each_layer_in_a_copy(family, mode):
+def test_single_layer_damage_equals_replacing_each_layer_in_a_copy(family, mode, part):
     model = make_tiny(family)
-    stats = nbl.calibrate(model, token_batches(n_batches=3), progress=False)
+    stats = nbl.calibrate(model, token_batches(n_batches=3), progress=False, part=part)
     heldout = token_batches(n_batches=2, seed=9)
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    damage = single_layer_damage(model, stats, heldout, mode=mode, progress=False)
+    damage = single_layer_damage(model, stats, heldout, mode=mode, progress=False, part=part)
     base = _loss(model, heldout)
     for i in range(4):
         replaced = copy.deepcopy(model)
-        nbl.linearize(replaced, stats, [i], mode=mode)
+        nbl.linearize(replaced, stats, [i], mode=mode, part=part)
         assert damage[i] == pytest.approx(_loss(replaced, heldout) - base, abs=1e-5)
-    assert nbl.replaced_layers(model) == {} and all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert _untouched(model, before)
 
 
 @pytest.mark.slow
@@ -50,27 +60,29 @@ def test_loss_selection_runs_in_the_app_and_picks_the_least_damaging_layers(tmp_
     assert results["selection_seconds"] > 0
 
 
-def test_greedy_steps_are_the_least_damaging_layer_given_the_earlier_choices(family):
+@pytest.mark.parametrize("part", ["attention", "mlp"])
+def test_greedy_steps_are_the_least_damaging_layer_given_the_earlier_choices(family, part):
     model = make_tiny(family)
-    stats = nbl.calibrate(model, token_batches(n_batches=3), progress=False)
+    stats = nbl.calibrate(model, token_batches(n_batches=3), progress=False, part=part)
     heldout = token_batches(n_batches=2, seed=9)
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    steps = greedy_selection(model, stats, heldout, 3, progress=False)
+    steps = greedy_selection(model, stats, heldout, 3, progress=False, part=part)
     # independently: at each step, replace every remaining layer in a copy of the partly replaced model
     partial, total = copy.deepcopy(model), 0.0
+    replaced = nbl.replaced_layers if part == "attention" else nbl.replaced_mlps
     for step in steps:
         base = _loss(partial, heldout)
         losses = {}
-        for i in sorted(set(range(4)) - set(nbl.replaced_layers(partial))):
+        for i in sorted(set(range(4)) - set(replaced(partial))):
             trial = copy.deepcopy(partial)
-            nbl.linearize(trial, stats, [i])
+            nbl.linearize(trial, stats, [i], part=part)
             losses[i] = _loss(trial, heldout) - base
         assert step.layer == min(losses, key=losses.get)
         assert step.damage == pytest.approx(losses[step.layer], abs=1e-5)
         total += losses[step.layer]
         assert step.total == pytest.approx(total, abs=1e-5)
-        nbl.linearize(partial, stats, [step.layer])
-    assert nbl.replaced_layers(model) == {} and all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+        nbl.linearize(partial, stats, [step.layer], part=part)
+    assert _untouched(model, before)
 
 
 def test_greedy_restricted_to_candidates_and_k_checked():
