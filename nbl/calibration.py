@@ -158,11 +158,12 @@ class SubBlockTap:
             for part, result in self.results.items():
                 for i in result.accumulators:
                     layer = decoder_layers[i]
-                    entry, exit_ = {
-                        "attention": (layer, adapter.attention(layer)),
-                        "mlp": (adapter.post_attention_norm(layer), adapter.mlp(layer)),
-                        "block": (layer, layer),
-                    }[part]
+                    if part == "attention":
+                        entry, exit_ = layer, adapter.attention(layer)
+                    elif part == "mlp":
+                        entry, exit_ = adapter.post_attention_norm(layer), adapter.mlp(layer)
+                    else:
+                        entry, exit_ = layer, layer
                     self._handles.append(entry.register_forward_pre_hook(self._save_input(part, i), with_kwargs=True))
                     self._handles.append(exit_.register_forward_hook(self._accumulate(part, i)))
         except BaseException:

@@ -12,7 +12,7 @@ with the map, so every later layer sees the replaced model's activations. One pa
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any
@@ -23,10 +23,18 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
 from nbl.adapters import get_adapter
-from nbl.calibration import Batch, CalibrationResult, SubBlockTap, check_token_count, raise_on_overflow, unpack_batch
+from nbl.calibration import (
+    Batch,
+    CalibrationResult,
+    SubBlockTap,
+    check_token_count,
+    live_layers,
+    raise_on_overflow,
+    unpack_batch,
+)
 from nbl.linalg import Ridge
 from nbl.surgery import (
-    LinearizedDecoderLayer,
+    Part,
     ReplacementMode,
     assign_cache_slots,
     linearize,
@@ -101,20 +109,21 @@ def _run_layer(
     i: int,
     inputs: Sequence[LayerInput],
     store: torch.device,
-    tap: CalibrationResult | None = None,
+    taps: Mapping[Part, CalibrationResult] | None = None,
     carry: bool = True,
 ) -> None:
-    """Run layer i on every batch: statistics into ``tap`` (if given) and, with ``carry``, outputs replace inputs."""
+    """Run layer i on every batch: statistics of layer i into ``taps`` (per part, those holding it) and, with
+    ``carry``, outputs replace inputs."""
     layer = get_adapter(model).layers(model)[i]
     device = next(layer.parameters()).device
-    one = CalibrationResult({i: tap[i]}, tap.cosine_sums) if tap is not None else None  # this layer's hooks only
-    with SubBlockTap(model, {"attention": one}) if one is not None else nullcontext() as hooks:
+    ones = {p: CalibrationResult({i: r[i]}, r.cosine_sums) for p, r in (taps or {}).items() if i in r.accumulators}
+    with SubBlockTap(model, ones) if ones else nullcontext() as hooks:  # this layer's hooks only
         for b, item in enumerate(inputs):
             if hooks is not None:
                 hooks.mask = item.mask
             out = layer(item.hidden.to(device), **{k: to_device(v, device) for k, v in item.kwargs.items()})
-            if tap is not None:
-                raise_on_overflow(tap, b, item.hidden.dtype, layers=[i])
+            for one in ones.values():
+                raise_on_overflow(one, b, item.hidden.dtype)
             if carry:
                 item.hidden = (out[0] if isinstance(out, tuple) else out).to(store)
 
@@ -127,11 +136,11 @@ def _layer_pass(
     store: torch.device | None,
     progress: bool,
     desc: str,
-    tap: CalibrationResult | None = None,
+    taps: Mapping[Part, CalibrationResult] | None = None,
     before_run: Callable[[int, list[LayerInput]], None] | None = None,
 ) -> None:
     """Capture layer 0's inputs, then for each layer: onload it, ``before_run`` (which may replace it), run it on
-    every batch (statistics of ``tap``'s layers gathered on the way), offload it."""
+    every batch (statistics of the layers in ``taps`` gathered on the way), offload it."""
     _uniform_attention(model)
     if any(hasattr(m, "_hf_hook") for m in model.modules()):
         raise NotImplementedError("layer-by-layer calibration moves layers itself: load the model without device_map")
@@ -149,10 +158,12 @@ def _layer_pass(
             try:
                 if before_run is not None:
                     before_run(i, inputs)
-                tapped = tap is not None and i in tap.accumulators
-                _run_layer(model, i, inputs, store, tap if tapped else None)
-                if tapped:
-                    tap[i].move_(store)  # finished sums wait with the activations: the device holds one layer's
+                _run_layer(model, i, inputs, store, taps)
+                for result in (taps or {}).values():
+                    if (
+                        i in result.accumulators
+                    ):  # finished sums wait with the activations: the device holds one layer's
+                        result[i].move_(store)
             finally:
                 original.to(home)
                 layers[i].to(home)  # before_run may have replaced the module
@@ -167,19 +178,32 @@ def calibrate_layerwise(
     store: torch.device | str | None = None,
     progress: bool = True,
     gram_dtype: str = "float64",
+    part: Part = "attention",
 ) -> CalibrationResult:
     """The statistics :func:`nbl.calibrate` computes, layer by layer (same sums up to float64 round-off).
 
     ``device``: where each layer runs (default: the embedding's device); ``store``: where the carried
     activations and the layers wait (default: ``device``; "cpu" spares device memory).
     """
-    adapter = get_adapter(model)
-    d = adapter.hidden_size(model.config)
-    live = [i for i, layer in enumerate(adapter.layers(model)) if not isinstance(layer, LinearizedDecoderLayer)]
-    result = CalibrationResult.empty(live, d, gram_dtype)
-    _layer_pass(model, list(batches), _device(device), _device(store), progress, "calibrating", tap=result)
-    check_token_count(result, d)
-    return result
+    return calibrate_layerwise_parts(model, batches, (part,), device, store, progress, gram_dtype)[part]
+
+
+def calibrate_layerwise_parts(
+    model: PreTrainedModel,
+    batches: Iterable[Batch],
+    parts: Iterable[Part],
+    device: torch.device | str | None = None,
+    store: torch.device | str | None = None,
+    progress: bool = True,
+    gram_dtype: str = "float64",
+) -> dict[Part, CalibrationResult]:
+    """:func:`calibrate_layerwise` for several parts in the same pass (as :func:`nbl.calibrate_parts`)."""
+    d = get_adapter(model).hidden_size(model.config)
+    taps = {p: CalibrationResult.empty(live_layers(model, p), d, gram_dtype) for p in dict.fromkeys(parts)}
+    _layer_pass(model, list(batches), _device(device), _device(store), progress, "calibrating", taps=taps)
+    for result in taps.values():
+        check_token_count(result, d)
+    return taps
 
 
 def refit_propagated(
@@ -211,7 +235,7 @@ def refit_propagated(
         if i not in result.accumulators:
             return
         if mode == "linear":  # statistics of the original layer on the replaced model's inputs
-            _run_layer(model, i, inputs, store=inputs[0].hidden.device, tap=result, carry=False)
+            _run_layer(model, i, inputs, store=inputs[0].hidden.device, taps={"attention": result}, carry=False)
             check_token_count(CalibrationResult({i: result[i]}, {i: result.cosine_sums[i]}), d)
         linearize(model, result, [i], mode=mode, ridge=ridge)
 

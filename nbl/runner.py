@@ -34,7 +34,7 @@ from nbl.data import TEXT_SOURCES, load_texts, token_sequences
 from nbl.distributed import calibrate_sharded
 from nbl.evaluation import average_headline, headline, perplexity, run_lm_eval
 from nbl.finetune import LoraSettings, lora_finetune
-from nbl.layerwise import calibrate_layerwise, refit_propagated
+from nbl.layerwise import calibrate_layerwise_parts, refit_propagated
 from nbl.linalg import Ridge
 from nbl.models import load_smollm2, random_model, smollm2_folder, tiny_config
 from nbl.offline_tasks import OFFLINE_TASKS, is_builtin_task
@@ -242,16 +242,13 @@ PARTS_OF: dict[str, tuple[Part, ...]] = {
 def calibrate(
     model: PreTrainedModel, batches: list[torch.Tensor], cfg: DictConfig, parts: tuple[Part, ...] = ("attention",)
 ) -> dict[Part, CalibrationResult]:
-    """One calibration pass as configured: forward hooks (every part at once), or layer by layer (attention only,
-    optionally offloaded to the CPU)."""
+    """One calibration pass over every part asked for, as configured: forward hooks, or layer by layer
+    (optionally offloaded to the CPU)."""
     cal = cfg.calibration
     if cal.method == "layerwise":
-        if parts != ("attention",):
-            raise ValueError(f"layer-by-layer calibration gathers attention statistics only, not {parts}")
-        stats = calibrate_layerwise(
-            model, batches, device=resolve_device(cfg.device), store=_store(cfg), gram_dtype=cal.gram_dtype
+        return calibrate_layerwise_parts(
+            model, batches, parts, device=resolve_device(cfg.device), store=_store(cfg), gram_dtype=cal.gram_dtype
         )
-        return {"attention": stats}
     return nbl.calibrate_parts(model, batches, parts, gram_dtype=cal.gram_dtype)
 
 

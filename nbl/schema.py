@@ -317,9 +317,9 @@ class ExperimentSchema:
             raise ConfigError(f"layers={self.layers} lists a layer twice")
 
     def _check_granularity(self) -> None:
-        """Sub-blocks other than attention are calibrated by hooks in one pass and fitted on it. The layer-by-layer
-        passes, the sequential / propagated refits and selection=plan (keep / linear / drop of attention) handle
-        attention only; loss and greedy measure one part per layer (not joint)."""
+        """Sub-blocks other than attention are fitted on the one-pass statistics: the sequential / propagated refits
+        and selection=plan (keep / linear / drop of attention) handle attention only; loss and greedy measure one
+        part per layer (not joint)."""
         granularity = self.replacement.granularity
         if granularity is Granularity.attention:
             return
@@ -328,7 +328,6 @@ class ExperimentSchema:
             f"selection={self.selection.strategy.value}": self.layers is None
             and self.selection.strategy in (Strategy.plan, *measured),
             f"calibration.mode={self.calibration.mode.value}": self.calibration.mode is not CalibrationMode.one_pass,
-            "calibration.method=layerwise": self.calibration.method is CalibrationMethod.layerwise,
             "explicit layers (a joint unit is a sub-block, not a layer)": granularity is Granularity.joint
             and self.layers is not None,
         }

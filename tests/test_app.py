@@ -127,7 +127,7 @@ def test_launcher_configs(launcher, target):
         (["+num_layer=3"], "num_layer"),
         (["replacement.granularity=mlp", "selection=plan"], "granularity=mlp does not support selection=plan"),
         (["replacement.granularity=joint", "selection=greedy"], "granularity=joint does not support selection=greedy"),
-        (["replacement.granularity=block", "calibration.method=layerwise"], "does not support calibration.method"),
+        (["replacement.granularity=block", "calibration.mode=propagated"], "does not support calibration.mode"),
         (["replacement.granularity=joint", "layers=[0]"], "does not support explicit layers"),
         (["replacement.granularity=joint", "num_layers=9"], "outside 0..8"),
         (["replacement.granularity=layer"], "replacement.granularity: Invalid value 'layer'"),

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import nbl
-from nbl.layerwise import calibrate_layerwise, refit_propagated
+from nbl.layerwise import calibrate_layerwise, calibrate_layerwise_parts, refit_propagated
 from nbl.models import random_model, tiny_config
 from nbl.sequential import linearize_sequentially
 from tests.conftest import make_tiny, token_batches
@@ -26,6 +26,20 @@ def test_layerwise_statistics_equal_the_one_pass_hooks(family):
     _assert_same_statistics(
         calibrate_layerwise(model, batches, progress=False), nbl.calibrate(model, batches, progress=False)
     )
+
+
+def test_layerwise_statistics_of_every_part_in_one_pass_equal_the_hooks_on_a_mixed_model(family):
+    model = make_tiny(family)
+    batches = token_batches(n_batches=2)
+    stats = nbl.calibrate_parts(model, batches, ("attention", "mlp"), progress=False)
+    nbl.linearize(model, stats["attention"], [1], part="attention")
+    nbl.linearize(model, stats["mlp"], [2], part="mlp")
+    parts = ("attention", "mlp", "block")
+    got = calibrate_layerwise_parts(model, batches, parts, progress=False)
+    expected = nbl.calibrate_parts(model, batches, parts, progress=False)
+    assert [list(got[p]) for p in parts] == [[0, 2, 3], [0, 1, 3], [0, 3]]
+    for p in parts:
+        _assert_same_statistics(got[p], expected[p])
 
 
 def test_layerwise_counts_no_padding_and_skips_replaced_layers():
