@@ -266,11 +266,19 @@ def table_rows(runs: list[dict[str, Any]], notes: list[str] | None = None) -> li
                 "selection_s": _mean(
                     [m["selection_seconds"] for m in members if m.get("selection_seconds") is not None]
                 ),
-                "layers": " ".join(map(str, members[0].get("replaced_layers", []))) if len(members) == 1 else "(seeds)",
+                "layers": _layers(members[0]) if len(members) == 1 else "(seeds)",
                 "_series": g.method,
             }
         )
     return rows
+
+
+def _layers(run: dict[str, Any]) -> str:
+    """The replaced layers; per part where a run replaced several kinds ("attention: 3 5 | mlp: 7")."""
+    parts = {p: layers for p, layers in (run.get("replaced_parts") or {}).items() if layers}
+    if len(parts) > 1:
+        return " | ".join(f"{p}: " + " ".join(map(str, layers)) for p, layers in parts.items())
+    return " ".join(map(str, run.get("replaced_layers", [])))
 
 
 def _predicted_prefill(run: dict[str, Any]) -> float | None:
