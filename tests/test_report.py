@@ -188,3 +188,23 @@ def test_a_perplexity_only_sweep_still_has_its_baseline_row():
         r["eval"], r["eval_base"], r["average"], r["average_base"] = {}, {}, None, None
     by_method = _by_method(table_rows(runs))
     assert by_method["baseline"]["perplexity"] == 18.0 and by_method["Attn NBL-4"]["perplexity"] == 24.0
+
+
+def test_granularity_healing_and_quantization_get_their_own_names_and_rows():
+    runs = []
+    for granularity, strategy, mode in [
+        ("block", "cca", "linear"),
+        ("mlp", "cosine", "drop"),
+        ("joint", "cosine", "drop"),
+    ]:
+        run = _run(strategy, mode, 4, 0.5)
+        run["replacement"]["granularity"] = run["config"]["replacement"]["granularity"] = granularity
+        run["_path"] += granularity
+        runs.append(run)
+    runs[2]["replaced_parts"] = {"attention": [1, 2], "mlp": [3, 9]}
+    healed = _run("cca", "linear", 4, 0.55, **{"finetune": {"method": "lora"}})
+    quantized = _run("cca", "linear", 4, 0.5, **{"quantize": {"scheme": "int8_weight"}})
+    rows = _by_method(table_rows([*runs, healed, quantized], []))
+    assert {"Block NBL-4", "MLP DROP-4", "Joint DROP-4", "Attn NBL + LoRA-4", "Attn NBL + int8_weight-4"} <= set(rows)
+    assert {"baseline", "baseline + int8_weight"} <= set(rows)  # a quantized run's base is another model
+    assert rows["Joint DROP-4"]["layers"] == "attention: 1 2 | mlp: 3 9"
