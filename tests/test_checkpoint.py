@@ -23,9 +23,29 @@ RELOAD = textwrap.dedent(
         logits = model(ids).logits
     gen = model.generate(ids[:1, :6], max_new_tokens=8, do_sample=False, use_cache=True, pad_token_id=0)
     save_file({"logits": logits.contiguous(), "gen": gen}, sys.argv[3])
-    print(sorted(nbl.replaced_layers(model).items()))
+    print(sorted(nbl.replaced_layers(model).items()), sorted(nbl.replaced_mlps(model).items()))
     """
 )
+
+
+def assert_reloads_the_same_in_a_fresh_process(model, folder, tmp_path) -> str:
+    """Reload the checkpoint ``folder`` in a new Python process: logits and cached generation must equal
+    ``model``'s exactly; returns what it printed (its attention and MLP replacements)."""
+    ids = torch.randint(3, 256, (2, 16), generator=torch.Generator().manual_seed(5))
+    save_file({"ids": ids}, str(tmp_path / "ids.safetensors"))
+    proc = subprocess.run(
+        [sys.executable, "-c", RELOAD, str(folder), str(tmp_path / "ids.safetensors"), str(tmp_path / "out")],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,  # nothing relative to the working directory may be needed
+    )
+    assert proc.returncode == 0, proc.stderr
+    out = load_file(str(tmp_path / "out"))
+    with torch.no_grad():
+        torch.testing.assert_close(out["logits"], model(ids).logits, rtol=0, atol=0)
+    expected = model.generate(ids[:1, :6], max_new_tokens=8, do_sample=False, use_cache=True, pad_token_id=0)
+    assert torch.equal(out["gen"], expected)
+    return proc.stdout
 
 
 @pytest.mark.parametrize("model_type", ["llama", "qwen2", "qwen3"])
@@ -41,29 +61,8 @@ def test_round_trip_in_a_fresh_process(tmp_path, model_type):
         "3": "drop",
     }
     assert not list(folder.glob("*.bin")) and not list(folder.glob("*.pkl"))
-
-    ids = torch.randint(3, 256, (2, 16), generator=torch.Generator().manual_seed(5))
-    save_file({"ids": ids}, str(tmp_path / "ids.safetensors"))
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-c",
-            RELOAD,
-            str(folder),
-            str(tmp_path / "ids.safetensors"),
-            str(tmp_path / "out.safetensors"),
-        ],
-        capture_output=True,
-        text=True,
-        cwd=tmp_path,  # nothing relative to the working directory may be needed
-    )
-    assert proc.returncode == 0, proc.stderr
-    assert "[(0, 'linear'), (2, 'linear'), (3, 'drop')]" in proc.stdout
-    out = load_file(str(tmp_path / "out.safetensors"))
-    with torch.no_grad():
-        torch.testing.assert_close(out["logits"], model(ids).logits, rtol=0, atol=0)
-    expected = model.generate(ids[:1, :6], max_new_tokens=8, do_sample=False, use_cache=True, pad_token_id=0)
-    assert torch.equal(out["gen"], expected)
+    printed = assert_reloads_the_same_in_a_fresh_process(model, folder, tmp_path)
+    assert "[(0, 'linear'), (2, 'linear'), (3, 'drop')] []" in printed
 
 
 def test_loading_a_plain_folder_fails_clearly(tmp_path):

@@ -3,21 +3,18 @@ statistics, surgery, cached generation, KV cache, parameter / FLOP / bytes accou
 
 import copy
 import json
-import subprocess
-import sys
-import textwrap
 
 import numpy as np
 import pytest
 import torch
 from omegaconf import OmegaConf
-from safetensors.torch import load_file, save_file
 from transformers import DynamicCache
 
 import nbl
 from nbl.accounting import BytesModel, FlopModel, kv_cache_bytes_per_token
 from nbl.runner import choose_units
 from tests.conftest import make_tiny, token_batches
+from tests.test_checkpoint import assert_reloads_the_same_in_a_fresh_process
 
 
 def _sums(x: np.ndarray, a: np.ndarray) -> dict[str, np.ndarray]:
@@ -170,42 +167,13 @@ def test_mixed_model_accounting_by_hand():
     assert flops.token(attn_modes, 10, mlp_modes) == sum(expected) < 4 * kept
 
 
-RELOAD = textwrap.dedent(
-    """
-    import sys, torch
-    from safetensors.torch import load_file, save_file
-    import nbl
-    model = nbl.load_linearized(sys.argv[1])
-    ids = load_file(sys.argv[2])["ids"]
-    with torch.no_grad():
-        logits = model(ids).logits
-    gen = model.generate(ids[:1, :6], max_new_tokens=8, do_sample=False, use_cache=True, pad_token_id=0)
-    save_file({"logits": logits.contiguous(), "gen": gen}, sys.argv[3])
-    print(sorted(nbl.replaced_layers(model).items()), sorted(nbl.replaced_mlps(model).items()))
-    """
-)
-
-
 def test_mixed_model_round_trips_through_a_checkpoint_in_a_fresh_process(tmp_path):
     model = _mixed("qwen2")
     folder = nbl.save_linearized(model, tmp_path / "ckpt")
     meta = json.loads((folder / "nbl.json").read_text())
     assert meta["replaced_mlps"] == {"1": "linear", "2": "drop", "3": "drop"}
-    ids = torch.randint(3, 256, (2, 16), generator=torch.Generator().manual_seed(5))
-    save_file({"ids": ids}, str(tmp_path / "ids.safetensors"))
-    proc = subprocess.run(
-        [sys.executable, "-c", RELOAD, str(folder), str(tmp_path / "ids.safetensors"), str(tmp_path / "out")],
-        capture_output=True,
-        text=True,
-        cwd=tmp_path,
-    )
-    assert proc.returncode == 0, proc.stderr
-    assert "[(0, 'linear'), (2, 'linear'), (3, 'drop')] [(1, 'linear'), (2, 'drop'), (3, 'drop')]" in proc.stdout
-    out = load_file(str(tmp_path / "out"))
-    with torch.no_grad():
-        torch.testing.assert_close(out["logits"], model(ids).logits, rtol=0, atol=0)
-    expected = model.generate(ids[:1, :6], max_new_tokens=8, do_sample=False, use_cache=True, pad_token_id=0)
-    assert torch.equal(out["gen"], expected)
+    printed = assert_reloads_the_same_in_a_fresh_process(model, folder, tmp_path)
+    assert "[(0, 'linear'), (2, 'linear'), (3, 'drop')] [(1, 'linear'), (2, 'drop'), (3, 'drop')]" in printed
 
 
 def test_joint_selection_ranks_attention_and_mlp_sub_blocks_together():
