@@ -274,10 +274,10 @@ def table_rows(runs: list[dict[str, Any]], notes: list[str] | None = None) -> li
 
 
 def _layers(run: dict[str, Any]) -> str:
-    """The replaced layers; per part where a run replaced several kinds ("attention: 3 5 | mlp: 7")."""
-    parts = {p: layers for p, layers in (run.get("replaced_parts") or {}).items() if layers}
+    """The replaced layers; per part where a run chose among several kinds ("attention: 3 5 | mlp: -")."""
+    parts = run.get("replaced_parts") or {}
     if len(parts) > 1:
-        return " | ".join(f"{p}: " + " ".join(map(str, layers)) for p, layers in parts.items())
+        return " | ".join(f"{p}: " + (" ".join(map(str, layers)) or "-") for p, layers in parts.items())
     return " ".join(map(str, run.get("replaced_layers", [])))
 
 
