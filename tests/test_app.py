@@ -330,7 +330,7 @@ def test_every_granularity_runs_and_the_report_uses_the_paper_names(tmp_path):
     # a block removes more than its MLP or its attention alone
     assert runs["block"]["predicted"]["prefill_speedup"] > runs["mlp"]["predicted"]["prefill_speedup"]
     names = {row["method"] for row in table_rows(collect([tmp_path / "sweep"]), [])}
-    assert {"MLP DROP", "Block DROP", "Joint DROP"} <= names
+    assert {"MLP DROP-3", "Block DROP-3", "Joint DROP-3"} <= names
 
 
 def test_quantized_runs_evaluate_a_quantized_base_under_their_own_names(tmp_path):
