@@ -95,7 +95,10 @@ def method_name(results: dict[str, Any]) -> str:
     key = (chosen_by, results["replacement"]["mode"], granularity)
     name = PAPER_NAMES.get(key, f"{key[0]}+{key[1]}" + ("" if granularity == "attention" else f" ({granularity})"))
     mode = results.get("calibration", {}).get("mode")
-    healed = " + LoRA" if results.get("config", {}).get("finetune", {}).get("method", "none") != "none" else ""
+    finetune = results.get("config", {}).get("finetune", {})
+    healed = ""
+    if finetune.get("method", "none") != "none":
+        healed = " + LoRA" + (" (maps trained)" if finetune.get("train_maps") else "")
     return name + {"sequential": " seq", "propagated": " prop"}.get(mode, "") + healed + quant_suffix(results)
 
 

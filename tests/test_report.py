@@ -203,8 +203,10 @@ def test_granularity_healing_and_quantization_get_their_own_names_and_rows():
         runs.append(run)
     runs[2]["replaced_parts"] = {"attention": [1, 2], "mlp": [3, 9]}
     healed = _run("cca", "linear", 4, 0.55, **{"finetune": {"method": "lora"}})
+    maps = _run("cca", "linear", 4, 0.56, **{"finetune": {"method": "lora", "train_maps": True}})
     quantized = _run("cca", "linear", 4, 0.5, **{"quantize": {"scheme": "int8_weight"}})
-    rows = _by_method(table_rows([*runs, healed, quantized], []))
-    assert {"Block NBL-4", "MLP DROP-4", "Joint DROP-4", "Attn NBL + LoRA-4", "Attn NBL + int8_weight-4"} <= set(rows)
+    rows = _by_method(table_rows([*runs, healed, maps, quantized], []))
+    assert {"Block NBL-4", "MLP DROP-4", "Joint DROP-4", "Attn NBL + int8_weight-4"} <= set(rows)
+    assert {"Attn NBL + LoRA-4", "Attn NBL + LoRA (maps trained)-4"} <= set(rows)
     assert {"baseline", "baseline + int8_weight"} <= set(rows)  # a quantized run's base is another model
     assert rows["Joint DROP-4"]["layers"] == "attention: 1 2 | mlp: 3 9"
