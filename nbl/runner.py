@@ -221,6 +221,7 @@ def calibration_fields(cfg: DictConfig, config: PretrainedConfig, replaced_order
     cal = OmegaConf.to_container(cfg.calibration, resolve=True)
     for key in ("batch_size", "method", "offload"):  # the same sums up to float64 round-off (tested)
         cal.pop(key)
+    cal.pop("extra_parts")  # which further parts a pass gathers changes none of the sums
     cal.pop("mode")  # the one-pass statistics are the first step of the sequential and propagated modes
     if replaced_order:
         cal["replaced_order"] = list(replaced_order)
@@ -282,36 +283,45 @@ def calibrate_cached(
     parts: tuple[Part, ...] = ("attention",),
 ) -> tuple[dict[Part, CalibrationResult] | None, dict]:
     """Statistics of the model's ``parts`` (one cache entry each), from the cache when the same pass ran before;
-    the parts not cached come from one pass.
+    the parts not cached come from one pass. A pass the run makes anyway also gathers the uncached parts of
+    ``calibration.extra_parts`` and stores them for later runs (a sweep over granularities then pays one pass).
 
     With several ranks (torchrun), rank 0 looks the entries up and tells the others; on a miss every rank
     calibrates its shard of the batches and the sums are all-reduced. Ranks > 0 get (None, {}).
     """
     start = time.perf_counter()
     folder = Path(cfg.cache_dir) / "stats"
-    fields = {part: part_fields(calibration_fields(cfg, config), part) for part in parts}
+    extra = tuple(p for p in cfg.calibration.extra_parts if p not in parts)
+    fields = {part: part_fields(calibration_fields(cfg, config), part) for part in (*parts, *extra)}
+    decision: list[Any] = [None]  # rank 0 decides what one pass gathers: the run's parts, extra ones on a miss
+    if rank == 0:
+        absent = {p for p in fields if not stats_entry(folder, fields[p]).is_file()}
+        miss = bool(absent & set(parts))
+        decision = [(miss, (*parts, *(p for p in extra if p in absent)) if miss else parts)]
+    if world > 1:
+        torch.distributed.broadcast_object_list(decision, src=0)
+    miss, pass_parts = decision[0]
 
     reduced: dict[Part, CalibrationResult] | None = None
     if world > 1:
-        flag = [all(stats_entry(folder, f).is_file() for f in fields.values()) if rank == 0 else None]
-        torch.distributed.broadcast_object_list(flag, src=0)
-        if not flag[0]:
-            reduced = calibrate_sharded(lambda shard: calibrate(model, shard, cfg, parts), batches(), rank, world)
+        if miss:
+            reduced = calibrate_sharded(lambda shard: calibrate(model, shard, cfg, pass_parts), batches(), rank, world)
         if rank > 0:
             return None, {}
 
     # rank 0 after a sharded pass: its reduced sums; an entry that vanished after the lookup: alone
-    one_pass = functools.cache(lambda: reduced if reduced is not None else calibrate(model, batches(), cfg, parts))
+    one_pass = functools.cache(lambda: reduced if reduced is not None else calibrate(model, batches(), cfg, pass_parts))
     stats, hits, paths = {}, {}, {}
-    for part in parts:
+    for part in pass_parts:  # the extra parts are stored for later runs, not used here
         stats[part], hits[part], paths[part] = cached_calibration(
             folder, fields[part], lambda part=part: one_pass()[part], expect=_expect_layers(model, part)
         )
+    stats = {p: stats[p] for p in parts}
     tokens = stats[parts[0]].num_tokens
     info = {
         "tokens": tokens,
-        "cache_hit": all(hits.values()),
-        "cache_file": str(paths[parts[0]]) if len(parts) == 1 else {p: str(f) for p, f in paths.items()},
+        "cache_hit": all(hits[p] for p in parts),
+        "cache_file": str(paths[parts[0]]) if len(parts) == 1 else {p: str(paths[p]) for p in parts},
         "seconds": time.perf_counter() - start,
         "world_size": world,
     }

@@ -142,8 +142,12 @@ class CalibrationSchema:
     offload: bool = False
     gram_dtype: GramDType = GramDType.float64
     windows: Windows = Windows.stream
+    extra_parts: list[str] = field(default_factory=list)  # further parts a pass gathers and caches for later runs
 
     def check(self) -> None:
+        unknown = [p for p in self.extra_parts if p not in ("attention", "mlp", "block")]
+        if unknown:
+            raise ConfigError(f"calibration.extra_parts: unknown parts {unknown}; use attention, mlp, block")
         if self.offload and self.method is not CalibrationMethod.layerwise:
             raise ConfigError("calibration.offload=true needs calibration.method=layerwise")
         _positive("calibration.num_sequences", self.num_sequences)

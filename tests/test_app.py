@@ -379,3 +379,25 @@ def test_lora_healing_runs_logs_its_loss_curve_and_keeps_a_plain_checkpoint(tmp_
     assert results["summary_row"]["method"] == "Attn NBL + LoRA"
     meta = json.loads((tmp_path / "run" / "checkpoint" / "nbl.json").read_text())
     assert meta["replaced_layers"] == {str(i): "linear" for i in results["replaced_layers"]}
+
+
+def test_extra_parts_ride_along_on_a_pass_and_serve_later_granularities(tmp_path, monkeypatch):
+    import nbl.runner
+    from nbl.runner import RunContext, run_experiment
+
+    monkeypatch.setenv("NBL_CACHE", str(tmp_path / "cache"))
+    passes = []
+    real = nbl.runner.calibrate
+    monkeypatch.setattr(nbl.runner, "calibrate", lambda *a, **k: passes.append(a[3]) or real(*a, **k))
+    first = run_experiment(
+        _compose("experiment=smoke", "speed=none", "calibration.extra_parts=[mlp,block]"), RunContext(tmp_path / "a")
+    )
+    assert passes == [("attention", "mlp", "block")] and not first["calibration"]["cache_hit"]
+    assert len(list((tmp_path / "cache" / "stats").glob("*.safetensors"))) == 3
+    for i, granularity in enumerate(("block", "joint", "attention")):  # attention: the key without extra_parts
+        later = run_experiment(
+            _compose("experiment=smoke", "speed=none", f"replacement.granularity={granularity}"),
+            RunContext(tmp_path / f"b{i}"),
+        )
+        assert later["calibration"]["cache_hit"]
+    assert len(passes) == 1
