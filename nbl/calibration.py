@@ -16,7 +16,7 @@ from transformers import PreTrainedModel
 
 from nbl.adapters import get_adapter
 from nbl.stats import CovarianceAccumulator
-from nbl.surgery import PARTS, Part, execution_device, replaced_layers, replaced_mlps
+from nbl.surgery import PARTS, Part, execution_device, live_layers
 
 Batch = torch.Tensor | Mapping[str, torch.Tensor]
 
@@ -197,15 +197,6 @@ class SubBlockTap:
             result.cosine_sums[i] += float(cos.double().sum())
 
         return hook
-
-
-def live_layers(model: PreTrainedModel, part: Part) -> list[int]:
-    """The layers whose ``part`` is still there to calibrate (a block: attention and MLP both)."""
-    adapter = get_adapter(model)
-    gone = set(replaced_layers(model)) if part != "mlp" else set()
-    if part != "attention":
-        gone |= set(replaced_mlps(model))
-    return [i for i in range(len(adapter.layers(model))) if i not in gone]
 
 
 def unpack_batch(batch: Batch, device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:

@@ -21,11 +21,10 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
 from nbl.adapters import get_adapter
-from nbl.calibration import live_layers
 from nbl.layerwise import LayerInput, capture_layer_inputs, to_device
 from nbl.linalg import Ridge
 from nbl.stats import CovarianceAccumulator
-from nbl.surgery import Part, ReplacementMode, assign_cache_slots, linearize
+from nbl.surgery import Part, ReplacementMode, assign_cache_slots, linearize, live_layers
 
 Measure = Literal["loss", "kl"]
 

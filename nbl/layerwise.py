@@ -28,7 +28,6 @@ from nbl.calibration import (
     CalibrationResult,
     SubBlockTap,
     check_token_count,
-    live_layers,
     raise_on_overflow,
     unpack_batch,
 )
@@ -38,6 +37,7 @@ from nbl.surgery import (
     ReplacementMode,
     assign_cache_slots,
     linearize,
+    live_layers,
     replaced_layers,
     slot_plan,
     validate_layers,

@@ -28,7 +28,7 @@ from nbl import distributed
 from nbl.accounting import BytesModel, FlopModel, kv_cache_bytes_per_token
 from nbl.adapters import adapter_for_config
 from nbl.cache import atomic_write_text, cache_key, cached_calibration, cached_json, grown_steps, stats_entry
-from nbl.calibration import CalibrationResult, live_layers
+from nbl.calibration import CalibrationResult
 from nbl.damage import GreedyStep, cost_in_passes, greedy_selection, single_layer_damage
 from nbl.data import TEXT_SOURCES, load_texts, token_sequences
 from nbl.distributed import calibrate_sharded
@@ -46,7 +46,7 @@ from nbl.schema import ConfigError, checked_config
 from nbl.selection import auto_ridge, layer_scores, lmmse_scores, select_layers
 from nbl.sequential import SequentialStep, StepStore, linearize_sequentially
 from nbl.speed import decode_memory, decode_timer, interleaved, prefill, random_prompt, timed
-from nbl.surgery import Part, execution_device
+from nbl.surgery import Part, execution_device, live_layers
 
 log = logging.getLogger(__name__)
 

@@ -110,6 +110,14 @@ def replaced_mlps(model: PreTrainedModel) -> dict[int, ReplacementMode]:
     return {i: m.mode for i, layer in enumerate(adapter.layers(model)) if isinstance(m := adapter.mlp(layer), MlpMap)}
 
 
+def live_layers(model: PreTrainedModel, part: Part) -> list[int]:
+    """The layers whose ``part`` is still there to calibrate or replace (a block: attention and MLP both)."""
+    gone = set(replaced_layers(model)) if part != "mlp" else set()
+    if part != "attention":
+        gone |= set(replaced_mlps(model))
+    return [i for i in range(len(get_adapter(model).layers(model))) if i not in gone]
+
+
 def validate_layers(model: PreTrainedModel, layers: Iterable[int], part: Part = "attention") -> list[int]:
     """``layers`` as sorted ints, refused unless they are integer indices, in range, distinct and their ``part``
     is not replaced yet (a block: neither its attention nor its MLP)."""
@@ -131,10 +139,7 @@ def validate_layers(model: PreTrainedModel, layers: Iterable[int], part: Part = 
         raise IndexError(f"layer indices {bad} out of range for a model with {n} decoder layers")
     if len(set(chosen)) != len(chosen):
         raise ValueError(f"duplicate layer indices in {chosen}")
-    done = set(replaced_layers(model)) if part != "mlp" else set()
-    if part != "attention":
-        done |= set(replaced_mlps(model))
-    already = sorted(set(chosen) & done)
+    already = sorted(set(chosen) - set(live_layers(model, part)))
     if already:
         raise ValueError(f"layers {already} already have a replaced {'sub-block' if part == 'block' else part}")
     return sorted(chosen)
