@@ -444,6 +444,29 @@ def greedy_cached(
     return [GreedyStep(**step) for step in grown_steps(Path(cfg.cache_dir) / "greedy", fields, grow)]
 
 
+def damage_cached(
+    model: PreTrainedModel,
+    stats: CalibrationResult,
+    heldout: Callable[[], list[torch.Tensor]],
+    cfg: DictConfig,
+    config: PretrainedConfig,
+    ridge: Ridge,
+) -> dict[int, float]:
+    """:func:`single_layer_damage` of every layer, cached (it does not depend on k: a sweep over k pays once)."""
+    rep = cfg.replacement
+    fields = {**measured_fields(cfg, config), "replacement": OmegaConf.to_container(rep, resolve=True)}
+
+    def compute() -> dict:
+        damage = single_layer_damage(
+            model, stats, heldout(), mode=rep.mode, ridge=ridge, measure=cfg.selection.measure, part=rep.granularity
+        )
+        return {str(i): v for i, v in damage.items()}  # JSON keys are strings
+
+    damage, hit = cached_json(Path(cfg.cache_dir) / "damage", fields, compute)
+    log.info("single-layer damage: %s", "cache hit" if hit else "measured")
+    return {int(i): float(v) for i, v in damage.items()}
+
+
 def score_all(
     stats: CalibrationResult,
     selection: DictConfig,
@@ -755,9 +778,7 @@ def run_experiment(cfg: DictConfig, ctx: RunContext) -> dict[str, Any]:
     if measured:
         warn_measurement_cost(cfg, n_layers)
     if strategy == "loss":  # each layer replaced alone, its loss increase on held-out windows
-        scores["loss"] = single_layer_damage(
-            model, stats, heldout(), mode=rep.mode, ridge=ridge, measure=cfg.selection.measure, part=parts[0]
-        )
+        scores["loss"] = damage_cached(model, stats, heldout, cfg, config, ridge)
     elif strategy == "plan":  # keep / linear / drop per layer, to the target at the least damage
         plan = plan_cached(model, stats, heldout, cfg, config, ridge)
         scores["plan"] = {step.layer: step.damage for step in plan}

@@ -58,6 +58,14 @@ def test_loss_selection_runs_in_the_app_and_picks_the_least_damaging_layers(tmp_
     assert sorted(damage) == [0, 1, 2, 3] and results["summary_row"]["method"] == "loss+linear"
     assert results["replaced_layers"] == sorted(sorted(damage, key=damage.get)[:2])
     assert results["selection_seconds"] > 0
+    # the damages do not depend on k: another k reads them from the cache instead of measuring again
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        cfg = compose("config", overrides=["experiment=smoke", "speed=none", "selection=loss", "num_layers=3"])
+    monkeypatch.setattr("nbl.runner.single_layer_damage", lambda *a, **k: pytest.fail("measured again"))
+    again = run_experiment(cfg, RunContext(tmp_path / "run3"))
+    assert again["scores"]["loss"] == results["scores"]["loss"]
+    assert again["replaced_layers"] == sorted(sorted(damage, key=damage.get)[:3])
+    assert len(list((tmp_path / "cache" / "damage").glob("*.json"))) == 1
 
 
 @pytest.mark.parametrize("part", ["attention", "mlp"])

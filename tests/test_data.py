@@ -54,3 +54,16 @@ def test_asking_for_more_windows_keeps_the_first_ones(windows):
     few = token_sequences(_Tokenizer(), docs, 3, 8, seed=1, windows=windows)
     more = token_sequences(_Tokenizer(), docs, 5, 8, seed=1, windows=windows)
     assert torch.equal(more[:3], few)  # held-out windows never change the calibration windows
+
+
+def test_mixed_text_holds_every_genre_and_none_of_the_perplexity_texts():
+    from nbl.data import coqa_passages, lambada_passages, mixed_passages, sciq_passages, wikipedia_passages
+
+    mixed = mixed_passages()
+    assert len(mixed) == len(set(mixed)) and all(t.strip() for t in mixed)
+    held_out = set(wikipedia_passages()) | set(sciq_passages())
+    assert not held_out & set(mixed)
+    # books and CoQA's non-Wikipedia passages are in, and so are the short genres (maths, clinical, abstracts)
+    assert set(lambada_passages()) <= set(mixed) and set(coqa_passages()) <= set(mixed)
+    assert any("####" in t for t in mixed)  # a GSM8K worked solution
+    assert len(mixed) > len(set(lambada_passages()) | set(coqa_passages())) + 2000
