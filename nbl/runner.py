@@ -29,7 +29,7 @@ from nbl.accounting import BytesModel, FlopModel, kv_cache_bytes_per_token
 from nbl.adapters import adapter_for_config
 from nbl.cache import atomic_write_text, cache_key, cached_calibration, cached_json, grown_steps, stats_entry
 from nbl.calibration import CalibrationResult
-from nbl.damage import GreedyStep, cost_in_passes, greedy_selection, single_layer_damage
+from nbl.damage import Candidate, GreedyStep, cost_in_passes, greedy_selection, single_layer_damage, validate_sets
 from nbl.data import TEXT_SOURCES, load_texts, token_sequences
 from nbl.distributed import calibrate_sharded
 from nbl.evaluation import average_headline, headline, perplexity, run_lm_eval
@@ -467,6 +467,32 @@ def damage_cached(
     return {int(i): float(v) for i, v in damage.items()}
 
 
+def validated_choice(
+    model: PreTrainedModel,
+    stats: CalibrationResult,
+    heldout: Callable[[], list[torch.Tensor]],
+    cfg: DictConfig,
+    scores: dict[str, dict[int, float]],
+    ridge: Ridge,
+) -> list[Candidate]:
+    """selection=validated: the k layers each ranking (measured single-layer damage, cosine, the paper's CCA
+    bound) puts first, each set replaced together and its damage measured on the held-out windows (listed in
+    that order; the run takes the least damaging). Costs one held-out forward per distinct set beyond the
+    single-layer damages."""
+    k, rep = cfg.num_layers, cfg.replacement
+    proposals = {
+        "loss": select_layers(scores["loss"], k, "loss"),
+        "cosine": select_layers(scores["cosine"], k, "cosine"),
+        "cca": select_layers(scores[cca_key(cfg.selection)], k, "cca"),
+    }
+    found = validate_sets(
+        model, stats, heldout(), proposals, rep.mode, ridge, cfg.selection.measure, rep.granularity
+    )  # fmt: skip
+    for c in found:
+        log.info("validated: %s's %d layers %s: damage %.4f", " = ".join(c.rules), k, c.layers, c.damage)
+    return found
+
+
 def score_all(
     stats: CalibrationResult,
     selection: DictConfig,
@@ -482,16 +508,24 @@ def score_all(
     key = score_key(selection)
     if key is not None and key.startswith("cca") and not explicit:
         scores[key] = layer_scores(stats, "cca", selection.cca_target)
+    if key == "validated" and not explicit:  # the paper's ranking is one of the proposals
+        scores[cca_key(selection)] = layer_scores(stats, "cca", selection.cca_target)
     if heldout is not None:
         scores["lmmse"] = lmmse_scores(stats, heldout, ridge)
     return scores
 
 
+def cca_key(selection: DictConfig) -> str:
+    """The name of the CCA bound's scores for the configured target."""
+    return "cca" if selection.cca_target == "residual" else "cca_attention"
+
+
 def score_key(selection: DictConfig) -> str | None:
     """Which of :func:`score_all`'s scores drives the selection (None: random)."""
     if selection.strategy == "cca":
-        return "cca" if selection.cca_target == "residual" else "cca_attention"
-    return selection.strategy if selection.strategy in ("cosine", "loss", "lmmse", "greedy", "plan") else None
+        return cca_key(selection)
+    measured = ("loss", "lmmse", "greedy", "plan", "validated")
+    return selection.strategy if selection.strategy in ("cosine", *measured) else None
 
 
 def choose_units(cfg: DictConfig, part_scores: dict[Part, dict[str, dict[int, float]]], n_layers: int
@@ -515,7 +549,7 @@ def choose_layers(cfg: DictConfig, scores: dict[str, dict[int, float]], n_layers
     if cfg.layers is not None:
         return sorted(cfg.layers)
     key = score_key(cfg.selection)
-    if key in ("greedy", "plan"):  # the layers the greedy steps chose (their damages are the scores)
+    if key in ("greedy", "plan", "validated"):  # the layers the steps / the winning set chose
         return sorted(scores[key])
     if key is None:
         return select_layers(dict.fromkeys(range(n_layers), 0.0), cfg.num_layers, "random", seed=cfg.selection.seed)
@@ -739,7 +773,7 @@ def run_experiment(cfg: DictConfig, ctx: RunContext) -> dict[str, Any]:
     device = resolve_device(cfg.device)
     tokenizer = load_tokenizer(cfg.model)
     strategy = cfg.selection.strategy if cfg.layers is None else None
-    measured = strategy in ("loss", "greedy", "plan")  # these run the model on held-out windows
+    measured = strategy in ("loss", "greedy", "plan", "validated")  # these run the model on held-out windows
     auto = cfg.replacement.ridge == "auto"
     uses_heldout_stats = auto or strategy == "lmmse"
     extra = cfg.selection.holdout_sequences if measured or uses_heldout_stats else 0
@@ -774,11 +808,16 @@ def run_experiment(cfg: DictConfig, ctx: RunContext) -> dict[str, Any]:
     # the measured strategies and the refitting modes replace attention only (checked by the schema)
     stats, ridge, scores = all_stats[parts[0]], ridges[parts[0]], part_scores[parts[0]]
     rep = cfg.replacement
-    greedy_steps = None
+    greedy_steps = validation = None
     if measured:
         warn_measurement_cost(cfg, n_layers)
-    if strategy == "loss":  # each layer replaced alone, its loss increase on held-out windows
+    if strategy in ("loss", "validated"):  # each layer replaced alone, its loss increase on held-out windows
         scores["loss"] = damage_cached(model, stats, heldout, cfg, config, ridge)
+    if strategy == "validated":  # the top k of three rankings, each set measured replaced together
+        validation = validated_choice(model, stats, heldout, cfg, scores, ridge)
+        best = min(validation, key=lambda c: c.damage)
+        scores["validated"] = dict.fromkeys(best.layers, best.damage)
+        validation = [dataclasses.asdict(c) for c in validation]
     elif strategy == "plan":  # keep / linear / drop per layer, to the target at the least damage
         plan = plan_cached(model, stats, heldout, cfg, config, ridge)
         scores["plan"] = {step.layer: step.damage for step in plan}
@@ -868,6 +907,7 @@ def run_experiment(cfg: DictConfig, ctx: RunContext) -> dict[str, Any]:
         "score_used": score_key(cfg.selection) if how == "strategy" else None,
         "selection_seconds": selection_seconds,
         "greedy_steps": greedy_steps,
+        "validation": validation,
         "ridge": {str(i): r for i, r in ridge.items()} if isinstance(ridge, dict) else ridge,
         "calibration": {**calibration_info, "mode": cfg.calibration.mode, "sequential_steps": sequential},
         "eval": eval_nbl["tasks"] if eval_nbl else {},

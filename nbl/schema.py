@@ -75,6 +75,7 @@ class Strategy(Enum):
     lmmse = "lmmse"
     greedy = "greedy"
     plan = "plan"
+    validated = "validated"  # the top k of the cca, cosine and loss rankings, measured as sets
 
 
 class Measure(Enum):
@@ -303,7 +304,7 @@ class ExperimentSchema:
             part.check()
         _positive("num_layers", self.num_layers, minimum=0)
         _positive("selection.holdout_sequences", self.selection.holdout_sequences)
-        measured = (Strategy.loss, Strategy.greedy, Strategy.plan)
+        measured = (Strategy.loss, Strategy.greedy, Strategy.plan, Strategy.validated)
         if self.selection.strategy in measured and self.calibration.mode is CalibrationMode.sequential:
             raise ConfigError(
                 f"selection={self.selection.strategy.value} runs the model itself: "
@@ -327,7 +328,7 @@ class ExperimentSchema:
         granularity = self.replacement.granularity
         if granularity is Granularity.attention:
             return
-        measured = (Strategy.loss, Strategy.greedy) if granularity is Granularity.joint else ()
+        measured = (Strategy.loss, Strategy.greedy, Strategy.validated) if granularity is Granularity.joint else ()
         unsupported = {
             f"selection={self.selection.strategy.value}": self.layers is None
             and self.selection.strategy in (Strategy.plan, *measured),
