@@ -110,6 +110,11 @@ def test_launcher_configs(launcher, target):
         (["selection.cca_target=bogus"], "selection.cca_target: Invalid value 'bogus'"),
         (["selection=loss", "calibration.mode=sequential"], "selection=loss runs the model itself"),
         (["selection=greedy", "calibration.mode=sequential"], "selection=greedy runs the model itself"),
+        (["selection=validated", "calibration.mode=sequential"], "selection=validated runs the model itself"),
+        (
+            ["replacement.granularity=joint", "selection=validated"],
+            "granularity=joint does not support selection=validated",
+        ),
         (["selection=loss", "selection.holdout_sequences=0"], "selection.holdout_sequences=0 must be >= 1"),
         (["replacement.mode=prune"], "replacement.mode"),
         (["replacement.ridge=-1"], "replacement.ridge=-1 must be >= 0.0"),

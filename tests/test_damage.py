@@ -7,7 +7,7 @@ import torch
 
 import nbl
 from nbl import runner
-from nbl.damage import greedy_selection, single_layer_damage
+from nbl.damage import greedy_selection, single_layer_damage, validate_sets
 from nbl.selection import RIDGE_GRID
 from tests.conftest import make_tiny, token_batches
 
@@ -170,3 +170,44 @@ def test_kl_damage_is_the_divergence_from_the_unmodified_model(family):
     nbl.linearize(both, stats, [s.layer for s in steps])
     assert steps[0].damage == pytest.approx(damage[steps[0].layer], abs=1e-6)
     assert steps[1].total == pytest.approx(_kl(model, both, heldout), abs=1e-5)  # KL from the original model
+
+
+@pytest.mark.parametrize("part", ["attention", "block"])
+def test_each_proposed_set_is_measured_replaced_together_as_in_a_copy(family, part):
+    model = make_tiny(family)
+    stats = nbl.calibrate(model, token_batches(n_batches=3), progress=False, part=part)
+    heldout = token_batches(n_batches=2, seed=9)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    proposals = {"a": [3, 1], "b": [0, 2], "c": [1, 3]}  # c proposes a's set: measured once, named for both
+    found = validate_sets(model, stats, heldout, proposals, part=part)
+    assert [(c.rules, c.layers) for c in found] == [(["a", "c"], [1, 3]), (["b"], [0, 2])]
+    base = _loss(model, heldout)
+    for c in found:
+        replaced = copy.deepcopy(model)
+        nbl.linearize(replaced, stats, c.layers, part=part)
+        assert c.damage == pytest.approx(_loss(replaced, heldout) - base, abs=1e-5)
+    assert _untouched(model, before)
+
+
+@pytest.mark.slow
+def test_validated_selection_keeps_the_least_damaging_of_the_three_rankings_sets(tmp_path, monkeypatch):
+    from hydra import compose, initialize_config_dir
+
+    from nbl.__main__ import CONF_DIR
+    from nbl.runner import RunContext, run_experiment
+
+    monkeypatch.setenv("NBL_CACHE", str(tmp_path / "cache"))
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        cfg = compose("config", overrides=["experiment=smoke", "speed=none", "selection=validated", "num_layers=2"])
+    results = run_experiment(cfg, RunContext(tmp_path / "run"))
+    scores, found = results["scores"], results["validation"]
+    assert sorted(rule for c in found for rule in c["rules"]) == ["cca", "cosine", "loss"]
+    first = {
+        "loss": sorted(sorted(scores["loss"], key=lambda i: (scores["loss"][i], int(i)))[:2], key=int),
+        "cosine": sorted(sorted(scores["cosine"], key=lambda i: (-scores["cosine"][i], int(i)))[:2], key=int),
+        "cca": sorted(sorted(scores["cca"], key=lambda i: (scores["cca"][i], int(i)))[:2], key=int),
+    }
+    for c in found:  # each candidate is the top 2 of the rankings that proposed it
+        assert all([int(i) for i in first[rule]] == c["layers"] for rule in c["rules"])
+    assert results["replaced_layers"] == min(found, key=lambda c: c["damage"])["layers"]
+    assert results["summary_row"]["method"] == "validated+linear"
