@@ -154,14 +154,23 @@ def load_model(model_cfg: DictConfig, config: PretrainedConfig, device: torch.de
 
 
 def calibration_batches(
-    tokenizer, cal_cfg: DictConfig, heldout: int = 0
+    tokenizer, cal_cfg: DictConfig, heldout: int = 0, heldout_source: str | None = None
 ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """(calibration batches, held-out batches): the configured windows, then ``heldout`` further windows of
-    the same text, tokenized once. The calibration windows do not depend on ``heldout``."""
+    the same text, tokenized once; or, with a ``heldout_source`` other than the calibration text, ``heldout``
+    windows of that text. The calibration windows do not depend on ``heldout``."""
     texts = load_texts(cal_cfg.source, cal_cfg.path)
     n = cal_cfg.num_sequences
-    ids = token_sequences(tokenizer, texts, n + heldout, cal_cfg.seq_len, cal_cfg.seed, cal_cfg.windows)
-    return list(ids[:n].split(cal_cfg.batch_size)), list(ids[n:].split(cal_cfg.batch_size))
+    other = heldout_source is not None and heldout_source != cal_cfg.source
+    ids = token_sequences(
+        tokenizer, texts, n + (0 if other else heldout), cal_cfg.seq_len, cal_cfg.seed, cal_cfg.windows
+    )
+    held = ids[n:]
+    if other and heldout:
+        held = token_sequences(
+            tokenizer, load_texts(heldout_source), heldout, cal_cfg.seq_len, cal_cfg.seed, cal_cfg.windows
+        )
+    return list(ids[:n].split(cal_cfg.batch_size)), list(held.split(cal_cfg.batch_size))
 
 
 def finetune_batches(tokenizer, cfg: DictConfig) -> list[torch.Tensor]:
@@ -344,7 +353,7 @@ def heldout_calibration(
     """Statistics of the held-out windows (the ``selection.holdout_sequences`` windows after the calibration
     windows): the exact held-out error of every map, from second moments. Costs holdout_sequences /
     num_sequences of a calibration pass; cached beside the calibration statistics."""
-    fields = {**calibration_fields(cfg, config), "heldout_sequences": cfg.selection.holdout_sequences}
+    fields = {**calibration_fields(cfg, config), **heldout_fields(cfg)}
     one_pass = functools.cache(lambda: calibrate(model, heldout(), cfg, parts))
     out = {}
     for part in parts:
@@ -363,8 +372,15 @@ def heldout_calibration(
 def measured_fields(cfg: DictConfig, config: PretrainedConfig) -> dict[str, Any]:
     """What a measured selection's damages depend on besides its own settings: the statistics' key, the
     held-out windows, the damage measure."""
-    sel = cfg.selection
-    return {**calibration_fields(cfg, config), "heldout_sequences": sel.holdout_sequences, "measure": sel.measure}
+    return {**calibration_fields(cfg, config), **heldout_fields(cfg), "measure": cfg.selection.measure}
+
+
+def heldout_fields(cfg: DictConfig) -> dict[str, Any]:
+    """Which held-out windows: how many, and of which text when it is not the calibration text."""
+    fields: dict[str, Any] = {"heldout_sequences": cfg.selection.holdout_sequences}
+    if cfg.selection.heldout_source not in (None, cfg.calibration.source):
+        fields["heldout_source"] = cfg.selection.heldout_source
+    return fields
 
 
 def plan_metric(cfg: DictConfig, config: PretrainedConfig) -> Metric:
@@ -777,7 +793,9 @@ def run_experiment(cfg: DictConfig, ctx: RunContext) -> dict[str, Any]:
     auto = cfg.replacement.ridge == "auto"
     uses_heldout_stats = auto or strategy == "lmmse"
     extra = cfg.selection.holdout_sequences if measured or uses_heldout_stats else 0
-    windows = functools.cache(lambda: calibration_batches(tokenizer, cfg.calibration, extra))  # built at most once
+    windows = functools.cache(  # built at most once
+        lambda: calibration_batches(tokenizer, cfg.calibration, extra, cfg.selection.heldout_source)
+    )
 
     def batches() -> list[torch.Tensor]:
         return windows()[0]

@@ -169,6 +169,7 @@ class SelectionSchema:
     cca_target: CCATargetName = CCATargetName.residual
     seed: int = 0
     holdout_sequences: int = 8  # loss, greedy, lmmse, ridge=auto: held-out windows of the calibration text
+    heldout_source: str | None = None  # their text (a TEXT_SOURCES name); None: the calibration text's next windows
     measure: Measure = Measure.loss  # loss, greedy: damage as loss increase, or as KL from the original model
     target: PlanTarget = PlanTarget.prefill  # plan: the predicted quantity to reach (nbl.plan.target_metric)
     target_value: float | None = None  # plan: reach at least this (a speed-up, or a fraction removed)
@@ -304,6 +305,7 @@ class ExperimentSchema:
             part.check()
         _positive("num_layers", self.num_layers, minimum=0)
         _positive("selection.holdout_sequences", self.selection.holdout_sequences)
+        self._check_heldout_source()
         measured = (Strategy.loss, Strategy.greedy, Strategy.plan, Strategy.validated)
         if self.selection.strategy in measured and self.calibration.mode is CalibrationMode.sequential:
             raise ConfigError(
@@ -320,6 +322,22 @@ class ExperimentSchema:
         self._check_granularity()
         if self.layers is not None and len(set(self.layers)) != len(self.layers):
             raise ConfigError(f"layers={self.layers} lists a layer twice")
+
+    def _check_heldout_source(self) -> None:
+        """A measured rule must not see the text it is judged on, and its text must be one the data module knows."""
+        from nbl.data import TEXT_SOURCES
+
+        source = self.selection.heldout_source
+        if source is None:
+            return
+        if source not in TEXT_SOURCES:
+            raise ConfigError(f"selection.heldout_source={source} is unknown; choose from {sorted(TEXT_SOURCES)}")
+        judged = {*(self.eval.domains or [])} | ({self.eval.perplexity.source} if self.eval.perplexity else set())
+        if source in judged:
+            raise ConfigError(
+                f"selection.heldout_source={source} is also evaluated (eval.perplexity / eval.domains): a rule "
+                "must not choose layers on the text it is judged on"
+            )
 
     def _check_granularity(self) -> None:
         """Sub-blocks other than attention are fitted on the one-pass statistics: the sequential / propagated refits

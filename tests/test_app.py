@@ -17,6 +17,7 @@ from nbl.selection import STRATEGIES
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parent.parent
+PPL = "eval.perplexity={source:wikipedia,seq_len:64,num_sequences:2}"
 GROUPS = ["model", "calibration", "selection", "replacement", "eval", "speed", "logger", "experiment"]
 
 
@@ -111,6 +112,12 @@ def test_launcher_configs(launcher, target):
         (["selection=loss", "calibration.mode=sequential"], "selection=loss runs the model itself"),
         (["selection=greedy", "calibration.mode=sequential"], "selection=greedy runs the model itself"),
         (["selection=validated", "calibration.mode=sequential"], "selection=validated runs the model itself"),
+        (["selection=loss", "selection.heldout_source=c5"], "selection.heldout_source=c5 is unknown"),
+        (
+            [PPL, "selection=loss", "selection.heldout_source=wikipedia"],
+            "must not choose layers on the text it is judged on",
+        ),
+        ([PPL, "selection=loss", "selection.heldout_source=sciq", "eval.domains=[sciq]"], "judged on"),
         (
             ["replacement.granularity=joint", "selection=validated"],
             "granularity=joint does not support selection=validated",
