@@ -76,6 +76,19 @@ def _inputs_of_every_layer(model: PreTrainedModel, heldout: list[torch.Tensor]) 
     return per_layer
 
 
+def _unreplaced(
+    model: PreTrainedModel, heldout: list[torch.Tensor], measure: Measure, reference: Reference | None = None
+) -> tuple[list[list[LayerInput]], Reference | None, float]:
+    """What damage is measured against, on the model as it is: every layer's inputs on ``heldout``, the
+    reference distributions (kl; ``reference`` if given), and the measure itself."""
+    per_layer = _inputs_of_every_layer(model, heldout)
+    if measure == "kl" and reference is None:
+        reference = reference_states(model, heldout)
+    elif measure == "loss":
+        reference = None
+    return per_layer, reference, _loss_from(model, 0, per_layer[0], heldout, reference=reference)
+
+
 @torch.no_grad()
 def single_layer_damage(
     model: PreTrainedModel,
@@ -94,12 +107,7 @@ def single_layer_damage(
     alone is replaced (its map fitted on ``stats``) in the model as it is. Lower = safer to replace.
     ``candidates``: the layers to try (default: every layer in ``stats`` that still has ``part``); ``reference``
     (kl): the distributions KL is measured from (default: the model's as it is). The model is left as it was."""
-    per_layer = _inputs_of_every_layer(model, heldout)
-    if measure == "kl" and reference is None:
-        reference = reference_states(model, heldout)
-    elif measure == "loss":
-        reference = None
-    base = _loss_from(model, 0, per_layer[0], heldout, reference=reference)
+    per_layer, reference, base = _unreplaced(model, heldout, measure, reference)
     live = [i for i in live_layers(model, part) if i in stats]
     todo = live if candidates is None else [i for i in candidates if i in live]
     damage = {}
@@ -202,9 +210,7 @@ def validate_sets(
     a set proposed by several rules is measured once. Cost: one forward of the
     held-out tokens, plus per distinct set the layers from its lowest one to the top. The model is left as it
     was."""
-    per_layer = _inputs_of_every_layer(model, heldout)
-    reference = reference_states(model, heldout) if measure == "kl" else None
-    base = _loss_from(model, 0, per_layer[0], heldout, reference=reference)
+    per_layer, reference, base = _unreplaced(model, heldout, measure)
     measured: dict[tuple[int, ...], Candidate] = {}
     for rule, layers in proposals.items():
         key = tuple(sorted(layers))
