@@ -43,7 +43,7 @@ from nbl.provenance import code_identity, file_digest, model_revision, provenanc
 from nbl.quantization import quantize_model
 from nbl.report import method_name, plot_loss_curve, summary_markdown
 from nbl.schema import ConfigError, checked_config
-from nbl.selection import auto_ridge, layer_scores, lmmse_scores, select_layers
+from nbl.selection import MEASURED, auto_ridge, layer_scores, lmmse_scores, select_layers
 from nbl.sequential import SequentialStep, StepStore, linearize_sequentially
 from nbl.speed import decode_memory, decode_timer, interleaved, prefill, random_prompt, timed
 from nbl.surgery import Part, execution_device, live_layers
@@ -540,8 +540,7 @@ def score_key(selection: DictConfig) -> str | None:
     """Which of :func:`score_all`'s scores drives the selection (None: random)."""
     if selection.strategy == "cca":
         return cca_key(selection)
-    measured = ("loss", "lmmse", "greedy", "plan", "validated")
-    return selection.strategy if selection.strategy in ("cosine", *measured) else None
+    return None if selection.strategy == "random" else selection.strategy
 
 
 def choose_units(cfg: DictConfig, part_scores: dict[Part, dict[str, dict[int, float]]], n_layers: int
@@ -789,7 +788,7 @@ def run_experiment(cfg: DictConfig, ctx: RunContext) -> dict[str, Any]:
     device = resolve_device(cfg.device)
     tokenizer = load_tokenizer(cfg.model)
     strategy = cfg.selection.strategy if cfg.layers is None else None
-    measured = strategy in ("loss", "greedy", "plan", "validated")  # these run the model on held-out windows
+    measured = strategy in MEASURED
     auto = cfg.replacement.ridge == "auto"
     uses_heldout_stats = auto or strategy == "lmmse"
     extra = cfg.selection.holdout_sequences if measured or uses_heldout_stats else 0

@@ -306,8 +306,9 @@ class ExperimentSchema:
         _positive("num_layers", self.num_layers, minimum=0)
         _positive("selection.holdout_sequences", self.selection.holdout_sequences)
         self._check_heldout_source()
-        measured = (Strategy.loss, Strategy.greedy, Strategy.plan, Strategy.validated)
-        if self.selection.strategy in measured and self.calibration.mode is CalibrationMode.sequential:
+        from nbl.selection import MEASURED
+
+        if self.selection.strategy.value in MEASURED and self.calibration.mode is CalibrationMode.sequential:
             raise ConfigError(
                 f"selection={self.selection.strategy.value} runs the model itself: "
                 "use calibration.mode one_pass or propagated"

@@ -17,6 +17,7 @@ from nbl.stats import CovarianceAccumulator
 
 Strategy = Literal["cca", "cosine", "random", "loss", "lmmse", "greedy", "plan", "validated"]
 STRATEGIES: tuple[str, ...] = ("cca", "cosine", "random", "loss", "lmmse", "greedy", "plan", "validated")
+MEASURED: tuple[str, ...] = ("loss", "greedy", "plan", "validated")  # these run the model on held-out windows
 LOWEST_FIRST = ("cca", "loss", "lmmse")  # scores that measure damage; cosine measures redundancy
 
 
@@ -28,7 +29,7 @@ def layer_scores(stats: CalibrationResult, strategy: Strategy, cca_target: CCATa
         return {i: stats.mean_cosine(i) for i in stats}
     if strategy == "random":
         return {i: float("nan") for i in stats}
-    if strategy in ("loss", "greedy", "plan", "validated"):
+    if strategy in MEASURED:
         raise ValueError(f"{strategy} is measured on the model (nbl.damage, nbl.plan), not read from statistics")
     if strategy == "lmmse":
         raise ValueError("lmmse scores need held-out statistics: use lmmse_scores(stats, heldout)")
