@@ -45,24 +45,14 @@ def test_single_layer_damage_equals_replacing_each_layer_in_a_copy(family, mode,
 
 @pytest.mark.slow
 def test_loss_selection_runs_in_the_app_and_picks_the_least_damaging_layers(tmp_path, monkeypatch):
-    from hydra import compose, initialize_config_dir
-
-    from nbl.__main__ import CONF_DIR
-    from nbl.runner import RunContext, run_experiment
-
-    monkeypatch.setenv("NBL_CACHE", str(tmp_path / "cache"))
-    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-        cfg = compose("config", overrides=["experiment=smoke", "speed=none", "selection=loss", "num_layers=2"])
-    results = run_experiment(cfg, RunContext(tmp_path / "run"))
+    results = _run_app(tmp_path, monkeypatch, "selection=loss", "num_layers=2")
     damage = {int(i): v for i, v in results["scores"]["loss"].items()}
     assert sorted(damage) == [0, 1, 2, 3] and results["summary_row"]["method"] == "loss+linear"
     assert results["replaced_layers"] == sorted(sorted(damage, key=damage.get)[:2])
     assert results["selection_seconds"] > 0
     # the damages do not depend on k: another k reads them from the cache instead of measuring again
-    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-        cfg = compose("config", overrides=["experiment=smoke", "speed=none", "selection=loss", "num_layers=3"])
     monkeypatch.setattr("nbl.runner.single_layer_damage", lambda *a, **k: pytest.fail("measured again"))
-    again = run_experiment(cfg, RunContext(tmp_path / "run3"))
+    again = _run_app(tmp_path, monkeypatch, "selection=loss", "num_layers=3", folder="run3")
     assert again["scores"]["loss"] == results["scores"]["loss"]
     assert again["replaced_layers"] == sorted(sorted(damage, key=damage.get)[:3])
     assert len(list((tmp_path / "cache" / "damage").glob("*.json"))) == 1
@@ -103,7 +93,7 @@ def test_greedy_restricted_to_candidates_and_k_checked():
         greedy_selection(model, stats, heldout, 3, candidates=[1, 3], progress=False)
 
 
-def _run_app(tmp_path, monkeypatch, *overrides):
+def _run_app(tmp_path, monkeypatch, *overrides, folder="run"):
     from hydra import compose, initialize_config_dir
 
     from nbl.__main__ import CONF_DIR
@@ -112,7 +102,7 @@ def _run_app(tmp_path, monkeypatch, *overrides):
     monkeypatch.setenv("NBL_CACHE", str(tmp_path / "cache"))
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
         cfg = compose("config", overrides=["experiment=smoke", "speed=none", *overrides])
-    return run_experiment(cfg, RunContext(tmp_path / "run"))
+    return run_experiment(cfg, RunContext(tmp_path / folder))
 
 
 @pytest.mark.slow
@@ -191,15 +181,7 @@ def test_each_proposed_set_is_measured_replaced_together_as_in_a_copy(family, pa
 
 @pytest.mark.slow
 def test_validated_selection_keeps_the_least_damaging_of_the_three_rankings_sets(tmp_path, monkeypatch):
-    from hydra import compose, initialize_config_dir
-
-    from nbl.__main__ import CONF_DIR
-    from nbl.runner import RunContext, run_experiment
-
-    monkeypatch.setenv("NBL_CACHE", str(tmp_path / "cache"))
-    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-        cfg = compose("config", overrides=["experiment=smoke", "speed=none", "selection=validated", "num_layers=2"])
-    results = run_experiment(cfg, RunContext(tmp_path / "run"))
+    results = _run_app(tmp_path, monkeypatch, "selection=validated", "num_layers=2")
     scores, found = results["scores"], results["validation"]
     assert sorted(rule for c in found for rule in c["rules"]) == ["cca", "cosine", "loss"]
     first = {
