@@ -18,3 +18,21 @@ def make_tiny(model_type: str = "llama", num_layers: int = 4, hidden_size: int =
 def token_batches(n_batches: int = 4, batch: int = 4, seq: int = 32, vocab: int = 256, seed: int = 0):
     g = torch.Generator().manual_seed(seed)
     return [torch.randint(3, vocab, (batch, seq), generator=g) for _ in range(n_batches)]
+
+
+@pytest.fixture(scope="session")
+def converted_models():
+    """The folder holding the converted embedded model (converted once per machine, not once per test cache)."""
+    from nbl.models import smollm2_folder
+
+    return smollm2_folder().parent
+
+
+@pytest.fixture
+def nbl_cache(tmp_path, monkeypatch, converted_models):
+    """A fresh, empty result cache ($NBL_CACHE) that shares the converted embedded model."""
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    (cache / "models").symlink_to(converted_models)
+    monkeypatch.setenv("NBL_CACHE", str(cache))
+    return cache
