@@ -18,6 +18,11 @@ CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 
 log = logging.getLogger("nbl")
 
+# Import-time notices that say nothing about a run: torchao's optional CUDA kernels and Triton (absent on a CPU
+# machine) and torch's deprecation note on the enums torchao registers. Errors still show.
+for _noisy in ("torchao", "torch.utils._pytree"):
+    logging.getLogger(_noisy).setLevel(logging.ERROR)
+
 # ${nbl_uid:} in the output folder names: six random hex digits, drawn once per config like ${now:...}
 # (Hydra copies resolver caches into every sweep job), so two runs started in the same second, which
 # differ in a setting the folder name does not show, never share a folder.
@@ -26,7 +31,8 @@ OmegaConf.register_new_resolver("nbl_uid", lambda: secrets.token_hex(3), use_cac
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
 def _hydra_main(cfg: DictConfig) -> None:
-    from nbl.runner import RunContext, run_experiment
+    from nbl.recipe.run import run_experiment
+    from nbl.recipe.state import RunContext
 
     hydra_cfg = HydraConfig.get()
     group = None

@@ -19,7 +19,7 @@ from typing import TypeVar
 
 from safetensors import safe_open
 
-from nbl.calibration import CalibrationResult
+from nbl.calib.result import CalibrationResult
 
 T = TypeVar("T")
 log = logging.getLogger(__name__)

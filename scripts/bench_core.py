@@ -18,11 +18,11 @@ from pathlib import Path
 import torch
 
 import nbl
-from nbl.accounting import FlopModel
+from nbl.core.accounting import FlopModel
 from nbl.data import lambada_passages, token_sequences
+from nbl.measure.speed import current_rss_bytes, interleaved, peak_rss_bytes, prefill, random_prompt, timed
 from nbl.models import load_smollm2
-from nbl.selection import layer_scores, select_layers
-from nbl.speed import current_rss_bytes, interleaved, peak_rss_bytes, prefill, random_prompt, timed
+from nbl.select.ranking import select_layers
 
 
 def _child_peak(phase: str, args: argparse.Namespace) -> int:
@@ -93,7 +93,7 @@ def main() -> None:
 
     # 3. prefill speed-up with --replace layers linearized, against the FLOP model
     stats = nbl.calibrate(model, batches, progress=False)
-    chosen = select_layers(layer_scores(stats, "cca"), args.replace, "cca")
+    chosen = select_layers({i: nbl.cca_bound(stats[i]) for i in stats}, args.replace, lowest_first=True)
     linear = copy.deepcopy(model)
     replaced = nbl.linearize(linear, stats, chosen)
     flops = FlopModel(model.config)

@@ -19,11 +19,11 @@ import torch
 
 import nbl
 from nbl.data import load_texts, token_sequences
-from nbl.evaluation import perplexity
+from nbl.measure.evaluation import perplexity
+from nbl.measure.speed import decode_timer, interleaved, prefill, random_prompt, timed
 from nbl.models import load_smollm2
 from nbl.quantization import SCHEMES, quantize_model
-from nbl.selection import layer_scores, select_layers
-from nbl.speed import decode_timer, interleaved, prefill, random_prompt, timed
+from nbl.select.ranking import select_layers
 
 
 def main() -> None:
@@ -40,7 +40,7 @@ def main() -> None:
     model, tokenizer = load_smollm2()
     calibration = token_sequences(tokenizer, load_texts("lambada"), 32, 512, seed=0)
     stats = nbl.calibrate(model, list(calibration.split(4)))
-    chosen = select_layers(layer_scores(stats, "cca"), args.k, "cca")
+    chosen = select_layers({i: nbl.cca_bound(stats[i]) for i in stats}, args.k, lowest_first=True)
     linearized = copy.deepcopy(model)
     nbl.linearize(linearized, stats, chosen)
     models = {"base": model, "NBL": linearized}

@@ -25,11 +25,11 @@ from pathlib import Path
 import torch
 
 import nbl
-from nbl.calibration import CalibrationResult
+from nbl.calib.layerwise import calibrate_layerwise
+from nbl.calib.result import CalibrationResult
 from nbl.data import lambada_passages, token_sequences
-from nbl.layerwise import calibrate_layerwise
+from nbl.measure.speed import interleaved, timed
 from nbl.models import load_smollm2
-from nbl.speed import interleaved, timed
 
 
 def synthetic_accumulator(d: int, tokens: int, seed: int) -> nbl.CovarianceAccumulator:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import nbl
 from nbl.data import lambada_passages, token_sequences, wikipedia_passages
-from nbl.diagnostics import heldout_errors, spearman
+from nbl.measure.diagnostics import heldout_errors, spearman
 from nbl.models import load_smollm2
 
 

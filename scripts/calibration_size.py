@@ -18,11 +18,11 @@ from pathlib import Path
 import torch
 
 import nbl
-from nbl.calibration import CalibrationResult
+from nbl.calib.result import CalibrationResult
 from nbl.data import lambada_passages, sciq_passages, token_sequences, wikipedia_passages
-from nbl.evaluation import perplexity
+from nbl.measure.evaluation import perplexity
 from nbl.models import load_smollm2
-from nbl.selection import auto_ridge, layer_scores, lmmse_scores, select_layers
+from nbl.select.ranking import auto_ridge, lmmse_scores, select_layers
 
 
 def _copy(stats: CalibrationResult) -> CalibrationResult:
@@ -58,7 +58,7 @@ def main() -> None:
                 total[i].merge(part[i])
                 total.cosine_sums[i] += part.cosine_sums[i]
         done = size
-        chosen = select_layers(layer_scores(total, "cca"), args.k, "cca")
+        chosen = select_layers({i: nbl.cca_bound(total[i]) for i in total}, args.k, lowest_first=True)
         ridges = {"0": 0.0, "auto": auto_ridge(total, held)}
         for name, ridge in ridges.items():
             errors = lmmse_scores(total, held, ridge)

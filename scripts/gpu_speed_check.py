@@ -27,10 +27,10 @@ import torch
 from transformers import LlamaConfig
 
 import nbl
-from nbl.accounting import BytesModel, FlopModel
+from nbl.core.accounting import BytesModel, FlopModel
+from nbl.core.surgery import apply_replacements
+from nbl.measure.speed import compiled_step, decode_memory, prefill, random_prompt, static_cache, synchronize
 from nbl.models import random_model
-from nbl.speed import compiled_step, decode_memory, prefill, random_prompt, static_cache, synchronize
-from nbl.surgery import apply_replacements
 
 LLAMA_31_8B = {
     "hidden_size": 4096,

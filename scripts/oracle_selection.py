@@ -21,11 +21,11 @@ from pathlib import Path
 import torch
 
 import nbl
-from nbl.damage import single_layer_damage
 from nbl.data import load_texts, token_sequences
-from nbl.evaluation import perplexity
+from nbl.measure.evaluation import perplexity
 from nbl.models import load_smollm2
-from nbl.selection import select_layers
+from nbl.select.damage import single_layer_damage
+from nbl.select.ranking import select_layers
 
 
 def main() -> None:
@@ -45,7 +45,7 @@ def main() -> None:
     texts = {name: token_sequences(tokenizer, load_texts(name), args.eval_windows, args.seq_len, seed=0)
              for name in ("wikipedia", "sciq")}  # fmt: skip
     base = {name: perplexity(model, ids) for name, ids in texts.items()}
-    # loss increase in nats = log-perplexity increase; one window per batch, as nbl.evaluation scores them
+    # loss increase in nats = log-perplexity increase; one window per batch, as nbl.measure.evaluation scores them
     damage = {
         name: single_layer_damage(model, stats, list(ids.split(1)), desc=f"single-layer damage on {name}")
         for name, ids in texts.items()
@@ -53,7 +53,7 @@ def main() -> None:
     rows = []
     for peek in texts:
         for k in args.k:
-            chosen = select_layers(damage[peek], k, "loss")
+            chosen = select_layers(damage[peek], k, lowest_first=True)
             replaced = copy.deepcopy(model)
             nbl.linearize(replaced, stats, chosen)
             row = {"peeks_at": peek, "k": k, "layers": chosen,

@@ -5,7 +5,7 @@ import torch
 from transformers import MistralConfig
 
 import nbl
-from nbl.accounting import BytesModel, FlopModel, kv_cache_bytes_per_token
+from nbl.core.accounting import BytesModel, FlopModel, kv_cache_bytes_per_token
 from tests.conftest import make_tiny, token_batches
 
 # Mistral-7B-v0.1's published architecture (no weights needed: accounting runs on the meta device).
@@ -23,7 +23,7 @@ MISTRAL_7B = MistralConfig(
 def _meta_model(config, replaced):
     from transformers import AutoModelForCausalLM
 
-    from nbl.surgery import apply_replacements
+    from nbl.core.surgery import apply_replacements
 
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)

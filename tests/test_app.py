@@ -12,8 +12,8 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from nbl.__main__ import CONF_DIR
-from nbl.runner import validate
-from nbl.selection import STRATEGIES
+from nbl.recipe.validation import validate
+from nbl.select.registry import strategy_names
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parent.parent
@@ -38,7 +38,7 @@ def test_every_group_option_composes(group):
         cfg = _compose(f"{group}={option}")
         OmegaConf.to_container(cfg.model, resolve=True)
         assert cfg.model.source in ("embedded", "hub", "tiny")
-        assert cfg.selection.strategy in STRATEGIES
+        assert cfg.selection.strategy in strategy_names()
         assert cfg.replacement.mode in ("linear", "drop")
 
 
@@ -107,7 +107,8 @@ def test_launcher_configs(launcher, target):
         (["calibration.num_sequences=1", "calibration.seq_len=32"], "full-rank"),
         (["calibration.mode=streaming"], "calibration.mode"),
         (["calibration.source=c5"], "calibration.source=c5 is unknown"),
-        (["selection.strategy=magnitude"], "selection.strategy: Invalid value 'magnitude'"),
+        (["selection.strategy=bogus"], "selection.strategy: Invalid value 'bogus'"),
+        (["selection=lmmse", "calibration.mode=sequential"], "selection=lmmse ranks layers by held-out statistics"),
         (["selection.cca_target=bogus"], "selection.cca_target: Invalid value 'bogus'"),
         (["selection=loss", "calibration.mode=sequential"], "selection=loss runs the model itself"),
         (["selection=greedy", "calibration.mode=sequential"], "selection=greedy runs the model itself"),
@@ -149,9 +150,9 @@ def test_launcher_configs(launcher, target):
     ],
 )
 def test_bad_input_fails_before_loading_weights(overrides, message, monkeypatch):
-    import nbl.runner
+    import nbl.recipe.prepare
 
-    monkeypatch.setattr(nbl.runner, "load_model", lambda *a, **k: pytest.fail("weights loaded before validation"))
+    monkeypatch.setattr(nbl.recipe.prepare, "load_model", lambda *a, **k: pytest.fail("weights loaded before validation"))
     cfg = _compose("experiment=smoke", *overrides)
     with pytest.raises((ValueError, FileNotFoundError), match=re.escape(message)):
         validate(cfg)
@@ -193,7 +194,9 @@ def test_unsupported_architecture_is_rejected_from_its_config(tmp_path):
 
 
 def _run(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "NBL_CACHE": str(tmp_path / "cache"), "WANDB_SILENT": "true", "HF_HUB_OFFLINE": "1"}
+    """The app in a subprocess, with the test's own cache (the nbl_cache fixture)."""
+    assert Path(os.environ["NBL_CACHE"]).parent == tmp_path, "use the nbl_cache fixture"
+    env = {**os.environ, "WANDB_SILENT": "true", "HF_HUB_OFFLINE": "1"}
     return subprocess.run(
         [sys.executable, "-m", "nbl", *args], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900
     )
@@ -203,7 +206,7 @@ def _results(root: Path) -> list[dict]:
     return [json.loads(p.read_text()) for p in sorted(root.rglob("results.json"))]
 
 
-def test_full_run_writes_results_and_wandb_offline(tmp_path):
+def test_full_run_writes_results_and_wandb_offline(tmp_path, nbl_cache):
     proc = _run(
         tmp_path,
         "experiment=smoke",
@@ -241,7 +244,7 @@ def test_full_run_writes_results_and_wandb_offline(tmp_path):
     assert list((tmp_path / "run" / "wandb").glob("offline-run-*")), "no offline W&B run folder"
 
 
-def test_multirun_calibrates_once(tmp_path):
+def test_multirun_calibrates_once(tmp_path, nbl_cache):
     proc = _run(
         tmp_path,
         "-m",
@@ -264,7 +267,7 @@ def test_multirun_calibrates_once(tmp_path):
     }
 
 
-def test_submitit_local_sweep(tmp_path):
+def test_submitit_local_sweep(tmp_path, nbl_cache):
     proc = _run(
         tmp_path,
         "-m",
@@ -280,19 +283,19 @@ def test_submitit_local_sweep(tmp_path):
     assert list((tmp_path / "sweep" / ".submitit").glob("*/*_log.out")), "jobs did not run through submitit"
 
 
-def test_cli_reports_bad_input(tmp_path):
+def test_cli_reports_bad_input(tmp_path, nbl_cache):
     proc = _run(tmp_path, "experiment=smoke", "num_layers=7", f"hydra.run.dir={tmp_path / 'run'}")
     assert proc.returncode != 0
     assert "num_layers=7 is outside 0..4" in proc.stderr
 
 
-def test_sequential_mode_from_python_without_hydra(tmp_path, monkeypatch):
+def test_sequential_mode_from_python_without_hydra(tmp_path, monkeypatch, nbl_cache):
     from safetensors import safe_open
 
-    import nbl.runner
-    from nbl.runner import RunContext, run_experiment
+    import nbl.calib.passes
+    from nbl.recipe.run import run_experiment
+    from nbl.recipe.state import RunContext
 
-    monkeypatch.setenv("NBL_CACHE", str(tmp_path / "cache"))
     cfg = _compose("experiment=smoke", "calibration.mode=sequential", "num_layers=3", "speed=none")
     results = run_experiment(cfg, RunContext(tmp_path / "run"))
     steps = results["calibration"]["sequential_steps"]
@@ -307,15 +310,15 @@ def test_sequential_mode_from_python_without_hydra(tmp_path, monkeypatch):
             assert len({k.split(".")[0] for k in f.keys()}) == 1
 
     calibrations = []
-    real = nbl.runner.calibrate
-    monkeypatch.setattr(nbl.runner, "calibrate", lambda *a, **k: calibrations.append(1) or real(*a, **k))
+    real = nbl.calib.passes.calibrate_parts
+    monkeypatch.setattr(nbl.calib.passes, "calibrate_parts", lambda *a, **k: calibrations.append(1) or real(*a, **k))
     longer = run_experiment(_compose("experiment=smoke", "calibration.mode=sequential", "num_layers=4", "speed=none"),
                             RunContext(tmp_path / "run4"))  # fmt: skip
     assert [s["layer"] for s in longer["calibration"]["sequential_steps"][:3]] == [s["layer"] for s in steps]
     assert len(calibrations) == 1  # the three earlier steps came from the store; only step four calibrated
 
 
-def test_every_granularity_runs_and_the_report_uses_the_paper_names(tmp_path):
+def test_every_granularity_runs_and_the_report_uses_the_paper_names(tmp_path, nbl_cache):
     from nbl.report import collect, table_rows
 
     proc = _run(
@@ -345,7 +348,7 @@ def test_every_granularity_runs_and_the_report_uses_the_paper_names(tmp_path):
     assert {"MLP DROP-3", "Block DROP-3", "Joint DROP-3"} <= names
 
 
-def test_quantized_runs_evaluate_a_quantized_base_under_their_own_names(tmp_path):
+def test_quantized_runs_evaluate_a_quantized_base_under_their_own_names(tmp_path, nbl_cache):
     from nbl.report import collect, table_rows
 
     proc = _run(
@@ -369,7 +372,7 @@ def test_quantized_runs_evaluate_a_quantized_base_under_their_own_names(tmp_path
     assert {"baseline", "baseline + int8_weight", "Attn NBL-2", "Attn NBL + int8_weight-2"} <= names
 
 
-def test_lora_healing_runs_logs_its_loss_curve_and_keeps_a_plain_checkpoint(tmp_path):
+def test_lora_healing_runs_logs_its_loss_curve_and_keeps_a_plain_checkpoint(tmp_path, nbl_cache):
     proc = _run(
         tmp_path,
         "experiment=smoke",
@@ -393,14 +396,14 @@ def test_lora_healing_runs_logs_its_loss_curve_and_keeps_a_plain_checkpoint(tmp_
     assert meta["replaced_layers"] == {str(i): "linear" for i in results["replaced_layers"]}
 
 
-def test_extra_parts_ride_along_on_a_pass_and_serve_later_granularities(tmp_path, monkeypatch):
-    import nbl.runner
-    from nbl.runner import RunContext, run_experiment
+def test_extra_parts_ride_along_on_a_pass_and_serve_later_granularities(tmp_path, monkeypatch, nbl_cache):
+    import nbl.calib.passes
+    from nbl.recipe.run import run_experiment
+    from nbl.recipe.state import RunContext
 
-    monkeypatch.setenv("NBL_CACHE", str(tmp_path / "cache"))
     passes = []
-    real = nbl.runner.calibrate
-    monkeypatch.setattr(nbl.runner, "calibrate", lambda *a, **k: passes.append(a[3]) or real(*a, **k))
+    real = nbl.calib.passes.calibrate_parts
+    monkeypatch.setattr(nbl.calib.passes, "calibrate_parts", lambda *a, **k: passes.append(a[2]) or real(*a, **k))
     first = run_experiment(
         _compose("experiment=smoke", "speed=none", "calibration.extra_parts=[mlp,block]"), RunContext(tmp_path / "a")
     )

@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from nbl.cache import atomic_write_text, cache_key, cached_calibration, cached_json
-from nbl.calibration import CalibrationResult
-from nbl.stats import CovarianceAccumulator
+from nbl.calib.result import CalibrationResult
+from nbl.core.stats import CovarianceAccumulator
 
 
 def _stats() -> CalibrationResult:

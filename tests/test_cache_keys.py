@@ -13,7 +13,8 @@ from hydra import compose, initialize_config_dir
 import nbl.provenance
 from nbl.__main__ import CONF_DIR
 from nbl.cache import atomic_write_text
-from nbl.runner import RunContext, run_experiment
+from nbl.recipe.run import run_experiment
+from nbl.recipe.state import RunContext
 
 pytestmark = pytest.mark.slow
 

@@ -5,7 +5,7 @@ import torch
 
 import nbl
 from nbl.cache import cached_calibration
-from nbl.calibration import CalibrationResult
+from nbl.calib.result import CalibrationResult
 from tests.conftest import make_tiny, token_batches
 
 

@@ -1,14 +1,15 @@
 """Measured single-layer damage against replacing each layer in a copy of the model and computing its loss."""
 
 import copy
+import os
 
 import pytest
 import torch
 
 import nbl
-from nbl import runner
-from nbl.damage import greedy_selection, single_layer_damage, validate_sets
-from nbl.selection import RIDGE_GRID
+from nbl.select.damage import greedy_selection, single_layer_damage, validate_sets
+from nbl.select.ranking import RIDGE_GRID
+from nbl.select.strategies import greedy as greedy_strategy
 from tests.conftest import make_tiny, token_batches
 
 
@@ -43,15 +44,31 @@ def test_single_layer_damage_equals_replacing_each_layer_in_a_copy(family, mode,
     assert _untouched(model, before)
 
 
+def test_damage_on_mixed_attention_types_equals_replacing_in_a_copy():
+    """Every layer is measured with its own attention type's mask (it was layer 0's for all: wrong damages)."""
+    from tests.test_layerwise import mixed_attention_model
+
+    model = mixed_attention_model(types=("full", "sliding", "sliding", "sliding"))
+    stats = nbl.calibrate(model, token_batches(n_batches=3), progress=False)
+    heldout = token_batches(n_batches=2, seed=9)
+    # layer 0 cannot go: a sliding layer would take its (full) cache slot
+    damage = single_layer_damage(model, stats, heldout, progress=False, candidates=[1, 2, 3])
+    base = _loss(model, heldout)
+    for i in (1, 2, 3):
+        replaced = copy.deepcopy(model)
+        nbl.linearize(replaced, stats, [i])
+        assert damage[i] == pytest.approx(_loss(replaced, heldout) - base, abs=1e-6)
+
+
 @pytest.mark.slow
-def test_loss_selection_runs_in_the_app_and_picks_the_least_damaging_layers(tmp_path, monkeypatch):
+def test_loss_selection_runs_in_the_app_and_picks_the_least_damaging_layers(tmp_path, monkeypatch, nbl_cache):
     results = _run_app(tmp_path, monkeypatch, "selection=loss", "num_layers=2")
     damage = {int(i): v for i, v in results["scores"]["loss"].items()}
     assert sorted(damage) == [0, 1, 2, 3] and results["summary_row"]["method"] == "loss+linear"
     assert results["replaced_layers"] == sorted(sorted(damage, key=damage.get)[:2])
     assert results["selection_seconds"] > 0
     # the damages do not depend on k: another k reads them from the cache instead of measuring again
-    monkeypatch.setattr("nbl.runner.single_layer_damage", lambda *a, **k: pytest.fail("measured again"))
+    monkeypatch.setattr("nbl.select.strategies.loss.single_layer_damage", lambda *a, **k: pytest.fail("measured again"))
     again = _run_app(tmp_path, monkeypatch, "selection=loss", "num_layers=3", folder="run3")
     assert again["scores"]["loss"] == results["scores"]["loss"]
     assert again["replaced_layers"] == sorted(sorted(damage, key=damage.get)[:3])
@@ -97,16 +114,17 @@ def _run_app(tmp_path, monkeypatch, *overrides, folder="run"):
     from hydra import compose, initialize_config_dir
 
     from nbl.__main__ import CONF_DIR
-    from nbl.runner import RunContext, run_experiment
+    from nbl.recipe.run import run_experiment
+    from nbl.recipe.state import RunContext
 
-    monkeypatch.setenv("NBL_CACHE", str(tmp_path / "cache"))
+    assert os.environ["NBL_CACHE"] == str(tmp_path / "cache"), "use the nbl_cache fixture"
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
         cfg = compose("config", overrides=["experiment=smoke", "speed=none", *overrides])
     return run_experiment(cfg, RunContext(tmp_path / folder))
 
 
 @pytest.mark.slow
-def test_greedy_selection_runs_in_the_app_and_records_its_steps(tmp_path, monkeypatch):
+def test_greedy_selection_runs_in_the_app_and_records_its_steps(tmp_path, monkeypatch, nbl_cache):
     results = _run_app(tmp_path, monkeypatch, "selection=greedy", "num_layers=2")
     steps = results["greedy_steps"]
     assert [s["layer"] for s in steps] == list(map(int, results["scores"]["greedy"]))
@@ -114,8 +132,8 @@ def test_greedy_selection_runs_in_the_app_and_records_its_steps(tmp_path, monkey
     assert results["summary_row"]["method"] == "greedy+linear"
     # a larger k continues the cached steps; a smaller k replays them without running the model
     starts = []
-    real = runner.greedy_selection
-    monkeypatch.setattr(runner, "greedy_selection", lambda *a, **kw: starts.append(len(kw["start"])) or real(*a, **kw))
+    real = greedy_strategy.greedy_selection
+    monkeypatch.setattr(greedy_strategy, "greedy_selection", lambda *a, **kw: starts.append(len(kw["start"])) or real(*a, **kw))
     (tmp_path / "run").rename(tmp_path / "run2")
     longer = _run_app(tmp_path, monkeypatch, "selection=greedy", "num_layers=3")
     assert starts == [2] and [s["layer"] for s in longer["greedy_steps"]][:2] == [s["layer"] for s in steps]
@@ -125,7 +143,7 @@ def test_greedy_selection_runs_in_the_app_and_records_its_steps(tmp_path, monkey
 
 
 @pytest.mark.slow
-def test_lmmse_selection_with_auto_ridge_in_the_app(tmp_path, monkeypatch):
+def test_lmmse_selection_with_auto_ridge_in_the_app(tmp_path, monkeypatch, nbl_cache):
     results = _run_app(tmp_path, monkeypatch, "selection=lmmse", "replacement.ridge=auto", "num_layers=2")
     lmmse = {int(i): v for i, v in results["scores"]["lmmse"].items()}
     assert sorted(lmmse) == [0, 1, 2, 3] and all(v >= 0 for v in lmmse.values())
@@ -180,7 +198,7 @@ def test_each_proposed_set_is_measured_replaced_together_as_in_a_copy(family, pa
 
 
 @pytest.mark.slow
-def test_validated_selection_keeps_the_least_damaging_of_the_three_rankings_sets(tmp_path, monkeypatch):
+def test_validated_selection_keeps_the_least_damaging_of_the_three_rankings_sets(tmp_path, monkeypatch, nbl_cache):
     results = _run_app(tmp_path, monkeypatch, "selection=validated", "num_layers=2")
     scores, found = results["scores"], results["validation"]
     assert sorted(rule for c in found for rule in c["rules"]) == ["cca", "cosine", "loss"]

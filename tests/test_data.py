@@ -72,17 +72,17 @@ def test_mixed_text_holds_every_genre_and_none_of_the_perplexity_texts():
 def test_heldout_windows_of_another_text_leave_the_calibration_windows_alone(monkeypatch):
     from omegaconf import OmegaConf
 
-    from nbl import runner
+    from nbl.recipe import windows
 
     texts = {"books": _docs([50] * 20), "news": [d.replace("w", "w9") for d in _docs([50] * 20)]}
-    monkeypatch.setattr(runner, "load_texts", lambda source, path=None: texts[source])
+    monkeypatch.setattr(windows, "load_texts", lambda source, path=None: texts[source])
     cal = OmegaConf.create({"source": "books", "path": None, "num_sequences": 4, "seq_len": 8, "batch_size": 2,
                             "seed": 0, "windows": "stream"})  # fmt: skip
-    same_cal, same_held = runner.calibration_batches(_Tokenizer(), cal, 2)
-    other_cal, other_held = runner.calibration_batches(_Tokenizer(), cal, 2, "news")
+    same_cal, same_held = windows.calibration_batches(_Tokenizer(), cal, 2)
+    other_cal, other_held = windows.calibration_batches(_Tokenizer(), cal, 2, "news")
     assert all(torch.equal(a, b) for a, b in zip(same_cal, other_cal, strict=True))
     expected = token_sequences(_Tokenizer(), texts["news"], 2, 8, seed=0)
     assert torch.equal(torch.cat(other_held), expected)
     assert torch.equal(torch.cat(same_held), token_sequences(_Tokenizer(), texts["books"], 6, 8, seed=0)[4:])
     # naming the calibration text itself is the default: the windows after the calibration windows
-    assert torch.equal(torch.cat(runner.calibration_batches(_Tokenizer(), cal, 2, "books")[1]), torch.cat(same_held))
+    assert torch.equal(torch.cat(windows.calibration_batches(_Tokenizer(), cal, 2, "books")[1]), torch.cat(same_held))

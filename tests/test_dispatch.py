@@ -8,7 +8,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 import nbl
-from nbl.layerwise import calibrate_layerwise
+from nbl.calib.layerwise import calibrate_layerwise
 from tests.conftest import make_tiny, token_batches
 
 DEVICE_MAP = {

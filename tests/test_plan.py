@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import nbl
-from nbl.plan import greedy_plan, reachable, target_metric
+from nbl.select.plan import greedy_plan, reachable, target_metric
 from tests.conftest import make_tiny, token_batches
 from tests.test_damage import _kl
 
@@ -52,7 +52,7 @@ def test_each_plan_step_is_the_least_damage_per_unit_of_progress():
 
 
 @pytest.mark.slow
-def test_plan_in_the_app_meets_its_target_and_records_each_layers_mode(tmp_path, monkeypatch):
+def test_plan_in_the_app_meets_its_target_and_records_each_layers_mode(tmp_path, monkeypatch, nbl_cache):
     from tests.test_damage import _run_app
 
     results = _run_app(tmp_path, monkeypatch, "selection=plan", "selection.target=kv", "selection.target_value=0.5")
@@ -64,15 +64,16 @@ def test_plan_in_the_app_meets_its_target_and_records_each_layers_mode(tmp_path,
 def test_an_unreachable_plan_target_fails_before_loading_weights(monkeypatch):
     from hydra import compose, initialize_config_dir
 
-    import nbl.runner
+    import nbl.recipe.prepare
     from nbl.__main__ import CONF_DIR
-    from nbl.schema import ConfigError
+    from nbl.recipe.schema import ConfigError
+    from nbl.recipe.validation import validate
 
-    monkeypatch.setattr(nbl.runner, "load_model", lambda *a, **k: pytest.fail("weights loaded before validation"))
+    monkeypatch.setattr(nbl.recipe.prepare, "load_model", lambda *a, **k: pytest.fail("weights loaded before validation"))
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
         cfg = compose("config", overrides=["experiment=smoke", "selection=plan", "selection.target_value=5.0"])
         with pytest.raises(ConfigError, match="out of reach: dropping every attention layer"):
-            nbl.runner.validate(cfg)
+            validate(cfg)
         cfg = compose("config", overrides=["experiment=smoke", "selection=plan", "calibration.mode=propagated"])
         with pytest.raises(ConfigError, match=r"calibration\.mode=one_pass"):
-            nbl.runner.validate(cfg)
+            validate(cfg)

@@ -15,9 +15,14 @@ from omegaconf import OmegaConf
 
 import nbl
 import nbl.provenance as provenance
-import nbl.runner as runner
+import nbl.recipe.keys
 from nbl.__main__ import CONF_DIR
-from nbl.runner import RunContext, calibration_fields, claim_output_dir, model_fields, run_experiment, validate
+from nbl.recipe.keys import calibration_fields, model_fields
+from nbl.recipe.prepare import load_model, load_tokenizer, model_config
+from nbl.recipe.run import run_experiment
+from nbl.recipe.state import RunContext, claim_output_dir
+from nbl.recipe.validation import validate
+from nbl.recipe.windows import calibration_batches
 
 pytestmark = pytest.mark.slow
 
@@ -34,15 +39,15 @@ def test_code_hash_follows_every_package_source(tmp_path, monkeypatch):
     provenance.code_hash.cache_clear()
     try:
         before = provenance.code_hash()
-        (package / "evaluation.py").write_text((package / "evaluation.py").read_text() + "\n# changed\n")
+        edited = package / "measure" / "evaluation.py"  # a module of a subpackage counts too
+        edited.write_text(edited.read_text() + "\n# changed\n")
         provenance.code_hash.cache_clear()
         assert provenance.code_hash() != before
     finally:
         provenance.code_hash.cache_clear()
 
 
-def test_results_record_their_provenance_and_a_code_change_misses_every_cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("NBL_CACHE", str(tmp_path / "cache"))
+def test_results_record_their_provenance_and_a_code_change_misses_every_cache(tmp_path, monkeypatch, nbl_cache):
     overrides = [
         "experiment=smoke",
         "speed=none",
@@ -62,7 +67,7 @@ def test_results_record_their_provenance_and_a_code_change_misses_every_cache(tm
     assert saved["provenance"] == prov and saved["config"] == first["config"]
 
     identity = provenance.code_identity()
-    monkeypatch.setattr(runner, "code_identity", lambda: {**identity, "code_hash": "edited"})
+    monkeypatch.setattr(nbl.recipe.keys, "code_identity", lambda: {**identity, "code_hash": "edited"})
     changed = run_experiment(_compose(*overrides), RunContext(tmp_path / "c"))
     assert not changed["calibration"]["cache_hit"]
     assert len(list((tmp_path / "cache" / "base_eval").glob("*.json"))) == 2  # the base model was re-scored
@@ -95,8 +100,8 @@ def test_an_output_folder_is_claimed_once(tmp_path):
         claim_output_dir(tmp_path / "done")
 
 
-def test_two_runs_started_together_keep_their_own_results(tmp_path):
-    env = {**os.environ, "NBL_CACHE": str(tmp_path / "cache"), "WANDB_SILENT": "true", "HF_HUB_OFFLINE": "1"}
+def test_two_runs_started_together_keep_their_own_results(tmp_path, nbl_cache):
+    env = {**os.environ, "WANDB_SILENT": "true", "HF_HUB_OFFLINE": "1"}
     cmd = [sys.executable, "-m", "nbl", "experiment=smoke", "speed=none"]
     procs = [
         subprocess.Popen(
@@ -111,8 +116,7 @@ def test_two_runs_started_together_keep_their_own_results(tmp_path):
     assert len({r["provenance"]["run_id"] for r in results}) == 2
 
 
-def test_explicit_layers_are_recorded_as_explicit_and_refitted_in_order_when_sequential(tmp_path, monkeypatch):
-    monkeypatch.setenv("NBL_CACHE", str(tmp_path / "cache"))
+def test_explicit_layers_are_recorded_as_explicit_and_refitted_in_order_when_sequential(tmp_path, nbl_cache):
     cfg = _compose(
         "experiment=smoke", "speed=none", "layers=[2,0]", "calibration.mode=sequential", "save_checkpoint=true"
     )
@@ -123,9 +127,9 @@ def test_explicit_layers_are_recorded_as_explicit_and_refitted_in_order_when_seq
     assert results["calibration"]["mode"] == "sequential"
 
     # independently: layer 2's map is fitted on the model whose layer 0 is already linearized
-    typed, config = validate(cfg)
-    model = runner.load_model(typed.model, config, torch.device("cpu"), typed.seed)
-    batches, _ = runner.calibration_batches(runner.load_tokenizer(typed.model), typed.calibration)
+    typed, _ = validate(cfg)
+    model = load_model(typed.model, model_config(typed.model), torch.device("cpu"), typed.seed)
+    batches, _ = calibration_batches(load_tokenizer(typed.model), typed.calibration)
     nbl.linearize(model, nbl.calibrate(model, batches, progress=False), [0])
     w, b = nbl.fit_lmmse(nbl.calibrate(model, batches, progress=False)[2])
     saved = nbl.load_linearized(tmp_path / "run" / "checkpoint")

@@ -5,42 +5,49 @@ import math
 import numpy as np
 import pytest
 
-from nbl.linalg import fit_lmmse, heldout_error
-from nbl.selection import auto_ridge, lmmse_scores, select_layers
+from nbl.core.linalg import fit_lmmse, heldout_error
+from nbl.select.ranking import auto_ridge, lmmse_scores, random_layers, select_layers
+from nbl.select.registry import get_strategy, strategy_names
 from tests.test_stats_linalg import _acc
 
 
-def test_cca_takes_lowest_bounds_and_cosine_highest_similarity():
+def test_lowest_or_highest_scores_first():
     bounds = {0: 5.0, 1: 1.0, 2: 3.0, 3: 0.5}
-    assert select_layers(bounds, 2, "cca") == [1, 3]
+    assert select_layers(bounds, 2, lowest_first=True) == [1, 3]
     cosines = {0: 0.6, 1: 0.99, 2: 0.95, 3: 0.7}
-    assert select_layers(cosines, 2, "cosine") == [1, 2]
-    assert select_layers(bounds, 0, "cca") == []
-    assert select_layers(bounds, 4, "cca") == [0, 1, 2, 3]
+    assert select_layers(cosines, 2, lowest_first=False) == [1, 2]
+    assert select_layers(bounds, 0, lowest_first=True) == []
+    assert select_layers(bounds, 4, lowest_first=True) == [0, 1, 2, 3]
 
 
 def test_ties_break_towards_lower_index():
-    assert select_layers({0: 1.0, 1: 1.0, 2: 1.0, 3: 2.0}, 2, "cca") == [0, 1]
-    assert select_layers({0: 0.9, 1: 0.9, 2: 0.9}, 1, "cosine") == [0]
+    assert select_layers({0: 1.0, 1: 1.0, 2: 1.0, 3: 2.0}, 2, lowest_first=True) == [0, 1]
+    assert select_layers({0: 0.9, 1: 0.9, 2: 0.9}, 1, lowest_first=False) == [0]
 
 
 def test_random_is_seeded_and_seeds_differ():
-    scores = {i: math.nan for i in range(30)}
-    first = select_layers(scores, 8, "random", seed=3)
-    assert first == select_layers(scores, 8, "random", seed=3)
+    first = random_layers(range(30), 8, seed=3)
+    assert first == random_layers(range(30), 8, seed=3)
     assert len(set(first)) == 8 and all(0 <= i < 30 for i in first)
-    assert any(select_layers(scores, 8, "random", seed=s) != first for s in range(4, 8))
+    assert any(random_layers(range(30), 8, seed=s) != first for s in range(4, 8))
 
 
 def test_bad_input_rejected():
     with pytest.raises(ValueError, match="non-finite"):
-        select_layers({0: 1.0, 1: math.nan}, 1, "cca")
+        select_layers({0: 1.0, 1: math.nan}, 1, lowest_first=True)
     with pytest.raises(ValueError, match="k=3"):
-        select_layers({0: 1.0, 1: 2.0}, 3, "cca")
+        select_layers({0: 1.0, 1: 2.0}, 3, lowest_first=True)
     with pytest.raises(ValueError, match="k=-1"):
-        select_layers({0: 1.0}, -1, "cosine")
-    with pytest.raises(ValueError, match="unknown"):
-        select_layers({0: 1.0}, 1, "magnitude")
+        random_layers([0], -1)
+    with pytest.raises(ValueError, match="unknown selection strategy 'bogus'; choose from cca, cosine"):
+        get_strategy("bogus")
+
+
+def test_the_registry_orders_each_ranking_as_its_rule_says():
+    """The damage-like scores choose their lowest layers, the cosine its highest."""
+    order = {name: getattr(get_strategy(name), "lowest_first", None) for name in strategy_names()}
+    assert order["cca"] and order["lmmse"] and order["magnitude"] and order["cosine"] is False
+    assert {"cca", "cosine", "random", "lmmse", "loss", "greedy", "plan", "validated", "magnitude"} <= set(order)
 
 
 def _pairs(n: int, d: int, seed: int, noise: float = 0.3) -> tuple[np.ndarray, np.ndarray]:
@@ -72,7 +79,7 @@ def test_lmmse_score_is_heldout_error_relative_to_the_residual_stream():
     err = np.mean(np.sum((a_new - x_new @ w.numpy().T - b.numpy()) ** 2, axis=1))
     energy = np.mean(np.sum((x_new + a_new) ** 2, axis=1))
     assert scores[3] == pytest.approx(err / energy, rel=1e-9)
-    assert select_layers({0: 0.5, 1: 0.01, 2: 0.2}, 1, "lmmse") == [1]  # least error first
+    assert get_strategy("lmmse").lowest_first  # least error first
 
 
 def test_auto_ridge_takes_the_grid_value_with_least_heldout_error():

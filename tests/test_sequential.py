@@ -4,9 +4,11 @@ import copy
 
 import pytest
 import torch
+from omegaconf import OmegaConf
 
 import nbl
-from nbl.sequential import linearize_sequentially
+from nbl.calib.sequential import linearize_sequentially
+from nbl.select.registry import get_strategy
 from tests.conftest import make_tiny, token_batches
 
 
@@ -32,11 +34,12 @@ def _calibrator(batches):
     return calibrate, calls
 
 
-@pytest.mark.parametrize("strategy", ["cca", "cosine", "random"])
+@pytest.mark.parametrize("strategy", ["cca", "cosine", "magnitude"])
 def test_sequential_replaces_k_layers_one_pass_each(strategy):
     model = make_tiny("qwen2")
     calibrate, calls = _calibrator(token_batches(n_batches=2))
-    steps = linearize_sequentially(model, calibrate, k=3, strategy=strategy, seed=1)
+    choose = get_strategy(strategy).choose_one(OmegaConf.create({"cca_target": "residual"}))
+    steps = linearize_sequentially(model, calibrate, k=3, choose=choose)
     assert len(steps) == 3 and len(calls) == 3
     assert [len(c) for c in calls] == [0, 1, 2]  # each pass sees the layers replaced so far
     assert sorted(nbl.replaced_layers(model)) == sorted(s.layer for s in steps)
@@ -49,7 +52,8 @@ def test_first_step_matches_one_pass_choice_and_later_fits_differ():
     bounds = {i: nbl.cca_bound(one_pass[i]) for i in one_pass}
     seq_model = copy.deepcopy(base)
     calibrate, _ = _calibrator(batches)
-    steps = linearize_sequentially(seq_model, calibrate, k=2, strategy="cca")
+    cca = get_strategy("cca").choose_one(OmegaConf.create({"cca_target": "residual"}))
+    steps = linearize_sequentially(seq_model, calibrate, k=2, choose=cca)
     assert steps[0].layer == min(bounds, key=bounds.get)
     second = steps[1].layer
     w_one_pass, _ = nbl.fit_lmmse(one_pass[second])

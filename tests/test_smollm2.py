@@ -8,7 +8,7 @@ import torch
 import nbl
 from nbl.data import lambada_passages, token_sequences, wikipedia_passages
 from nbl.models import SMOLLM2_NAME, load_smollm2, smollm2_folder
-from nbl.selection import layer_scores, select_layers
+from nbl.select.ranking import random_layers, select_layers
 
 pytestmark = pytest.mark.slow
 
@@ -31,11 +31,11 @@ def test_nbl_keeps_more_than_random_drop(smollm2):
     stats = nbl.calibrate(model, list(calibration.split(4)), progress=False)
     assert stats.num_tokens == 16 * 256
     k = 8
-    nbl_layers = select_layers(layer_scores(stats, "cca"), k, "cca")
-    random_layers = select_layers(layer_scores(stats, "random"), k, "random", seed=0)
+    nbl_layers = select_layers({i: nbl.cca_bound(stats[i]) for i in stats}, k, lowest_first=True)
+    drawn = random_layers(stats, k, seed=0)
     linearized, dropped = copy.deepcopy(model), copy.deepcopy(model)
     nbl.linearize(linearized, stats, nbl_layers, mode="linear")
-    nbl.linearize(dropped, stats, random_layers, mode="drop")
+    nbl.linearize(dropped, stats, drawn, mode="drop")
     base = _loss(model, held_out)
     assert 2.0 < base < 5.0  # a real language model on Wikipedia text
     rise_nbl = _loss(linearized, held_out) - base

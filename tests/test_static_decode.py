@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import nbl
-from nbl.speed import cache_bytes, cached_decode, compiled_step, static_cache, static_decode
+from nbl.measure.speed import cache_bytes, cached_decode, compiled_step, static_cache, static_decode
 from tests.conftest import make_tiny, token_batches
 
 

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from nbl import CovarianceAccumulator, canonical_correlations, cca_bound, fit_lmmse
-from nbl.linalg import _cholesky_or_none
+from nbl.core.linalg import _cholesky_or_none
 
 
 def _correlated(n: int, d_in: int, d_out: int, noise: float, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -165,7 +165,7 @@ def test_state_dict_round_trip():
 
 
 def test_heldout_errors_equal_direct_residuals():
-    from nbl.diagnostics import heldout_errors
+    from nbl.measure.diagnostics import heldout_errors
 
     x_fit, a_fit = _correlated(800, 5, 5, noise=0.4, seed=10)
     x, a = _correlated(600, 5, 5, noise=0.4, seed=11)
@@ -180,7 +180,7 @@ def test_heldout_errors_equal_direct_residuals():
 def test_spearman_against_scipy():
     from scipy.stats import spearmanr
 
-    from nbl.diagnostics import spearman
+    from nbl.measure.diagnostics import spearman
 
     rng = np.random.default_rng(12)
     x = rng.normal(size=30).round(1).tolist()  # rounding makes ties

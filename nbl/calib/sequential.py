@@ -10,19 +10,21 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
-from transformers import PreTrainedModel
+from nbl.calib.result import CalibrationResult
+from nbl.core.linalg import Ridge
+from nbl.core.stats import CovarianceAccumulator
+from nbl.core.surgery import ReplacementMode, linearize
 
-from nbl.adapters import get_adapter
-from nbl.calibration import CalibrationResult
-from nbl.linalg import CCATarget, Ridge
-from nbl.selection import Strategy, layer_scores, select_layers
-from nbl.stats import CovarianceAccumulator
-from nbl.surgery import ReplacementMode, linearize, replaced_layers
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 # given the model and the layers replaced so far (in replacement order), statistics of the layers that
 # still have attention
-Calibrator = Callable[[PreTrainedModel, list[int]], CalibrationResult]
+Calibrator = Callable[["PreTrainedModel", list[int]], CalibrationResult]
+# given those statistics, the layer to replace next and every layer's score
+Choose = Callable[[CalibrationResult], tuple[int, dict[int, float]]]
 
 
 @dataclass
@@ -34,7 +36,7 @@ class SequentialStep:
 
 
 # given the layers replaced so far (in order) and the computation of the next step, the step, from storage
-# when it ran before (the runner keeps only the chosen layer's statistics per step, not all L of them)
+# when it ran before (the recipe keeps only the chosen layer's statistics per step, not all L of them)
 StepStore = Callable[[list[int], Callable[[], SequentialStep]], SequentialStep]
 
 
@@ -42,29 +44,25 @@ def linearize_sequentially(
     model: PreTrainedModel,
     calibrator: Calibrator,
     k: int,
-    strategy: Strategy,
+    choose: Choose | None = None,
     mode: ReplacementMode = "linear",
     ridge: Ridge = 0.0,
-    cca_target: CCATarget = "residual",
-    seed: int = 0,
     order: list[int] | None = None,
     store: StepStore | None = None,
 ) -> list[SequentialStep]:
-    """Replace k layers one at a time, each chosen and fitted on the current model's statistics.
+    """Replace k layers one at a time, each chosen by ``choose`` and fitted on the current model's statistics.
 
-    ``order`` (explicit layers) fixes which layers are replaced, front to back, each map refitted on
-    the inputs the earlier replacements produce; ``random`` draws its k layers up front (seeded) and
-    does the same.
+    ``order`` (explicit or pre-drawn random layers) instead fixes which layers are replaced, front to back, each
+    map refitted on the inputs the earlier replacements produce.
     """
     if k < 0:
         raise ValueError(f"k must be >= 0, got {k}")
+    if (order is None) == (choose is None):
+        raise ValueError("give either choose (a rule applied at every step) or order (fixed layers)")
     if order is not None and len(order) != k:
         raise ValueError(f"order lists {len(order)} layers for k={k}")
     steps: list[SequentialStep] = []
     fixed = sorted(order) if order is not None else None
-    if fixed is None and strategy == "random":  # drawn up front from the layers that still have attention
-        live = [i for i in range(len(get_adapter(model).layers(model))) if i not in replaced_layers(model)]
-        fixed = select_layers(dict.fromkeys(live, 0.0), k, "random", seed=seed)
     for _ in range(k):
         done = [s.layer for s in steps]
 
@@ -75,8 +73,7 @@ def linearize_sequentially(
             if fixed is not None:
                 layer, scores = fixed[len(done)], {}
             else:
-                scores = layer_scores(stats, strategy, cca_target)
-                (layer,) = select_layers(scores, 1, strategy)
+                layer, scores = choose(stats)
             return SequentialStep(layer, scores.get(layer, float("nan")), scores, stats[layer])
 
         chosen = store(done, step) if store is not None else step()

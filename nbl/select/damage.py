@@ -14,44 +14,33 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import torch
 from tqdm.auto import tqdm
-from transformers import PreTrainedModel
 
-from nbl.adapters import get_adapter
-from nbl.layerwise import LayerInput, capture_layer_inputs, to_device
-from nbl.linalg import Ridge
-from nbl.stats import CovarianceAccumulator
-from nbl.surgery import Part, ReplacementMode, assign_cache_slots, linearize, live_layers
+from nbl.calib.carry import Carrier, layer_inputs
+from nbl.core.adapters import get_adapter
+from nbl.core.linalg import Ridge
+from nbl.core.stats import CovarianceAccumulator
+from nbl.core.surgery import Part, ReplacementMode, assign_cache_slots, linearize, live_layers
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 Measure = Literal["loss", "kl"]
+Reference = list[tuple[torch.Tensor, float]]  # per batch: next-token probabilities p, and sum p log p
 
 
 @torch.no_grad()
-def _final_hidden(model: PreTrainedModel, start: int, item: LayerInput) -> torch.Tensor:
-    """The final-normed hidden states when layers start..L-1 run on one batch's ``item``."""
-    adapter = get_adapter(model)
-    layers = adapter.layers(model)
-    device = next(model.get_output_embeddings().parameters()).device
-    hidden = item.hidden.to(device)
-    kwargs = {k: to_device(v, device) for k, v in item.kwargs.items()}
-    for layer in layers[start:]:
-        out = layer(hidden, **kwargs)
-        hidden = out[0] if isinstance(out, tuple) else out
-    return adapter.final_norm(model)(hidden)
-
-
-@torch.no_grad()
-def _loss_from(model: PreTrainedModel, start: int, inputs: list[LayerInput], ids: list[torch.Tensor],
-               reference: Reference | None = None) -> float:  # fmt: skip
-    """Mean next-token loss when layers start..L-1 run on ``inputs``; with ``reference`` (the unmodified
-    model's next-token distributions), the mean KL(reference || model) instead."""
+def _measure_from(model: PreTrainedModel, start: int, carrier: Carrier, hidden: list[torch.Tensor],
+                  ids: list[torch.Tensor], reference: Reference | None = None) -> float:  # fmt: skip
+    """Mean next-token loss when layers start..L-1 run on ``hidden`` (every batch's states at layer ``start``);
+    with ``reference`` (the unmodified model's next-token distributions), the mean KL(reference || model)."""
     head = model.get_output_embeddings()
     total, count = 0.0, 0
-    for b, (item, batch) in enumerate(zip(inputs, ids, strict=True)):
-        log_q = torch.log_softmax(head(_final_hidden(model, start, item))[:, :-1].float(), dim=-1)
+    for b, batch in enumerate(ids):
+        log_q = torch.log_softmax(head(carrier.final(model, start, b, hidden[b]))[:, :-1].float(), dim=-1)
         if reference is None:
             target = batch.to(log_q.device)[:, 1:]
             total -= float(log_q.gather(-1, target.unsqueeze(-1)).sum())
@@ -62,31 +51,30 @@ def _loss_from(model: PreTrainedModel, start: int, inputs: list[LayerInput], ids
     return total / count
 
 
-@torch.no_grad()
-def _inputs_of_every_layer(model: PreTrainedModel, heldout: list[torch.Tensor]) -> list[list[LayerInput]]:
-    """What each decoder layer receives on the held-out batches: one forward, every layer's inputs kept."""
-    layers = get_adapter(model).layers(model)
-    inputs = capture_layer_inputs(model, heldout, _device(model))
-    per_layer: list[list[LayerInput]] = []
-    for i in range(len(layers)):
-        per_layer.append([LayerInput(item.hidden, item.kwargs, item.mask) for item in inputs])
-        for item in inputs:
-            out = layers[i](item.hidden, **item.kwargs)
-            item.hidden = out[0] if isinstance(out, tuple) else out
-    return per_layer
+@dataclass
+class _Unreplaced:
+    """What damage is measured against, on the model as it is: every layer's inputs on the held-out batches, the
+    reference distributions (kl), and the measure itself."""
 
+    carrier: Carrier
+    inputs: list[list[torch.Tensor]]  # per layer, every batch's hidden states at its input
+    reference: Reference | None
+    base: float
 
-def _unreplaced(
-    model: PreTrainedModel, heldout: list[torch.Tensor], measure: Measure, reference: Reference | None = None
-) -> tuple[list[list[LayerInput]], Reference | None, float]:
-    """What damage is measured against, on the model as it is: every layer's inputs on ``heldout``, the
-    reference distributions (kl; ``reference`` if given), and the measure itself."""
-    per_layer = _inputs_of_every_layer(model, heldout)
-    if measure == "kl" and reference is None:
-        reference = reference_states(model, heldout)
-    elif measure == "loss":
-        reference = None
-    return per_layer, reference, _loss_from(model, 0, per_layer[0], heldout, reference=reference)
+    @classmethod
+    def measure(cls, model: PreTrainedModel, heldout: list[torch.Tensor], measure: Measure,
+                reference: Reference | None = None) -> _Unreplaced:  # fmt: skip
+        carrier, inputs = layer_inputs(model, heldout, _device(model))
+        if measure == "kl" and reference is None:
+            reference = _reference(model, carrier, inputs[0])
+        elif measure == "loss":
+            reference = None
+        return cls(carrier, inputs, reference, _measure_from(model, 0, carrier, inputs[0], heldout, reference))
+
+    def damage(self, model: PreTrainedModel, start: int, heldout: list[torch.Tensor]) -> float:
+        """The increase of the measure when the model as it is now runs from layer ``start`` (the layers below
+        ``start`` must be unchanged)."""
+        return _measure_from(model, start, self.carrier, self.inputs[start], heldout, self.reference) - self.base
 
 
 @torch.no_grad()
@@ -107,28 +95,30 @@ def single_layer_damage(
     alone is replaced (its map fitted on ``stats``) in the model as it is. Lower = safer to replace.
     ``candidates``: the layers to try (default: every layer in ``stats`` that still has ``part``); ``reference``
     (kl): the distributions KL is measured from (default: the model's as it is). The model is left as it was."""
-    per_layer, reference, base = _unreplaced(model, heldout, measure, reference)
+    unreplaced = _Unreplaced.measure(model, heldout, measure, reference)
     live = [i for i in live_layers(model, part) if i in stats]
     todo = live if candidates is None else [i for i in candidates if i in live]
     damage = {}
     for i in tqdm(todo, desc=desc, disable=not progress):
         with layers_restored(model, [i]):  # replaced in place for the measurement only
             linearize(model, stats, [i], mode=mode, ridge=ridge, part=part)
-            damage[i] = _loss_from(model, i, per_layer[i], heldout, reference=reference) - base
+            damage[i] = unreplaced.damage(model, i, heldout)
     return damage
-
-
-Reference = list[tuple[torch.Tensor, float]]  # per batch: next-token probabilities p, and sum p log p
 
 
 @torch.no_grad()
 def reference_states(model: PreTrainedModel, heldout: list[torch.Tensor]) -> Reference:
     """The model's next-token distributions on every held-out batch, computed once (tokens x vocabulary
     floats: 4 x 512 tokens of a 128 k vocabulary hold 1 GB)."""
+    carrier = Carrier.capture(model, heldout, _device(model))
+    return _reference(model, carrier, carrier.snapshot())
+
+
+def _reference(model: PreTrainedModel, carrier: Carrier, hidden: list[torch.Tensor]) -> Reference:
     head = model.get_output_embeddings()
     out = []
-    for item in capture_layer_inputs(model, heldout, _device(model)):
-        log_p = torch.log_softmax(head(_final_hidden(model, 0, item))[:, :-1].float(), dim=-1)
+    for b, states in enumerate(hidden):
+        log_p = torch.log_softmax(head(carrier.final(model, 0, b, states))[:, :-1].float(), dim=-1)
         probs = log_p.exp()
         out.append((probs, float((probs * log_p).sum())))
     return out
@@ -210,7 +200,7 @@ def validate_sets(
     a set proposed by several rules is measured once. Cost: one forward of the
     held-out tokens, plus per distinct set the layers from its lowest one to the top. The model is left as it
     was."""
-    per_layer, reference, base = _unreplaced(model, heldout, measure)
+    unreplaced = _Unreplaced.measure(model, heldout, measure)
     measured: dict[tuple[int, ...], Candidate] = {}
     for rule, layers in proposals.items():
         key = tuple(sorted(layers))
@@ -221,7 +211,7 @@ def validate_sets(
             continue
         with layers_restored(model, key):
             linearize(model, stats, list(key), mode=mode, ridge=ridge, part=part)
-            damage = _loss_from(model, key[0], per_layer[key[0]], heldout, reference=reference) - base
+            damage = unreplaced.damage(model, key[0], heldout)
         measured[key] = Candidate([rule], list(key), damage)
     return list(measured.values())
 

@@ -16,6 +16,9 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from nbl.core.surgery import Part
+from nbl.select.registry import get_strategy, strategy_names
+
 
 class ConfigError(ValueError):
     """A config value that cannot run; the message names the key."""
@@ -51,6 +54,15 @@ class Granularity(Enum):
     joint = "joint"  # attention and MLP sub-blocks ranked together; k counts sub-blocks
 
 
+# the sub-blocks each replacement.granularity calibrates and replaces
+GRANULARITY_PARTS: dict[str, tuple[Part, ...]] = {
+    "attention": ("attention",),
+    "mlp": ("mlp",),
+    "block": ("block",),
+    "joint": ("attention", "mlp"),
+}
+
+
 class QuantScheme(Enum):
     none = "none"
     int8_weight = "int8_weight"
@@ -67,15 +79,8 @@ class GramDType(Enum):
     float32 = "float32"
 
 
-class Strategy(Enum):
-    cca = "cca"
-    cosine = "cosine"
-    random = "random"
-    loss = "loss"
-    lmmse = "lmmse"
-    greedy = "greedy"
-    plan = "plan"
-    validated = "validated"  # the top k of the cca, cosine and loss rankings, measured as sets
+# the registered selection strategies (nbl.select.strategies): the schema accepts exactly their names
+Strategy = Enum("Strategy", {name: name for name in strategy_names()})  # type: ignore[misc]
 
 
 class Measure(Enum):
@@ -171,7 +176,7 @@ class SelectionSchema:
     holdout_sequences: int = 8  # loss, greedy, lmmse, ridge=auto: held-out windows of the calibration text
     heldout_source: str | None = None  # their text (a TEXT_SOURCES name); None: the calibration text's next windows
     measure: Measure = Measure.loss  # loss, greedy: damage as loss increase, or as KL from the original model
-    target: PlanTarget = PlanTarget.prefill  # plan: the predicted quantity to reach (nbl.plan.target_metric)
+    target: PlanTarget = PlanTarget.prefill  # plan: the predicted quantity to reach (nbl.select.plan.target_metric)
     target_value: float | None = None  # plan: reach at least this (a speed-up, or a fraction removed)
 
 
@@ -179,7 +184,7 @@ class SelectionSchema:
 class ReplacementSchema:
     mode: Mode
     ridge: Any = 0.0  # a number >= 0, or "auto": per layer, the grid value with the least held-out error
-    granularity: Granularity = Granularity.attention  # what one replaced unit is (nbl.surgery)
+    granularity: Granularity = Granularity.attention  # what one replaced unit is (nbl.core.surgery)
 
     def check(self) -> None:
         if self.ridge == "auto":
@@ -306,20 +311,6 @@ class ExperimentSchema:
         _positive("num_layers", self.num_layers, minimum=0)
         _positive("selection.holdout_sequences", self.selection.holdout_sequences)
         self._check_heldout_source()
-        from nbl.selection import MEASURED
-
-        if self.selection.strategy.value in MEASURED and self.calibration.mode is CalibrationMode.sequential:
-            raise ConfigError(
-                f"selection={self.selection.strategy.value} runs the model itself: "
-                "use calibration.mode one_pass or propagated"
-            )
-        if self.selection.strategy is Strategy.plan and self.layers is None:
-            if self.selection.target_value is None or not math.isfinite(self.selection.target_value):
-                raise ConfigError("selection=plan needs selection.target_value (e.g. 1.1 for a 1.1x speed-up)")
-            if self.calibration.mode is not CalibrationMode.one_pass:
-                raise ConfigError(
-                    "selection=plan fits its maps on the one-pass statistics: use calibration.mode=one_pass"
-                )
         self._check_granularity()
         if self.layers is not None and len(set(self.layers)) != len(self.layers):
             raise ConfigError(f"layers={self.layers} lists a layer twice")
@@ -341,26 +332,39 @@ class ExperimentSchema:
             )
 
     def _check_granularity(self) -> None:
-        """Sub-blocks other than attention are fitted on the one-pass statistics: the sequential / propagated refits
-        and selection=plan (keep / linear / drop of attention) handle attention only; loss and greedy measure one
-        part per layer (not joint)."""
+        """Sub-blocks other than attention are fitted on the one-pass statistics (the sequential and propagated
+        refits handle attention only), and a joint unit is a sub-block, not a layer."""
         granularity = self.replacement.granularity
         if granularity is Granularity.attention:
             return
-        measured = (Strategy.loss, Strategy.greedy, Strategy.validated) if granularity is Granularity.joint else ()
         unsupported = {
-            f"selection={self.selection.strategy.value}": self.layers is None
-            and self.selection.strategy in (Strategy.plan, *measured),
             f"calibration.mode={self.calibration.mode.value}": self.calibration.mode is not CalibrationMode.one_pass,
             "explicit layers (a joint unit is a sub-block, not a layer)": granularity is Granularity.joint
             and self.layers is not None,
         }
         for what, bad in unsupported.items():
             if bad:
-                raise ConfigError(
-                    f"replacement.granularity={granularity.value} does not support {what} yet: "
-                    "use replacement.granularity=attention, or selection cca / cosine / lmmse / random in one pass"
-                )
+                raise ConfigError(_granularity_refusal(granularity.value, what))
+
+
+def _granularity_refusal(granularity: str, what: str) -> str:
+    return (
+        f"replacement.granularity={granularity} does not support {what} yet: "
+        "use replacement.granularity=attention, or selection cca / cosine / lmmse / random in one pass"
+    )
+
+
+def check_strategy(cfg: DictConfig) -> None:
+    """What the chosen strategy cannot do with ``cfg`` (its granularities, calibration modes and own settings)."""
+    if cfg.layers is not None:  # explicit layers: no strategy runs
+        return
+    strategy = get_strategy(cfg.selection.strategy)
+    granularity = cfg.replacement.granularity
+    if granularity not in strategy.granularities:
+        raise ConfigError(_granularity_refusal(granularity, f"selection={strategy.name}"))
+    refusal = strategy.refusal(cfg)
+    if refusal is not None:
+        raise ConfigError(refusal)
 
 
 def checked_config(cfg: DictConfig) -> DictConfig:
@@ -375,7 +379,9 @@ def checked_config(cfg: DictConfig) -> DictConfig:
     except OmegaConfBaseException as err:
         raise ConfigError(_first_line(err)) from None
     obj.check()
-    return OmegaConf.create(OmegaConf.to_container(typed, enum_to_str=True))
+    checked = OmegaConf.create(OmegaConf.to_container(typed, enum_to_str=True))
+    check_strategy(checked)
+    return checked
 
 
 def _first_line(err: OmegaConfBaseException) -> str:

@@ -6,11 +6,14 @@ import importlib.metadata
 import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from nbl.offline_tasks import OFFLINE_TASKS, fewshot_available, write_offline_tasks
+from nbl.measure.offline_tasks import OFFLINE_TASKS, fewshot_available, write_offline_tasks
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 LM_EVAL_RANGE = ((0, 4, 9), (0, 5, 0))  # tested with 0.4.13; prompts and metrics differ across majors
 

@@ -4,7 +4,7 @@ The target is a number the accounting models predict from the plan alone: a pref
 (FLOP model), a decode speed-up of a bytes-bound step (bytes model), or the fraction of the KV cache or of
 the decoder layers' weights removed. The plan is built greedily: at each step every remaining layer is
 tried as linear and as dropped in the model as planned so far (its damage measured on held-out windows,
-:mod:`nbl.damage`), and the option with the least damage per unit of progress towards the target is taken,
+:mod:`nbl.select.damage`), and the option with the least damage per unit of progress towards the target is taken,
 until the target is met. Steps do not depend on the target's value, so a sweep over values replays one run.
 """
 
@@ -12,16 +12,18 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import torch
-from transformers import PretrainedConfig, PreTrainedModel
 
-from nbl.accounting import BytesModel, FlopModel, kv_cache_bytes_per_token
-from nbl.damage import Measure, layers_restored, reference_states, single_layer_damage
-from nbl.linalg import Ridge
-from nbl.stats import CovarianceAccumulator
-from nbl.surgery import ReplacementMode, linearize
+from nbl.core.accounting import BytesModel, FlopModel, kv_cache_bytes_per_token
+from nbl.core.linalg import Ridge
+from nbl.core.stats import CovarianceAccumulator
+from nbl.core.surgery import ReplacementMode, linearize
+from nbl.select.damage import Measure, layers_restored, reference_states, single_layer_damage
+
+if TYPE_CHECKING:
+    from transformers import PretrainedConfig, PreTrainedModel
 
 TargetKind = Literal["prefill", "decode", "decode_bytes", "kv", "params"]
 TARGETS: tuple[str, ...] = ("prefill", "decode", "decode_bytes", "kv", "params")

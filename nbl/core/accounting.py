@@ -5,12 +5,15 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from types import MappingProxyType
+from typing import TYPE_CHECKING
 
 import torch
-from transformers import AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
 
-from nbl.adapters import adapter_for_config
-from nbl.surgery import ReplacementMode, replaced_layers
+from nbl.core.adapters import adapter_for_config
+from nbl.core.surgery import ReplacementMode, replaced_layers
+
+if TYPE_CHECKING:
+    from transformers import PretrainedConfig, PreTrainedModel
 
 Modes = Mapping[int, ReplacementMode]  # layer -> how its attention (or its MLP) was replaced
 _NONE: Modes = MappingProxyType({})
@@ -43,6 +46,8 @@ class ParameterReport:
 
 def parameter_report(model: PreTrainedModel) -> ParameterReport:
     """Compare ``model`` with the unmodified architecture built (weightless, on meta) from its config."""
+    from transformers import AutoModelForCausalLM
+
     with torch.device("meta"):
         base = AutoModelForCausalLM.from_config(model.config)
     base_params = _count(base)
@@ -152,3 +157,20 @@ class BytesModel:
 
     def decode_speedup(self, replaced: Modes, context: int, mlps: Modes = _NONE) -> float:
         return self.decode({}, context) / self.decode(replaced, context, mlps)
+
+
+def mid_context(prompt_len: int, new_tokens: int) -> int:
+    """The context length of the middle decoding step of a run: where predictions evaluate decode speed."""
+    return prompt_len + new_tokens // 2
+
+
+def predicted_speedups(config: PretrainedConfig, replaced: Modes, prompt_len: int, new_tokens: int,
+                       mlps: Modes = _NONE) -> dict[str, float]:  # fmt: skip
+    """Speed-ups the FLOP and bytes models predict for this replacement (``replaced``: attention modes, ``mlps``:
+    MLP modes) for a prompt of ``prompt_len`` tokens and decoding at :func:`mid_context`."""
+    context, flops = mid_context(prompt_len, new_tokens), FlopModel(config)
+    return {
+        "prefill_speedup": flops.prefill_speedup(replaced, prompt_len, mlps),
+        "decode_speedup": flops.decode_speedup(replaced, context, mlps),
+        "decode_bytes_speedup": BytesModel(config).decode_speedup(replaced, context, mlps),
+    }

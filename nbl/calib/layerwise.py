@@ -12,27 +12,19 @@ with the map, so every later layer sees the replaced model's activations. One pa
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping
 from contextlib import nullcontext
-from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING
 
 import torch
-from torch import nn
 from tqdm.auto import tqdm
-from transformers import PreTrainedModel
 
-from nbl.adapters import get_adapter
-from nbl.calibration import (
-    Batch,
-    CalibrationResult,
-    SubBlockTap,
-    check_token_count,
-    raise_on_overflow,
-    unpack_batch,
-)
-from nbl.linalg import Ridge
-from nbl.surgery import (
+from nbl.calib.carry import Carrier, module_device
+from nbl.calib.hooks import Batch, SubBlockTap, check_token_count, raise_on_overflow
+from nbl.calib.result import CalibrationResult
+from nbl.core.adapters import get_adapter
+from nbl.core.linalg import Ridge
+from nbl.core.surgery import (
     Part,
     ReplacementMode,
     assign_cache_slots,
@@ -43,89 +35,30 @@ from nbl.surgery import (
     validate_layers,
 )
 
-
-class _Stop(Exception):
-    """Raised by the capture hook once layer 0's inputs are recorded: the rest of the forward is not needed."""
-
-
-@dataclass
-class LayerInput:
-    """What one batch hands to a decoder layer: the hidden states and the keyword arguments (mask, rotary)."""
-
-    hidden: torch.Tensor
-    kwargs: dict[str, Any]
-    mask: torch.Tensor | None  # attention_mask of the batch (padding), for the statistics
-
-
-def to_device(value: Any, device: torch.device) -> Any:
-    """A tensor, or a tuple of them (rotary cos/sin), on ``device``; anything else as it is."""
-    if isinstance(value, torch.Tensor):
-        return value.to(device)
-    if isinstance(value, tuple):
-        return tuple(to_device(v, device) for v in value)
-    return value
-
-
-def _uniform_attention(model: PreTrainedModel) -> None:
-    types = getattr(model.config, "layer_types", None)
-    if types is not None and len(set(types)) > 1:
-        raise NotImplementedError(
-            f"layer-by-layer calibration passes one attention mask to every layer; this model mixes {sorted(set(types))}"
-        )
-
-
-@torch.no_grad()
-def capture_layer_inputs(model: PreTrainedModel, batches: Iterable[Batch], store: torch.device) -> list[LayerInput]:
-    """Run only the embedding (and mask / rotary set-up) of every batch, where the embedding's weights are;
-    keep what layer 0 receives on ``store``."""
-    adapter = get_adapter(model)
-    embed_device = next(model.get_input_embeddings().parameters()).device
-    first = adapter.layers(model)[0]
-    captured: list[LayerInput] = []
-    current: dict[str, torch.Tensor | None] = {}
-
-    def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
-        hidden = args[0] if args else kwargs.pop("hidden_states")
-        kwargs = {k: to_device(v, store) for k, v in kwargs.items() if k not in ("past_key_values", "use_cache")}
-        captured.append(LayerInput(hidden.to(store), kwargs, current["mask"]))
-        raise _Stop
-
-    handle = first.register_forward_pre_hook(hook, with_kwargs=True)
-    try:
-        for batch in batches:
-            input_ids, mask = unpack_batch(batch, embed_device)
-            current["mask"] = None if mask is None else mask.to(store)
-            try:
-                adapter.backbone(model)(input_ids=input_ids, attention_mask=mask, use_cache=False)
-            except _Stop:
-                pass
-    finally:
-        handle.remove()
-    return captured
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 
 def _run_layer(
     model: PreTrainedModel,
     i: int,
-    inputs: Sequence[LayerInput],
-    store: torch.device,
+    carrier: Carrier,
+    device: torch.device,
     taps: Mapping[Part, CalibrationResult] | None = None,
     carry: bool = True,
 ) -> None:
-    """Run layer i on every batch: statistics of layer i into ``taps`` (per part, those holding it) and, with
-    ``carry``, outputs replace inputs."""
-    layer = get_adapter(model).layers(model)[i]
-    device = next(layer.parameters()).device
+    """Run layer i on every batch (on ``device``): statistics of layer i into ``taps`` (per part, those holding
+    it) and, with ``carry``, its outputs carried on."""
     ones = {p: CalibrationResult({i: r[i]}, r.cosine_sums) for p, r in (taps or {}).items() if i in r.accumulators}
     with SubBlockTap(model, ones) if ones else nullcontext() as hooks:  # this layer's hooks only
-        for b, item in enumerate(inputs):
+        for b, hidden in enumerate(carrier.hidden):
             if hooks is not None:
-                hooks.mask = item.mask
-            out = layer(item.hidden.to(device), **{k: to_device(v, device) for k, v in item.kwargs.items()})
+                hooks.mask = carrier.masks[b]
+            out = carrier.call(model, i, b, hidden, device)
             for one in ones.values():
-                raise_on_overflow(one, b, item.hidden.dtype)
+                raise_on_overflow(one, b, hidden.dtype)
             if carry:
-                item.hidden = (out[0] if isinstance(out, tuple) else out).to(store)
+                carrier.hidden[b] = out.to(carrier.store)
 
 
 @torch.no_grad()
@@ -137,11 +70,10 @@ def _layer_pass(
     progress: bool,
     desc: str,
     taps: Mapping[Part, CalibrationResult] | None = None,
-    before_run: Callable[[int, list[LayerInput]], None] | None = None,
+    before_run: Callable[[int, Carrier], None] | None = None,
 ) -> None:
-    """Capture layer 0's inputs, then for each layer: onload it, ``before_run`` (which may replace it), run it on
-    every batch (statistics of the layers in ``taps`` gathered on the way), offload it."""
-    _uniform_attention(model)
+    """Capture every layer's inputs, then for each layer: onload it, ``before_run`` (which may replace it), run it
+    on every batch (statistics of the layers in ``taps`` gathered on the way), offload it."""
     if any(hasattr(m, "_hf_hook") for m in model.modules()):
         raise NotImplementedError("layer-by-layer calibration moves layers itself: load the model without device_map")
     layers = get_adapter(model).layers(model)
@@ -150,19 +82,17 @@ def _layer_pass(
     was_training = model.training
     model.eval()
     try:
-        inputs = capture_layer_inputs(model, batches, store)
+        carrier = Carrier.capture(model, batches, store)
         for i in tqdm(range(len(layers)), desc=desc, disable=not progress):
             original = layers[i]
-            home = next(original.parameters()).device
+            home = module_device(original, store)
             original.to(device)
             try:
                 if before_run is not None:
-                    before_run(i, inputs)
-                _run_layer(model, i, inputs, store, taps)
+                    before_run(i, carrier)
+                _run_layer(model, i, carrier, device, taps)
                 for result in (taps or {}).values():
-                    if (
-                        i in result.accumulators
-                    ):  # finished sums wait with the activations: the device holds one layer's
+                    if i in result.accumulators:  # finished sums wait with the activations: the device holds one layer's
                         result[i].move_(store)
             finally:
                 original.to(home)
@@ -231,11 +161,12 @@ def refit_propagated(
     result = CalibrationResult.empty(chosen, d, gram_dtype)
     originals = {i: adapter.layers(model)[i] for i in chosen}
 
-    def refit(i: int, inputs: list[LayerInput]) -> None:
+    def refit(i: int, carrier: Carrier) -> None:
         if i not in result.accumulators:
             return
         if mode == "linear":  # statistics of the original layer on the replaced model's inputs
-            _run_layer(model, i, inputs, store=inputs[0].hidden.device, taps={"attention": result}, carry=False)
+            device = module_device(adapter.layers(model)[i], carrier.store)
+            _run_layer(model, i, carrier, device, taps={"attention": result}, carry=False)
             check_token_count(CalibrationResult({i: result[i]}, {i: result.cosine_sums[i]}), d)
         linearize(model, result, [i], mode=mode, ridge=ridge)
 

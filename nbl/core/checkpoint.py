@@ -12,8 +12,8 @@ import torch
 from safetensors.torch import load_model, save_file, save_model
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
 
-from nbl.adapters import adapter_for_config
-from nbl.surgery import apply_replacements, replaced_layers, replaced_mlps
+from nbl.core.adapters import adapter_for_config
+from nbl.core.surgery import apply_replacements, replaced_layers, replaced_mlps
 
 NBL_FILE = "nbl.json"
 WEIGHTS_FILE = "model.safetensors"

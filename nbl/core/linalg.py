@@ -8,7 +8,7 @@ from typing import Literal
 
 import torch
 
-from nbl.stats import CovarianceAccumulator
+from nbl.core.stats import CovarianceAccumulator
 
 CCATarget = Literal["residual", "attention"]
 Ridge = float | Mapping[int, float]  # one ridge for every layer, or one per layer (replacement.ridge=auto)

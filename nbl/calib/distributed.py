@@ -1,20 +1,28 @@
 """Data-parallel calibration over torch.distributed: each rank calibrates its shard of the batches, then the
 float64 sums are all-reduced, so every rank holds the statistics of all batches.
 
-Under ``torchrun`` (one process per GPU; several nodes through SLURM) the runner calls :func:`setup`;
-rank 0 then scores, fits, evaluates and writes the results, the other ranks stop after calibration.
+Under ``torchrun`` (one process per GPU; several nodes through SLURM) the recipe calls :func:`setup`; the
+:class:`Shards` it returns makes the decisions that must agree (rank 0 looks the cache up, the others follow) and
+runs a calibrator on this rank's share. Rank 0 then scores, fits, evaluates and writes the results; the other
+ranks stop after calibration.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Mapping, Sequence
-from typing import TypeVar
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Protocol, TypeVar
 
 import torch
 import torch.distributed as dist
 
-from nbl.calibration import CalibrationResult
+from nbl.calib.hooks import Batch
+from nbl.calib.result import CalibrationResult
+from nbl.core.surgery import Part
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 T = TypeVar("T")
 
@@ -31,9 +39,43 @@ def _export_submitit_env() -> None:
     TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
 
 
-def setup() -> tuple[int, int]:
-    """(rank, world size); initialises the default process group when torchrun, or a SLURM job of several
-    tasks launched through submitit, started several processes."""
+class Calibrator(Protocol):
+    """One statistics pass over ``batches``: every part asked for, for every layer that still has it."""
+
+    def __call__(self, model: PreTrainedModel, batches: Sequence[Batch], parts: tuple[Part, ...]
+                 ) -> dict[Part, CalibrationResult]: ...  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Shards:
+    """This process's place among the ranks of a torch.distributed run (rank 0 of 1: a plain run)."""
+
+    rank: int = 0
+    world: int = 1
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def agree(self, decide: Callable[[], T]) -> T:
+        """Rank 0's answer on every rank (only rank 0 calls ``decide``): decisions all ranks must share."""
+        box = [decide() if self.main else None]
+        if self.world > 1:
+            dist.broadcast_object_list(box, src=0)
+        return box[0]  # type: ignore[return-value]
+
+    def calibrate(self, calibrator: Calibrator, model: PreTrainedModel, batches: Sequence[Batch],
+                  parts: tuple[Part, ...]) -> dict[Part, CalibrationResult]:  # fmt: skip
+        """``calibrator`` on this rank's share of ``batches``, the sums then added up over ranks."""
+        if self.world == 1:
+            return dict(calibrator(model, list(batches), parts))
+        mine = calibrator(model, shard(batches, self.rank, self.world), parts)
+        return {part: all_reduce_statistics(stats) for part, stats in mine.items()}
+
+
+def setup() -> Shards:
+    """This process's :class:`Shards`; initialises the default process group when torchrun, or a SLURM job of
+    several tasks launched through submitit, started several processes."""
     _export_submitit_env()
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1 and not dist.is_initialized():
@@ -42,8 +84,8 @@ def setup() -> tuple[int, int]:
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         dist.init_process_group(backend)
     if dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
+        return Shards(dist.get_rank(), dist.get_world_size())
+    return Shards()
 
 
 def shard(items: Sequence[T], rank: int, world: int) -> list[T]:
@@ -80,13 +122,3 @@ def all_reduce_statistics(result: CalibrationResult) -> CalibrationResult:
         acc.count = round(float(packed[offset]))
         result.cosine_sums[i] = float(packed[offset + 1])
     return result
-
-
-def calibrate_sharded(
-    calibrate: Callable[[list], Mapping[str, CalibrationResult]], batches: Sequence, rank: int, world: int
-) -> dict[str, CalibrationResult]:
-    """``calibrate`` (statistics per part) on this rank's shard, then summed over ranks (world == 1: plain
-    ``calibrate``)."""
-    if world == 1:
-        return dict(calibrate(list(batches)))
-    return {part: all_reduce_statistics(stats) for part, stats in calibrate(shard(batches, rank, world)).items()}

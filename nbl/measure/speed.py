@@ -10,11 +10,15 @@ import statistics
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
-from transformers import DynamicCache, PreTrainedModel, StaticCache
+from transformers import DynamicCache, StaticCache
 
-from nbl.surgery import replaced_layers
+from nbl.core.surgery import replaced_layers
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 
 def synchronize(device: torch.device) -> None:
@@ -124,7 +128,7 @@ def static_decode(
 
 def compiled_step(model: PreTrainedModel, mode: str | None = None) -> Callable[..., object]:
     """``model.forward`` compiled for fixed-shape single-token steps (``mode="reduce-overhead"`` on CUDA
-    adds CUDA graphs: the step is then bound by memory traffic, see :class:`nbl.accounting.BytesModel`)."""
+    adds CUDA graphs: the step is then bound by memory traffic, see :class:`nbl.core.accounting.BytesModel`)."""
     return torch.compile(model.forward, mode=mode, dynamic=False, fullgraph=False)
 
 

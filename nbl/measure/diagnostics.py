@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from nbl.stats import CovarianceAccumulator
+from nbl.core.stats import CovarianceAccumulator
 
 
 def heldout_errors(acc: CovarianceAccumulator, w: torch.Tensor, b: torch.Tensor) -> dict[str, float]:

@@ -2,138 +2,21 @@
 
 from __future__ import annotations
 
-import json
-import math
-from collections.abc import Iterable, Iterator, Mapping
-from pathlib import Path
+from collections.abc import Iterable, Mapping
+from typing import TYPE_CHECKING
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import save_file
 from torch import nn
 from tqdm.auto import tqdm
-from transformers import PreTrainedModel
 
-from nbl.adapters import get_adapter
-from nbl.stats import CovarianceAccumulator
-from nbl.surgery import PARTS, Part, execution_device, live_layers
+from nbl.calib.result import CalibrationResult
+from nbl.core.adapters import get_adapter
+from nbl.core.surgery import PARTS, Part, execution_device, live_layers
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 Batch = torch.Tensor | Mapping[str, torch.Tensor]
-
-
-class CalibrationResult(Mapping[int, CovarianceAccumulator]):
-    """Layer index -> accumulator, plus the per-layer sum of cos(x, x + a) for the drop baseline."""
-
-    def __init__(self, accumulators: Mapping[int, CovarianceAccumulator], cosine_sums: dict[int, float]) -> None:
-        self.accumulators = accumulators
-        self.cosine_sums = cosine_sums
-
-    @classmethod
-    def empty(cls, layers: Iterable[int], d: int, gram_dtype: str = "float64") -> CalibrationResult:
-        """Zero statistics for ``layers`` of hidden size d."""
-        layers = list(layers)
-        return cls({i: CovarianceAccumulator(d, d, gram_dtype=gram_dtype) for i in layers}, dict.fromkeys(layers, 0.0))
-
-    def to(self, device: torch.device | str) -> CalibrationResult:
-        """The same statistics with every sum on ``device`` (score and fit where the model computes).
-
-        Statistics opened lazily stay lazy: each layer is read straight onto ``device`` when asked for.
-        """
-        if isinstance(self.accumulators, _StoredLayers):
-            stored = _StoredLayers(self.accumulators.path, self.accumulators.counts, device)
-            return CalibrationResult(stored, dict(self.cosine_sums))
-        moved = {
-            i: CovarianceAccumulator.from_state_dict(acc.state_dict(), device) for i, acc in self.accumulators.items()
-        }
-        return CalibrationResult(moved, dict(self.cosine_sums))
-
-    def __getitem__(self, layer: int) -> CovarianceAccumulator:
-        return self.accumulators[layer]
-
-    def __iter__(self) -> Iterator[int]:
-        return iter(sorted(self.accumulators))
-
-    def __len__(self) -> int:
-        return len(self.accumulators)
-
-    def count(self, layer: int) -> int:
-        """Tokens summarised for ``layer`` (read without the sums when the statistics are lazy)."""
-        if isinstance(self.accumulators, _StoredLayers):
-            return self.accumulators.counts[layer]
-        return self.accumulators[layer].count
-
-    def mean_cosine(self, layer: int) -> float:
-        """Mean over calibration tokens of cos(x_t, x_t + a_t)."""
-        return self.cosine_sums[layer] / self.count(layer)
-
-    def check(self) -> None:
-        """Raise unless every layer holds finite sums over the same tokens with the same dimensions."""
-        if not self.accumulators:
-            raise ValueError("no layers in the calibration statistics")
-        first = None
-        for i, acc in self.accumulators.items():  # lazy statistics: each layer read once
-            first = first or acc
-            if (acc.d_in, acc.d_out, acc.count) != (first.d_in, first.d_out, first.count):
-                raise ValueError(
-                    f"layer {i} has shape/count {(acc.d_in, acc.d_out, acc.count)}, others "
-                    f"{(first.d_in, first.d_out, first.count)}"
-                )
-            if acc.count < 2:
-                raise ValueError(f"layer {i} holds {acc.count} tokens")
-            try:
-                acc.check()
-            except ValueError as err:
-                raise ValueError(f"layer {i}: {err}") from None
-            if not math.isfinite(self.cosine_sums[i]):
-                raise ValueError(f"layer {i}: the cosine sum is not finite")
-
-    @property
-    def num_tokens(self) -> int:
-        return self.count(next(iter(self))) if len(self) else 0
-
-    def save(self, path: str | Path, metadata: Mapping[str, str] | None = None) -> None:
-        """One safetensors file (no pickle); ``metadata`` is kept as strings in its header."""
-        tensors: dict[str, torch.Tensor] = {}
-        for i, acc in self.accumulators.items():
-            for name, t in acc.state_dict().items():
-                tensors[f"layer{i}.{name}"] = t.contiguous()
-            tensors[f"layer{i}.cosine_sum"] = torch.tensor([self.cosine_sums[i]], dtype=torch.float64)
-        header = {"nbl_layers": json.dumps(sorted(self.accumulators)), **(metadata or {})}
-        save_file(tensors, str(path), metadata=header)
-
-    @classmethod
-    def load(cls, path: str | Path, device: torch.device | str = "cpu", lazy: bool = False) -> CalibrationResult:
-        """Read statistics written by :meth:`save`. ``lazy``: read each layer from the file when it is asked
-        for (and not keep it), so memory holds one layer's sums (3 d^2 + 2 d floats), not L of them."""
-        with safe_open(str(path), framework="pt") as f:
-            layers = json.loads((f.metadata() or {})["nbl_layers"])
-            cos = {i: float(f.get_tensor(f"layer{i}.cosine_sum").item()) for i in layers}
-            counts = {i: int(f.get_tensor(f"layer{i}.count").item()) for i in layers}
-        stored = _StoredLayers(Path(path), counts, device)
-        return cls(stored if lazy else {i: stored[i] for i in layers}, cos)
-
-
-class _StoredLayers(Mapping[int, CovarianceAccumulator]):
-    """Layer index -> accumulator, read from a statistics file on every access (nothing kept in memory)."""
-
-    def __init__(self, path: Path, counts: dict[int, int], device: torch.device | str) -> None:
-        self.path, self.counts, self.device = path, counts, torch.device(device)
-        self.layers = sorted(counts)
-
-    def __getitem__(self, layer: int) -> CovarianceAccumulator:
-        if layer not in self.layers:
-            raise KeyError(layer)
-        prefix = f"layer{layer}."
-        with safe_open(str(self.path), framework="pt", device=str(self.device)) as f:
-            state = {k[len(prefix) :]: f.get_tensor(k) for k in f.keys() if k.startswith(prefix)}
-        state.pop("cosine_sum")
-        return CovarianceAccumulator.from_state_dict(state, self.device)
-
-    def __iter__(self) -> Iterator[int]:
-        return iter(self.layers)
-
-    def __len__(self) -> int:
-        return len(self.layers)
 
 
 class SubBlockTap:
@@ -224,7 +107,7 @@ def calibrate(
 
     The LM head is skipped (only the backbone runs); padding tokens (attention_mask == 0) are not
     counted. Memory is O(L d^2) whatever the number of tokens. ``gram_dtype``: see
-    :class:`~nbl.stats.CovarianceAccumulator`.
+    :class:`~nbl.core.stats.CovarianceAccumulator`.
     """
     return calibrate_parts(model, batches, (part,), layers, progress, gram_dtype)[part]
 

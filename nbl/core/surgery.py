@@ -13,15 +13,17 @@ from __future__ import annotations
 import itertools
 import operator
 from collections.abc import Iterable, Mapping
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from torch import nn
-from transformers import PreTrainedModel
 
-from nbl.adapters import get_adapter
-from nbl.linalg import Ridge, fit_lmmse, ridge_of
-from nbl.stats import CovarianceAccumulator
+from nbl.core.adapters import get_adapter
+from nbl.core.linalg import Ridge, fit_lmmse, ridge_of
+from nbl.core.stats import CovarianceAccumulator
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 ReplacementMode = Literal["linear", "drop"]
 MODES: tuple[str, ...] = ("linear", "drop")

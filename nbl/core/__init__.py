@@ -1,0 +1,1 @@
+"""The method on a model: statistics, closed forms (LMMSE map, CCA bound), surgery, accounting, checkpoints."""

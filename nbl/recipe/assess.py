@@ -1,0 +1,116 @@
+"""Stages that measure: the unmodified model beside the replaced one, lm-eval tasks and perplexity, speed."""
+
+from __future__ import annotations
+
+import copy
+import logging
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from nbl.cache import cached_json
+from nbl.core.accounting import predicted_speedups
+from nbl.core.surgery import replaced_layers, replaced_mlps
+from nbl.data import load_texts, token_sequences
+from nbl.measure.evaluation import average_headline, perplexity, run_lm_eval
+from nbl.measure.speed import decode_memory, decode_timer, interleaved, prefill, random_prompt, timed
+from nbl.quantization import quantize_model
+from nbl.recipe.keys import base_eval_fields, task_folder
+from nbl.recipe.state import RunState
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+log = logging.getLogger(__name__)
+
+
+def evaluate_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, eval_cfg: DictConfig, cache_dir: Path
+                   ) -> dict[str, Any]:  # fmt: skip
+    """lm-eval tasks and perplexity of one model."""
+    tasks = run_lm_eval(
+        model, tokenizer, list(eval_cfg.tasks), task_folder(cache_dir), offline=eval_cfg.offline,
+        limit=eval_cfg.limit, batch_size=eval_cfg.batch_size, num_fewshot=dict(eval_cfg.num_fewshot or {}),
+    )  # fmt: skip
+    out: dict[str, Any] = {"tasks": tasks, "average": average_headline(tasks)}
+    if eval_cfg.perplexity:
+        ppl = eval_cfg.perplexity
+        ids = token_sequences(tokenizer, load_texts(ppl.source), ppl.num_sequences, ppl.seq_len, seed=0)
+        out["perplexity"] = perplexity(model, ids)
+        out["perplexity_text"] = ppl.source if ppl.source != "wikipedia" else "wikipedia (WikiText-2 stand-in)"
+        for domain in eval_cfg.domains:  # further texts, same window count and length
+            ids = token_sequences(tokenizer, load_texts(domain), ppl.num_sequences, ppl.seq_len, seed=0)
+            out.setdefault("domains", {})[domain] = perplexity(model, ids)
+    return out
+
+
+def measure_speed(base: PreTrainedModel, replaced: PreTrainedModel, speed_cfg: DictConfig) -> dict[str, Any]:
+    """Interleaved base vs replaced: prefill and cached-decode tokens/s, ratios, FLOP-model predictions."""
+    device = next(base.parameters()).device
+    prompt = random_prompt(base, speed_cfg.batch_size, speed_cfg.prompt_len)
+    times = interleaved(
+        {
+            "prefill_base": timed(lambda: prefill(base, prompt), device),
+            "prefill_nbl": timed(lambda: prefill(replaced, prompt), device),
+            "decode_base": decode_timer(base, prompt, speed_cfg.new_tokens),
+            "decode_nbl": decode_timer(replaced, prompt, speed_cfg.new_tokens),
+        },
+        repeats=speed_cfg.repeats,
+        warmup=speed_cfg.warmup,
+    )
+    n_prefill = speed_cfg.batch_size * speed_cfg.prompt_len
+    n_decode = speed_cfg.batch_size * speed_cfg.new_tokens
+    predicted = predicted_speedups(
+        base.config, replaced_layers(replaced), speed_cfg.prompt_len, speed_cfg.new_tokens, replaced_mlps(replaced)
+    )
+    memory = {name: decode_memory(m, prompt, speed_cfg.new_tokens) for name, m in (("base", base), ("nbl", replaced))}
+    return {
+        "device": str(device),
+        "prefill_tok_s_base": n_prefill / times["prefill_base"].median_s,
+        "prefill_tok_s_nbl": n_prefill / times["prefill_nbl"].median_s,
+        "decode_tok_s_base": n_decode / times["decode_base"].median_s,
+        "decode_tok_s_nbl": n_decode / times["decode_nbl"].median_s,
+        "prefill_speedup": times["prefill_base"].median_s / times["prefill_nbl"].median_s,
+        "decode_speedup": times["decode_base"].median_s / times["decode_nbl"].median_s,
+        "prefill_speedup_predicted": predicted["prefill_speedup"],
+        "decode_speedup_predicted": predicted["decode_speedup"],
+        **{f"{key}_{name}": value for name, m in memory.items() for key, value in m.items()},
+        "repeats": speed_cfg.repeats,
+        "settings": OmegaConf.to_container(speed_cfg, resolve=True),
+    }
+
+
+def baseline(state: RunState) -> None:
+    """The unmodified model beside the one to be replaced: a copy for the speed test (quantized like the replaced
+    model will be), and its evaluation (cached: a sweep evaluates it once)."""
+    cfg, model, scheme = state.cfg, state.model, state.cfg.quantize.scheme
+    evaluates = cfg.eval.evaluate_base and state.wants_eval
+    if cfg.speed.enabled:
+        if cfg.model.device_map is not None:
+            log.warning("speed test skipped: a sharded model (device_map) cannot be copied for an interleaved run")
+        else:
+            state.base = copy.deepcopy(model)
+    if scheme != "none" and state.base is None and evaluates:
+        state.base = copy.deepcopy(model)
+    if state.base is not None:
+        quantize_model(state.base, scheme)
+    if evaluates:
+        evaluated = state.base if scheme != "none" else model
+        state.eval_base, _ = cached_json(
+            state.cache_dir / "base_eval",
+            base_eval_fields(cfg, state.config),
+            lambda: evaluate_model(evaluated, state.tokenizer, cfg.eval, state.cache_dir),
+        )
+
+
+def evaluate(state: RunState) -> None:
+    """lm-eval tasks and perplexity of the replaced model."""
+    if state.wants_eval:
+        state.eval_nbl = evaluate_model(state.model, state.tokenizer, state.cfg.eval, state.cache_dir)
+
+
+def speed(state: RunState) -> None:
+    """Base and replaced model timed in the same process, interleaved (the base copy is freed after)."""
+    if state.cfg.speed.enabled and state.base is not None:
+        state.results["speed"] = measure_speed(state.base, state.model, state.cfg.speed)
+    state.base = None

@@ -1,0 +1,53 @@
+"""The selection stage: the registered strategy (or the explicit layers) chooses what to replace."""
+
+from __future__ import annotations
+
+import time
+
+from omegaconf import OmegaConf
+
+from nbl.recipe.keys import measured_fields
+from nbl.recipe.state import RunState
+from nbl.select.registry import Selection, SelectionInputs
+
+
+def select(state: RunState) -> None:
+    """``layers=[...]`` as given, or what ``selection.strategy`` chooses; its scores, steps and validation go to
+    results.json beside what every run scores."""
+    cfg, strategy = state.cfg, state.strategy
+    if strategy is None:
+        selection = Selection({state.parts[0]: sorted(cfg.layers)})  # joint refuses explicit layers
+    else:
+        strategy.announce_cost(cfg, state.config.num_hidden_layers)
+        selection = strategy.select(
+            SelectionInputs(
+                cfg=cfg, config=state.config, model=state.model, stats=state.stats, heldout_stats=state.heldout_stats,
+                ridges=state.ridges, heldout=state.windows.heldout, scores=state.scores,
+                measured_key=measured_fields(cfg, state.config) if strategy.heldout_windows else {},
+                cache_dir=state.cache_dir,
+            )
+        )  # fmt: skip
+    state.selection = selection
+    ridge = state.ridges[state.parts[0]]
+    state.results.update(
+        selection={**OmegaConf.to_container(cfg.selection, resolve=True), "layers_from": _chosen_by(state)},
+        scores=_recorded_scores(state, selection),
+        score_used=selection.score_used,
+        selection_seconds=time.perf_counter() - state.selection_start,
+        greedy_steps=selection.steps,
+        validation=selection.validation,
+        ridge={str(i): r for i, r in ridge.items()} if isinstance(ridge, dict) else ridge,
+    )
+
+
+def _chosen_by(state: RunState) -> str:
+    return "explicit" if state.cfg.layers is not None else "strategy"
+
+
+def _recorded_scores(state: RunState, selection: Selection) -> dict[str, dict[str, float]]:
+    """Every score of every part, what every run scores and the strategy's own (joint: ``<part>/<score>``)."""
+    out = {}
+    for part in state.parts:
+        for name, scores in {**state.scores[part], **selection.scores.get(part, {})}.items():
+            out[name if len(state.parts) == 1 else f"{part}/{name}"] = {str(i): s for i, s in scores.items()}
+    return out

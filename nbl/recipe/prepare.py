@@ -1,0 +1,107 @@
+"""Stages that prepare a run: its folder and ranks, then the tokenizer, the windows and the model."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from nbl.cache import stats_entry
+from nbl.calib import distributed
+from nbl.calib.passes import HookPass, LayerwisePass
+from nbl.models import config_json, load_smollm2, random_model, smollm2_folder, tiny_config
+from nbl.recipe.keys import calibration_fields
+from nbl.recipe.state import RunState, claim_output_dir
+from nbl.recipe.windows import Windows, finetune_batches
+
+if TYPE_CHECKING:
+    from transformers import PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
+
+    from nbl.calib.distributed import Calibrator
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def model_config(model_cfg: DictConfig) -> PretrainedConfig:
+    """The configured model's architecture as transformers reads it (a hub model's: with its resolved commit)."""
+    from transformers import AutoConfig
+
+    if model_cfg.source == "embedded":
+        return AutoConfig.from_pretrained(smollm2_folder())
+    if model_cfg.source == "hub":
+        return AutoConfig.from_pretrained(model_cfg.path, revision=model_cfg.revision)
+    if model_cfg.source == "tiny":  # it shares the embedded model's tokenizer, hence its vocabulary
+        return tiny_config(model_cfg.path, vocab_size=config_json(smollm2_folder())["vocab_size"])
+    raise ValueError(f"unknown model source {model_cfg.source!r}; use embedded, hub or tiny")
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def load_tokenizer(model_cfg: DictConfig) -> PreTrainedTokenizerBase:
+    from transformers import AutoTokenizer
+
+    if model_cfg.source in ("embedded", "tiny"):
+        return AutoTokenizer.from_pretrained(smollm2_folder())
+    return AutoTokenizer.from_pretrained(model_cfg.path, revision=model_cfg.revision)
+
+
+def load_model(model_cfg: DictConfig, config: PretrainedConfig, device: torch.device, seed: int = 0
+               ) -> PreTrainedModel:  # fmt: skip
+    """The configured model in eval mode on ``device``."""
+    from transformers import AutoModelForCausalLM
+
+    dtype = DTYPES[model_cfg.dtype]
+    if model_cfg.source == "embedded":
+        return load_smollm2(dtype)[0].to(device)
+    if model_cfg.source == "tiny" or model_cfg.random_weights:
+        with torch.device(device):
+            return random_model(config, dtype, seed)
+    model = AutoModelForCausalLM.from_pretrained(
+        model_cfg.path, revision=model_cfg.revision, dtype=dtype, device_map=model_cfg.device_map
+    )
+    if model_cfg.device_map is None:
+        model = model.to(device)
+    return model.eval()
+
+
+def calibrator(cfg: DictConfig, device: torch.device) -> Calibrator:
+    """The configured statistics pass: forward hooks, or layer by layer (offloaded: layers and activations wait
+    on the CPU)."""
+    cal = cfg.calibration
+    if cal.method == "layerwise":
+        store = torch.device("cpu") if cal.offload else None
+        return LayerwisePass(device, store, cal.gram_dtype)
+    return HookPass(cal.gram_dtype)
+
+
+def set_up(state: RunState) -> None:
+    """The model's config, this process's rank, the run folder (rank 0), the seed, the device."""
+    cfg = state.cfg
+    state.config = model_config(cfg.model)
+    state.shards = distributed.setup()  # torchrun: one process per GPU, ranks > 0 only help calibrate
+    if state.shards.main:
+        state.run = claim_output_dir(state.ctx.output_dir)
+        (state.ctx.output_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    torch.manual_seed(cfg.seed)
+    state.device = resolve_device(cfg.device)
+    state.calibrator = calibrator(cfg, state.device)
+
+
+def load(state: RunState) -> None:
+    """Tokenizer and windows (too little or unreadable text fails here, before the weights load), then the model
+    (offloaded calibration: it waits on the CPU, each layer visits the device only while it calibrates)."""
+    cfg = state.cfg
+    state.tokenizer = load_tokenizer(cfg.model)
+    state.windows = Windows(state.tokenizer, cfg, cfg.selection.holdout_sequences if state.needs_heldout_windows else 0)
+    stored = stats_entry(state.cache_dir / "stats", calibration_fields(cfg, state.config)).is_file()
+    if state.needs_heldout_windows or not stored:
+        state.windows.calibration()
+    if cfg.finetune.method == "lora":
+        state.train = finetune_batches(state.tokenizer, cfg)
+    home = torch.device("cpu") if cfg.calibration.offload else state.device
+    state.model = load_model(cfg.model, state.config, home, cfg.seed)

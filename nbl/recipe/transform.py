@@ -1,0 +1,122 @@
+"""Stages that change the model: replacement (one pass, propagated or sequential refits, or a plan's modes), LoRA
+healing, the checkpoint, quantization."""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+import torch
+
+from nbl.calib.layerwise import refit_propagated
+from nbl.calib.passes import step_store
+from nbl.calib.sequential import linearize_sequentially
+from nbl.core.checkpoint import save_linearized
+from nbl.core.surgery import linearize, replaced_layers, replaced_mlps
+from nbl.finetune import LoraSettings, lora_finetune
+from nbl.quantization import quantize_model
+from nbl.recipe.keys import sequential_step_fields
+from nbl.recipe.state import RunState
+from nbl.report import plot_loss_curve
+from nbl.select.registry import RankingStrategy
+
+log = logging.getLogger(__name__)
+
+
+def replace(state: RunState) -> None:
+    """Replace the chosen sub-blocks as ``calibration.mode`` says; attention may be refitted (propagated,
+    sequential), other parts are fitted on the one-pass statistics."""
+    cfg, model, start = state.cfg, state.model, time.perf_counter()
+    steps = None
+    if state.parts == ("attention",):
+        layers, steps = _replace_attention(state)
+        chosen = {"attention": layers}
+    else:
+        chosen = state.selection.layers
+        for part, layers in chosen.items():
+            linearize(model, state.stats[part], layers, mode=cfg.replacement.mode, ridge=state.ridges[part], part=part)
+    replaced, mlps = replaced_layers(model), replaced_mlps(model)
+    state.results.update(
+        num_layers=sum(len(layers) for layers in chosen.values()),  # sub-blocks for granularity=joint
+        replaced_layers=sorted({i for layers in chosen.values() for i in layers}),
+        replaced_parts=chosen,
+        replaced_modes={str(i): m for i, m in replaced.items()},  # attention (a block's map sits there)
+        replaced_mlp_modes={str(i): m for i, m in mlps.items()},  # a block: "drop" here
+    )
+    state.results["calibration"].update(
+        replace_seconds=time.perf_counter() - start, mode=cfg.calibration.mode, sequential_steps=steps
+    )  # fits, and refit passes if any
+    state.stats, state.heldout_stats = {}, {}  # the statistics are not needed any more
+
+
+def _replace_attention(state: RunState) -> tuple[list[int], list[dict[str, Any]] | None]:
+    """(the replaced layers, the sequential steps if any)."""
+    cfg, model, rep = state.cfg, state.model, state.cfg.replacement
+    stats, ridge, chosen = state.stats["attention"], state.ridges["attention"], state.selection.layers["attention"]
+    modes = state.selection.modes
+    if modes is not None:  # a plan: each layer its own mode
+        for mode in ("linear", "drop"):
+            linearize(model, stats, [i for i in chosen if modes[i] == mode], mode=mode, ridge=ridge)
+    elif cfg.calibration.mode == "one_pass":
+        linearize(model, stats, chosen, mode=rep.mode, ridge=ridge)
+    elif cfg.calibration.mode == "propagated":  # the chosen layers, each map fitted on the replaced model's inputs
+        store = torch.device("cpu") if cfg.calibration.offload else None
+        refit_propagated(model, state.windows.calibration(), chosen, rep.mode, ridge, state.device, store,
+                         gram_dtype=cfg.calibration.gram_dtype)  # fmt: skip
+    else:
+        return _replace_sequentially(state, chosen)
+    return chosen, None
+
+
+def _replace_sequentially(state: RunState, chosen: list[int]) -> tuple[list[int], list[dict[str, Any]]]:
+    """One layer at a time, each map fitted on re-calibrated statistics of the partially replaced model: the
+    strategy re-ranks at every step, or the layers are fixed (explicit, random) and replaced front to back."""
+    cfg, strategy = state.cfg, state.strategy
+    choose = strategy.choose_one(cfg.selection) if isinstance(strategy, RankingStrategy) else None
+    store = step_store(state.cache_dir / "sequential", lambda done: sequential_step_fields(cfg, state.config, done))
+
+    def statistics(model: Any, done: list[int]) -> Any:  # the first step's are the one-pass statistics
+        if not done:
+            return state.stats["attention"]
+        return state.calibrator(model, state.windows.calibration(), ("attention",))["attention"]
+
+    steps = linearize_sequentially(
+        state.model, statistics, len(chosen), choose, cfg.replacement.mode, state.ridges["attention"],
+        order=None if choose else chosen, store=store,
+    )  # fmt: skip
+    return sorted(s.layer for s in steps), [{"layer": s.layer, "score": s.score} for s in steps]
+
+
+def heal(state: RunState) -> None:
+    """LoRA healing as configured (finetune=lora); the loss curve is drawn into the run folder."""
+    ft = state.cfg.finetune
+    if ft.method != "lora":
+        state.results["finetune"] = None
+        return
+    settings = LoraSettings(
+        rank=ft.rank, alpha=ft.alpha, dropout=ft.dropout, target_modules=tuple(ft.target_modules),
+        train_maps=ft.train_maps, steps=ft.steps, lr=ft.lr,
+    )  # fmt: skip
+    state.model, trace = lora_finetune(state.model, state.train, settings)
+    plot = plot_loss_curve(trace.losses, state.ctx.output_dir / "finetune_loss.png", f"LoRA healing (r={ft.rank})")
+    state.results["finetune"] = {
+        "losses": trace.losses,
+        "trainable_params": trace.trainable_params,
+        "tokens": sum(b.numel() for b in state.train[: ft.steps]),
+        "seconds": trace.seconds,
+        "plot": str(plot),
+    }
+    log.info("LoRA healing: loss %.3f -> %.3f in %.0f s", trace.losses[0], trace.losses[-1], trace.seconds)
+
+
+def save_checkpoint(state: RunState) -> None:
+    """A self-contained checkpoint (before quantization: it stays a plain linearized model)."""
+    if state.cfg.save_checkpoint:
+        folder = save_linearized(state.model, state.ctx.output_dir / "checkpoint", state.tokenizer)
+        state.results["checkpoint"] = str(folder)
+
+
+def quantize(state: RunState) -> None:
+    """torchao quantization of every decoder nn.Linear (quantize.scheme); the base copy was quantized alike."""
+    state.results["quantized_modules"] = len(quantize_model(state.model, state.cfg.quantize.scheme))

@@ -1,0 +1,93 @@
+"""Every setting checked before anything heavy runs: the schema's types and ranges, the strategy's own limits, and
+the checks that need the model's architecture (read from its config.json alone), the data files or lm-eval's task
+list. A bad config is refused within seconds, before transformers' model code or any weights load."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+from omegaconf import DictConfig
+
+from nbl.core.adapters import adapter_for_config
+from nbl.data import TEXT_SOURCES, load_texts
+from nbl.measure.offline_tasks import OFFLINE_TASKS, is_builtin_task
+from nbl.models import architecture, config_json, smollm2_folder, tiny_values
+from nbl.recipe.schema import GRANULARITY_PARTS, ConfigError, checked_config
+from nbl.select.registry import get_strategy
+
+
+def read_architecture(model_cfg: DictConfig) -> SimpleNamespace:
+    """The configured model's architecture from its config.json (the tiny model: its fields), no weights loaded."""
+    if model_cfg.source == "embedded":
+        return architecture(config_json(smollm2_folder()))
+    if model_cfg.source == "hub":
+        return architecture(config_json(model_cfg.path, model_cfg.revision))
+    if model_cfg.source == "tiny":  # it shares the embedded model's tokenizer, hence its vocabulary
+        vocab = config_json(smollm2_folder())["vocab_size"]
+        return architecture({"model_type": model_cfg.path, **tiny_values(model_cfg.path, vocab_size=vocab)})
+    raise ValueError(f"unknown model source {model_cfg.source!r}; use embedded, hub or tiny")
+
+
+def validate(cfg: DictConfig) -> tuple[DictConfig, SimpleNamespace]:
+    """``cfg`` typed and checked; returns (the typed config, the model's architecture). Raises ConfigError (or
+    FileNotFoundError for a missing file) naming the key."""
+    cfg = checked_config(cfg)
+    _check_texts(cfg)
+    _check_tasks(cfg)
+    arch = read_architecture(cfg.model)
+    _check_layers(cfg, arch)
+    return cfg, arch
+
+
+def _check_texts(cfg: DictConfig) -> None:
+    sources = [*TEXT_SOURCES, "local"]
+    if cfg.calibration.source not in sources:
+        raise ConfigError(f"calibration.source={cfg.calibration.source} is unknown; choose from {sources}")
+    if cfg.eval.perplexity is not None:
+        for key, source in [
+            ("eval.perplexity.source", cfg.eval.perplexity.source),
+            *(("eval.domains", d) for d in cfg.eval.domains),
+        ]:
+            if source not in TEXT_SOURCES:
+                raise ConfigError(f"{key}: {source} is unknown; choose from {list(TEXT_SOURCES)}")
+    if cfg.calibration.source == "local":
+        load_texts("local", cfg.calibration.path)  # missing, undecodable or malformed file: named now
+
+
+def _check_tasks(cfg: DictConfig) -> None:
+    tasks = list(cfg.eval.tasks)
+    if cfg.eval.offline:
+        missing = [t for t in tasks if t not in OFFLINE_TASKS]
+        if missing:
+            raise ConfigError(f"no packaged data for {missing}; offline tasks are {', '.join(OFFLINE_TASKS)}")
+    elif tasks:
+        unknown = [t for t in tasks if not is_builtin_task(t)]
+        if unknown:
+            raise ConfigError(f"eval.tasks: lm-eval has no tasks named {unknown}")
+
+
+def _check_layers(cfg: DictConfig, arch: SimpleNamespace) -> None:
+    """Layers, k and the calibration token count against the architecture; the strategy's own model checks."""
+    adapter = adapter_for_config(arch)  # unsupported architecture -> clear error
+    n = arch.num_hidden_layers
+    if cfg.layers is not None:
+        bad = [i for i in cfg.layers if not 0 <= i < n]
+        if bad:
+            raise ConfigError(f"layers {bad} do not exist: {cfg.model.name} has layers 0..{n - 1}")
+    else:
+        units = n * len(GRANULARITY_PARTS[cfg.replacement.granularity])
+        if not cfg.num_layers <= units:
+            raise ConfigError(
+                f"num_layers={cfg.num_layers} is outside 0..{units} ({cfg.model.name} has {n} layers, "
+                f"{units} {cfg.replacement.granularity} units)"
+            )
+        refusal = get_strategy(cfg.selection.strategy).model_refusal(cfg, arch)
+        if refusal is not None:
+            raise ConfigError(refusal)
+    d = adapter.hidden_size(arch)
+    tokens = cfg.calibration.num_sequences * cfg.calibration.seq_len
+    if tokens <= d:
+        raise ConfigError(
+            f"calibration.num_sequences x calibration.seq_len = {tokens} tokens; hidden size {d} needs more "
+            "than that for a full-rank covariance"
+        )

@@ -1,0 +1,1 @@
+"""One module per selection strategy; each registers its class (``nbl.select.registry.register``)."""

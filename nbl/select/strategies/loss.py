@@ -1,0 +1,43 @@
+"""Each layer replaced alone (its map fitted on the calibration statistics), the damage on held-out windows measured
+(``selection.measure``: the increase of the next-token loss, or the KL from the unmodified model); the least
+damaging layers first. The damages do not depend on k: they are cached, and a sweep over k measures once."""
+
+from __future__ import annotations
+
+import logging
+
+from omegaconf import OmegaConf
+
+from nbl.cache import cached_json
+from nbl.select.damage import single_layer_damage
+from nbl.select.ranking import select_layers
+from nbl.select.registry import MeasuredStrategy, Selection, SelectionInputs, register
+
+log = logging.getLogger(__name__)
+
+
+def single_layer_damages(inputs: SelectionInputs) -> dict[int, float]:
+    """:func:`single_layer_damage` of every layer (cached by everything it depends on but k)."""
+    rep, part = inputs.cfg.replacement, inputs.part
+    fields = {**inputs.measured_key, "replacement": OmegaConf.to_container(rep, resolve=True)}
+
+    def compute() -> dict:
+        damage = single_layer_damage(
+            inputs.model, inputs.stats[part], inputs.heldout(), mode=rep.mode, ridge=inputs.ridges[part],
+            measure=inputs.cfg.selection.measure, part=part,
+        )  # fmt: skip
+        return {str(i): v for i, v in damage.items()}  # JSON keys are strings
+
+    damage, hit = cached_json(inputs.cache_dir / "damage", fields, compute)
+    log.info("single-layer damage: %s", "cache hit" if hit else "measured")
+    return {int(i): float(v) for i, v in damage.items()}
+
+
+@register
+class Loss(MeasuredStrategy):
+    name = "loss"
+
+    def select(self, inputs: SelectionInputs) -> Selection:
+        damage = single_layer_damages(inputs)
+        layers = select_layers(damage, inputs.cfg.num_layers, lowest_first=True)
+        return Selection({inputs.part: layers}, {inputs.part: {"loss": damage}}, "loss")
