@@ -219,61 +219,62 @@ def table_rows(runs: list[dict[str, Any]], notes: list[str] | None = None) -> li
     """
     tasks = sorted({t for r in runs for t in r["eval"]})
     domains = sorted({d for r in runs for d in r["perplexity"].get("domains", {})})
-    rows = []
     base_entries = [
         ("baseline" + quant_suffix(r), 0, _identity(r, BASELINE_SECTIONS), r)
         for r in runs
         if r.get("eval_base") or r["perplexity"]["base"]
     ]
-    for g in sorted(_groups(base_entries), key=lambda g: g.method):
-        base = g.runs[-1]
-        rows.append(
-            {
-                "method": g.method,
-                "k": 0,
-                "n": 1,
-                "sparsity": 0.0,
-                **{t: headline(t, base["eval_base"][t]) for t in tasks if t in base["eval_base"]},
-                "avg": base["average_base"],
-                "avg_std": None,
-                "perplexity": base["perplexity"]["base"],
-                **{f"ppl/{d}": _domain(base, d, "base") for d in domains},
-                "prefill_x": 1.0,
-                "decode_x": 1.0,
-                "pred_prefill_x": 1.0,
-                "_series": g.method,
-                "_baseline": True,
-            }
-        )
+    rows = [_baseline_row(g, tasks, domains) for g in sorted(_groups(base_entries), key=lambda g: g.method)]
     entries = [(method_name(r), r["num_layers"], _identity(r), r) for r in runs]
     for g in sorted(_groups(entries), key=lambda g: (g.method, g.k)):
-        members = g.runs
         if notes is not None and g.superseded:
             notes.append(f"{g.method} k={g.k}: superseded by a newer identical run: {', '.join(g.superseded)}")
-        avgs = [m["average"] for m in members if m.get("average") is not None]
-        speed = [m["speed"] for m in members if m.get("speed")]
-        rows.append(
-            {
-                "method": f"{g.method}-{g.k}" if g.method.startswith(PAPER_FAMILIES) else g.method,
-                "k": g.k,
-                "n": len(members),
-                "sparsity": _mean([m["params"]["sparsity"] for m in members]),
-                **{t: _mean([headline(t, m["eval"][t]) for m in members if t in m["eval"]]) for t in tasks},
-                "avg": _mean(avgs),
-                "avg_std": statistics.stdev(avgs) if len(avgs) > 1 else None,
-                "perplexity": _mean([m["perplexity"]["nbl"] for m in members if m["perplexity"]["nbl"] is not None]),
-                **{f"ppl/{d}": _mean([v for m in members if (v := _domain(m, d, "nbl")) is not None]) for d in domains},
-                "prefill_x": _mean([s["prefill_speedup"] for s in speed]),
-                "decode_x": _mean([s["decode_speedup"] for s in speed]),
-                "pred_prefill_x": _mean([v for m in members if (v := _predicted_prefill(m)) is not None]),
-                "selection_s": _mean(
-                    [m["selection_seconds"] for m in members if m.get("selection_seconds") is not None]
-                ),
-                "layers": _layers(members[0]) if len(members) == 1 else "(seeds)",
-                "_series": g.method,
-            }
-        )
+        rows.append(_method_row(g, tasks, domains))
     return rows
+
+
+def _baseline_row(g: _Group, tasks: list[str], domains: list[str]) -> dict[str, Any]:
+    base = g.runs[-1]
+    return {
+        "method": g.method,
+        "k": 0,
+        "n": 1,
+        "sparsity": 0.0,
+        **{t: headline(t, base["eval_base"][t]) for t in tasks if t in base["eval_base"]},
+        "avg": base["average_base"],
+        "avg_std": None,
+        "perplexity": base["perplexity"]["base"],
+        **{f"ppl/{d}": _domain(base, d, "base") for d in domains},
+        "prefill_x": 1.0,
+        "decode_x": 1.0,
+        "pred_prefill_x": 1.0,
+        "_series": g.method,
+        "_baseline": True,
+    }
+
+
+def _method_row(g: _Group, tasks: list[str], domains: list[str]) -> dict[str, Any]:
+    """A method at one k: its runs (seeds) averaged."""
+    members = g.runs
+    avgs = [m["average"] for m in members if m.get("average") is not None]
+    speed = [m["speed"] for m in members if m.get("speed")]
+    return {
+        "method": f"{g.method}-{g.k}" if g.method.startswith(PAPER_FAMILIES) else g.method,
+        "k": g.k,
+        "n": len(members),
+        "sparsity": _mean([m["params"]["sparsity"] for m in members]),
+        **{t: _mean([headline(t, m["eval"][t]) for m in members if t in m["eval"]]) for t in tasks},
+        "avg": _mean(avgs),
+        "avg_std": statistics.stdev(avgs) if len(avgs) > 1 else None,
+        "perplexity": _mean([m["perplexity"]["nbl"] for m in members if m["perplexity"]["nbl"] is not None]),
+        **{f"ppl/{d}": _mean([v for m in members if (v := _domain(m, d, "nbl")) is not None]) for d in domains},
+        "prefill_x": _mean([s["prefill_speedup"] for s in speed]),
+        "decode_x": _mean([s["decode_speedup"] for s in speed]),
+        "pred_prefill_x": _mean([v for m in members if (v := _predicted_prefill(m)) is not None]),
+        "selection_s": _mean([m["selection_seconds"] for m in members if m.get("selection_seconds") is not None]),
+        "layers": _layers(members[0]) if len(members) == 1 else "(seeds)",
+        "_series": g.method,
+    }
 
 
 def _layers(run: dict[str, Any]) -> str:

@@ -24,7 +24,7 @@ import nbl
 from nbl.data import load_texts, token_sequences
 from nbl.measure.evaluation import perplexity
 from nbl.models import load_smollm2
-from nbl.select.damage import single_layer_damage
+from nbl.select.damage import Probe, single_layer_damage
 from nbl.select.ranking import select_layers
 
 
@@ -47,7 +47,7 @@ def main() -> None:
     base = {name: perplexity(model, ids) for name, ids in texts.items()}
     # loss increase in nats = log-perplexity increase; one window per batch, as nbl.measure.evaluation scores them
     damage = {
-        name: single_layer_damage(model, stats, list(ids.split(1)), desc=f"single-layer damage on {name}")
+        name: single_layer_damage(Probe(model, stats, list(ids.split(1))), desc=f"single-layer damage on {name}")
         for name, ids in texts.items()
     }
     rows = []

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import nbl
-from nbl.select.damage import greedy_selection, single_layer_damage, validate_sets
+from nbl.select.damage import Probe, greedy_selection, single_layer_damage, validate_sets
 from nbl.select.ranking import RIDGE_GRID
 from nbl.select.strategies import greedy as greedy_strategy
 from tests.conftest import make_tiny, token_batches
@@ -35,7 +35,7 @@ def test_single_layer_damage_equals_replacing_each_layer_in_a_copy(family, mode,
     stats = nbl.calibrate(model, token_batches(n_batches=3), progress=False, part=part)
     heldout = token_batches(n_batches=2, seed=9)
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    damage = single_layer_damage(model, stats, heldout, mode=mode, progress=False, part=part)
+    damage = single_layer_damage(Probe(model, stats, heldout, mode=mode, part=part, progress=False))
     base = _loss(model, heldout)
     for i in range(4):
         replaced = copy.deepcopy(model)
@@ -52,7 +52,7 @@ def test_damage_on_mixed_attention_types_equals_replacing_in_a_copy():
     stats = nbl.calibrate(model, token_batches(n_batches=3), progress=False)
     heldout = token_batches(n_batches=2, seed=9)
     # layer 0 cannot go: a sliding layer would take its (full) cache slot
-    damage = single_layer_damage(model, stats, heldout, progress=False, candidates=[1, 2, 3])
+    damage = single_layer_damage(Probe(model, stats, heldout, progress=False), candidates=[1, 2, 3])
     base = _loss(model, heldout)
     for i in (1, 2, 3):
         replaced = copy.deepcopy(model)
@@ -81,7 +81,7 @@ def test_greedy_steps_are_the_least_damaging_layer_given_the_earlier_choices(fam
     stats = nbl.calibrate(model, token_batches(n_batches=3), progress=False, part=part)
     heldout = token_batches(n_batches=2, seed=9)
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    steps = greedy_selection(model, stats, heldout, 3, progress=False, part=part)
+    steps = greedy_selection(Probe(model, stats, heldout, part=part, progress=False), 3)
     # independently: at each step, replace every remaining layer in a copy of the partly replaced model
     partial, total = copy.deepcopy(model), 0.0
     replaced = nbl.replaced_layers if part == "attention" else nbl.replaced_mlps
@@ -104,10 +104,10 @@ def test_greedy_restricted_to_candidates_and_k_checked():
     model = make_tiny()
     stats = nbl.calibrate(model, token_batches(n_batches=3), progress=False)
     heldout = token_batches(n_batches=1, seed=9)
-    steps = greedy_selection(model, stats, heldout, 2, candidates=[1, 3], progress=False)
+    steps = greedy_selection(Probe(model, stats, heldout, progress=False), 2, candidates=[1, 3])
     assert sorted(s.layer for s in steps) == [1, 3]
     with pytest.raises(ValueError, match="cannot choose k=3 layers out of 2 candidates"):
-        greedy_selection(model, stats, heldout, 3, candidates=[1, 3], progress=False)
+        greedy_selection(Probe(model, stats, heldout, progress=False), 3, candidates=[1, 3])
 
 
 def _run_app(tmp_path, monkeypatch, *overrides, folder="run"):
@@ -168,12 +168,12 @@ def test_kl_damage_is_the_divergence_from_the_unmodified_model(family):
     model = make_tiny(family)
     stats = nbl.calibrate(model, token_batches(n_batches=3), progress=False)
     heldout = token_batches(n_batches=2, seed=9)
-    damage = single_layer_damage(model, stats, heldout, measure="kl", progress=False)
+    damage = single_layer_damage(Probe(model, stats, heldout, measure="kl", progress=False))
     for i in range(4):
         replaced = copy.deepcopy(model)
         nbl.linearize(replaced, stats, [i])
         assert damage[i] == pytest.approx(_kl(model, replaced, heldout), abs=1e-5) and damage[i] > 0
-    steps = greedy_selection(model, stats, heldout, 2, measure="kl", progress=False)
+    steps = greedy_selection(Probe(model, stats, heldout, measure="kl", progress=False), 2)
     both = copy.deepcopy(model)
     nbl.linearize(both, stats, [s.layer for s in steps])
     assert steps[0].damage == pytest.approx(damage[steps[0].layer], abs=1e-6)
@@ -187,7 +187,7 @@ def test_each_proposed_set_is_measured_replaced_together_as_in_a_copy(family, pa
     heldout = token_batches(n_batches=2, seed=9)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     proposals = {"a": [3, 1], "b": [0, 2], "c": [1, 3]}  # c proposes a's set: measured once, named for both
-    found = validate_sets(model, stats, heldout, proposals, part=part)
+    found = validate_sets(Probe(model, stats, heldout, part=part), proposals)
     assert [(c.rules, c.layers) for c in found] == [(["a", "c"], [1, 3]), (["b"], [0, 2])]
     base = _loss(model, heldout)
     for c in found:

@@ -55,16 +55,19 @@ def test_shards_cover_every_batch_once():
 
 
 @pytest.mark.slow
-def test_torchrun_writes_one_result_equal_to_a_single_process_run(tmp_path):
+def test_torchrun_writes_one_result_equal_to_a_single_process_run(tmp_path, converted_models):
     args = ["-m", "nbl", "experiment=smoke", "speed=none", "calibration.num_sequences=8"]
     torchrun = str(Path(sys.executable).parent / "torchrun")
     for launcher, name in (
         ([torchrun, "--nproc-per-node=2", "--master-port=29531"], "dist"),
         ([sys.executable], "single"),
     ):
+        cache = tmp_path / f"cache_{name}"
+        cache.mkdir()
+        (cache / "models").symlink_to(converted_models)  # the embedded model's tokenizer, converted once
         env = {
             **os.environ,
-            "NBL_CACHE": str(tmp_path / f"cache_{name}"),
+            "NBL_CACHE": str(cache),
             "WANDB_SILENT": "true",
             "HF_HUB_OFFLINE": "1",
         }

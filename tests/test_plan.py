@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import nbl
+from nbl.select.damage import Probe
 from nbl.select.plan import greedy_plan, reachable, target_metric
 from tests.conftest import make_tiny, token_batches
 from tests.test_damage import _kl
@@ -30,7 +31,7 @@ def test_each_plan_step_is_the_least_damage_per_unit_of_progress():
     metric = target_metric(model.config, "prefill", prompt_len=64, context=80)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     target = metric({0: "linear", 1: "linear"})  # reachable in two or three steps
-    steps = greedy_plan(model, stats, heldout, metric, target, progress=False)
+    steps = greedy_plan(Probe(model, stats, heldout, measure="kl", progress=False), metric, target)
     assert steps[-1].value >= target and all(s.value < target for s in steps[:-1])
     partial, plan = copy.deepcopy(model), {}
     for step in steps:  # independently: every option in a copy, KL from the original model
@@ -46,9 +47,9 @@ def test_each_plan_step_is_the_least_damage_per_unit_of_progress():
         plan[step.layer] = step.mode
     assert nbl.replaced_layers(model) == {} and all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     # a lower target is a prefix of the same steps; an unreachable one is refused
-    assert greedy_plan(model, stats, heldout, metric, steps[0].value, start=steps, progress=False) == steps[:1]
+    assert greedy_plan(Probe(model, stats, heldout, measure="kl"), metric, steps[0].value, start=steps) == steps[:1]
     with pytest.raises(ValueError, match="out of reach"):
-        greedy_plan(model, stats, heldout, metric, 10.0, start=steps, progress=False)
+        greedy_plan(Probe(model, stats, heldout, measure="kl", progress=False), metric, 10.0, start=steps)
 
 
 @pytest.mark.slow

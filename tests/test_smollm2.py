@@ -48,12 +48,31 @@ def test_nbl_keeps_more_than_random_drop(smollm2):
     )
 
 
-def test_conversion_removes_what_a_killed_conversion_left(tmp_path, monkeypatch):
+def test_conversion_removes_what_a_killed_conversion_left_and_renames_into_place(tmp_path, monkeypatch):
+    """The conversion's bookkeeping, with a fake converter (the real one ran for the session: converted_models)."""
+    import nbl.models
+
     monkeypatch.setenv("NBL_CACHE", str(tmp_path))
     stale = tmp_path / "models" / f".{SMOLLM2_NAME}-killed"
     stale.mkdir(parents=True)
     (stale / "model.safetensors").write_bytes(b"\0" * 4096)  # half-written weights of a dead process
+
+    def crash(folder):
+        (folder / "model.safetensors").write_bytes(b"\0" * 4096)
+        raise RuntimeError("killed")
+
+    monkeypatch.setattr(nbl.models, "_convert_smollm2", crash)
+    with pytest.raises(RuntimeError, match="killed"):
+        smollm2_folder()
+    assert not [p for p in (tmp_path / "models").iterdir() if p.is_dir()]  # the stale folder and its own tmp: gone
+    stale.mkdir()
+    monkeypatch.setattr(nbl.models, "_convert_smollm2", lambda folder: (folder / "config.json").write_text("{}"))
     folder = smollm2_folder()
-    assert (folder / "config.json").is_file() and (folder / "model.safetensors").stat().st_size > 100_000_000
-    assert not stale.exists()
+    assert (folder / "config.json").is_file() and not stale.exists()
     assert [p.name for p in (tmp_path / "models").iterdir() if p.is_dir()] == [SMOLLM2_NAME]
+
+
+def test_the_converted_model_is_a_plain_full_precision_folder(converted_models):
+    folder = converted_models / SMOLLM2_NAME
+    assert (folder / "model.safetensors").stat().st_size > 500_000_000  # 134.5 M float32 parameters
+    assert {"config.json", "tokenizer.json"} <= {p.name for p in folder.iterdir()}

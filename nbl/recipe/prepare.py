@@ -10,7 +10,7 @@ from omegaconf import DictConfig, OmegaConf
 from nbl.cache import stats_entry
 from nbl.calib import distributed
 from nbl.calib.passes import HookPass, LayerwisePass
-from nbl.models import config_json, load_smollm2, random_model, smollm2_folder, tiny_config
+from nbl.models import DTYPES, config_json, load_smollm2, random_model, smollm2_folder, tiny_config
 from nbl.recipe.keys import calibration_fields
 from nbl.recipe.state import RunState, claim_output_dir
 from nbl.recipe.windows import Windows, finetune_batches
@@ -19,9 +19,6 @@ if TYPE_CHECKING:
     from transformers import PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
 
     from nbl.calib.distributed import Calibrator
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
 
 def model_config(model_cfg: DictConfig) -> PretrainedConfig:
     """The configured model's architecture as transformers reads it (a hub model's: with its resolved commit)."""

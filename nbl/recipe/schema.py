@@ -9,6 +9,7 @@ loads; ``check`` methods add the range checks types cannot express.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
@@ -16,101 +17,46 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from nbl.core.surgery import Part
-from nbl.select.registry import get_strategy, strategy_names
+from nbl.core.stats import GRAM_DTYPES
+from nbl.core.surgery import MODES, Part
+from nbl.models import DTYPES
+from nbl.quantization import SCHEMES
+from nbl.select.plan import TARGETS
+from nbl.select.registry import CALIBRATION_MODES, get_strategy, strategy_names
 
 
 class ConfigError(ValueError):
     """A config value that cannot run; the message names the key."""
 
 
-class ModelSource(Enum):
-    embedded = "embedded"
-    hub = "hub"
-    tiny = "tiny"
+def _choices(name: str, values: Iterable[str]) -> Any:
+    """An enum of ``values``, each member named as its value: the strings a key accepts. Where the values are
+    defined by the code that uses them (parts, modes, schemes, strategies), they are taken from there."""
+    return Enum(name, {value: value for value in values})
 
 
-class DType(Enum):
-    float32 = "float32"
-    bfloat16 = "bfloat16"
-    float16 = "float16"
-
-
-class CalibrationMode(Enum):
-    one_pass = "one_pass"
-    sequential = "sequential"
-    propagated = "propagated"
-
-
-class CalibrationMethod(Enum):
-    hooks = "hooks"
-    layerwise = "layerwise"
-
-
-class Granularity(Enum):
-    attention = "attention"
-    mlp = "mlp"
-    block = "block"
-    joint = "joint"  # attention and MLP sub-blocks ranked together; k counts sub-blocks
-
-
-# the sub-blocks each replacement.granularity calibrates and replaces
+ModelSource = _choices("ModelSource", ("embedded", "hub", "tiny"))
+DType = _choices("DType", DTYPES)
+CalibrationMode = _choices("CalibrationMode", CALIBRATION_MODES)
+CalibrationMethod = _choices("CalibrationMethod", ("hooks", "layerwise"))
+Windows = _choices("Windows", ("stream", "documents"))
+GramDType = _choices("GramDType", GRAM_DTYPES)
+# the sub-blocks each replacement.granularity calibrates and replaces; joint: attention and MLP ranked together
 GRANULARITY_PARTS: dict[str, tuple[Part, ...]] = {
     "attention": ("attention",),
     "mlp": ("mlp",),
     "block": ("block",),
     "joint": ("attention", "mlp"),
 }
-
-
-class QuantScheme(Enum):
-    none = "none"
-    int8_weight = "int8_weight"
-    int8_dynamic = "int8_dynamic"
-
-
-class Windows(Enum):
-    stream = "stream"
-    documents = "documents"
-
-
-class GramDType(Enum):
-    float64 = "float64"
-    float32 = "float32"
-
-
-# the registered selection strategies (nbl.select.strategies): the schema accepts exactly their names
-Strategy = Enum("Strategy", {name: name for name in strategy_names()})  # type: ignore[misc]
-
-
-class Measure(Enum):
-    loss = "loss"
-    kl = "kl"
-
-
-class PlanTarget(Enum):
-    prefill = "prefill"
-    decode = "decode"
-    decode_bytes = "decode_bytes"
-    kv = "kv"
-    params = "params"
-
-
-class CCATargetName(Enum):
-    residual = "residual"
-    attention = "attention"
-
-
-class Mode(Enum):
-    linear = "linear"
-    drop = "drop"
-
-
-class LoggerMode(Enum):
-    auto = "auto"
-    online = "online"
-    offline = "offline"
-    disabled = "disabled"
+Granularity = _choices("Granularity", GRANULARITY_PARTS)
+Mode = _choices("Mode", MODES)
+QuantScheme = _choices("QuantScheme", SCHEMES)
+Strategy = _choices("Strategy", strategy_names())  # the registered strategies (nbl.select.strategies)
+CCATargetName = _choices("CCATargetName", ("residual", "attention"))
+Measure = _choices("Measure", ("loss", "kl"))
+PlanTarget = _choices("PlanTarget", TARGETS)
+LoggerMode = _choices("LoggerMode", ("auto", "online", "offline", "disabled"))
+FinetuneMethod = _choices("FinetuneMethod", ("none", "lora"))
 
 
 def _positive(key: str, value: float | None, allow_none: bool = False, minimum: float = 1) -> None:
@@ -252,11 +198,6 @@ class LoggerSchema:
     entity: str | None = None
     group: str | None = None
     tags: list[str] = field(default_factory=list)
-
-
-class FinetuneMethod(Enum):
-    none = "none"
-    lora = "lora"
 
 
 @dataclass

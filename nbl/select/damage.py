@@ -32,6 +32,44 @@ Measure = Literal["loss", "kl"]
 Reference = list[tuple[torch.Tensor, float]]  # per batch: next-token probabilities p, and sum p log p
 
 
+@dataclass
+class GreedyStep:
+    """One step of :func:`greedy_selection`."""
+
+    layer: int
+    damage: float  # loss increase this layer added, given the layers chosen before it
+    total: float  # loss increase of all layers chosen so far (one-pass maps)
+
+
+@dataclass
+class Candidate:
+    """A set of layers :func:`validate_sets` measured, and the rankings that proposed it."""
+
+    rules: list[str]
+    layers: list[int]
+    damage: float  # measured with all of them replaced together
+
+
+@dataclass(frozen=True)
+class Probe:
+    """What measuring damage takes: the model as it is, the statistics its maps are fitted on, the held-out batches
+    of token ids, and how sub-blocks are replaced (mode, ridge, part) and damage measured. Every function taking a
+    probe leaves the model as it found it."""
+
+    model: PreTrainedModel
+    stats: Mapping[int, CovarianceAccumulator]
+    heldout: list[torch.Tensor]
+    mode: ReplacementMode = "linear"
+    ridge: Ridge = 0.0
+    measure: Measure = "loss"
+    part: Part = "attention"
+    progress: bool = True
+
+    def replace(self, layers: Iterable[int], mode: ReplacementMode | None = None) -> None:
+        """Replace ``layers``' part in the model (inside :func:`layers_restored`), as the probe says or as ``mode``."""
+        linearize(self.model, self.stats, layers, mode=mode or self.mode, ridge=self.ridge, part=self.part)
+
+
 @torch.no_grad()
 def _measure_from(model: PreTrainedModel, start: int, carrier: Carrier, hidden: list[torch.Tensor],
                   ids: list[torch.Tensor], reference: Reference | None = None) -> float:  # fmt: skip
@@ -79,29 +117,23 @@ class _Unreplaced:
 
 @torch.no_grad()
 def single_layer_damage(
-    model: PreTrainedModel,
-    stats: Mapping[int, CovarianceAccumulator],
-    heldout: list[torch.Tensor],
-    mode: ReplacementMode = "linear",
-    ridge: Ridge = 0.0,
-    progress: bool = True,
+    probe: Probe,
     candidates: Iterable[int] | None = None,
     desc: str = "single-layer damage",
-    measure: Measure = "loss",
     reference: Reference | None = None,
-    part: Part = "attention",
 ) -> dict[int, float]:
-    """Layer -> increase of the damage measure on ``heldout`` (batches of token ids) when that layer's ``part``
-    alone is replaced (its map fitted on ``stats``) in the model as it is. Lower = safer to replace.
-    ``candidates``: the layers to try (default: every layer in ``stats`` that still has ``part``); ``reference``
-    (kl): the distributions KL is measured from (default: the model's as it is). The model is left as it was."""
-    unreplaced = _Unreplaced.measure(model, heldout, measure, reference)
-    live = [i for i in live_layers(model, part) if i in stats]
+    """Layer -> increase of the damage measure on the held-out batches when that layer's part alone is replaced in
+    the model as it is. Lower = safer to replace. ``candidates``: the layers to try (default: every layer in the
+    statistics that still has the part); ``reference`` (kl): the distributions KL is measured from (default: the
+    model's as it is)."""
+    model, heldout = probe.model, probe.heldout
+    unreplaced = _Unreplaced.measure(model, heldout, probe.measure, reference)
+    live = [i for i in live_layers(model, probe.part) if i in probe.stats]
     todo = live if candidates is None else [i for i in candidates if i in live]
     damage = {}
-    for i in tqdm(todo, desc=desc, disable=not progress):
+    for i in tqdm(todo, desc=desc, disable=not probe.progress):
         with layers_restored(model, [i]):  # replaced in place for the measurement only
-            linearize(model, stats, [i], mode=mode, ridge=ridge, part=part)
+            probe.replace([i])
             damage[i] = unreplaced.damage(model, i, heldout)
     return damage
 
@@ -128,79 +160,42 @@ def _device(model: PreTrainedModel) -> torch.device:
     return next(model.get_input_embeddings().parameters()).device
 
 
-@dataclass
-class GreedyStep:
-    layer: int
-    damage: float  # loss increase this layer added, given the layers chosen before it
-    total: float  # loss increase of all layers chosen so far (one-pass maps)
-
-
 @torch.no_grad()
 def greedy_selection(
-    model: PreTrainedModel,
-    stats: Mapping[int, CovarianceAccumulator],
-    heldout: list[torch.Tensor],
-    k: int,
-    mode: ReplacementMode = "linear",
-    ridge: Ridge = 0.0,
-    candidates: Iterable[int] | None = None,
-    progress: bool = True,
-    start: Sequence[GreedyStep] = (),
-    measure: Measure = "loss",
-    part: Part = "attention",
+    probe: Probe, k: int, candidates: Iterable[int] | None = None, start: Sequence[GreedyStep] = ()
 ) -> list[GreedyStep]:
-    """Choose k layers one at a time: each step adds the candidate whose replacement raises the held-out loss
+    """Choose k layers one at a time: each step adds the candidate whose replacement raises the held-out damage
     of the model with the earlier choices already replaced the least (interactions between replaced layers
     count; single-layer damage ignores them). With ``measure="kl"`` the damage is the KL from the unmodified
     model.
 
-    Maps are fitted on ``stats`` (the one-pass statistics; refitting every candidate on the partially
+    Maps are fitted on the probe's statistics (the one-pass statistics; refitting every candidate on the partially
     replaced model's inputs would cost a calibration pass per candidate). Cost: k steps of one forward plus,
     per remaining candidate, the layers from it to the top. ``start``: the first steps of an earlier run with
-    the same inputs (greedy steps do not depend on k), continued from there. The model is left as it was.
+    the same inputs (greedy steps do not depend on k), continued from there.
     """
-    pool = sorted(stats) if candidates is None else sorted(set(candidates))
+    pool = sorted(probe.stats) if candidates is None else sorted(set(candidates))
     if not 0 <= k <= len(pool):
         raise ValueError(f"cannot choose k={k} layers out of {len(pool)} candidates")
     steps: list[GreedyStep] = list(start[:k])
-    reference = reference_states(model, heldout) if measure == "kl" else None
-    with layers_restored(model, pool):
-        linearize(model, stats, [s.layer for s in steps], mode=mode, ridge=ridge, part=part)
+    reference = reference_states(probe.model, probe.heldout) if probe.measure == "kl" else None
+    with layers_restored(probe.model, pool):
+        probe.replace([s.layer for s in steps])
         for n in range(len(steps), k):
             left = [i for i in pool if i not in {s.layer for s in steps}]
-            damage = single_layer_damage(
-                model, stats, heldout, mode, ridge, progress, left, f"greedy step {n + 1}/{k}", measure, reference,
-                part,
-            )  # fmt: skip
+            damage = single_layer_damage(probe, left, f"greedy step {n + 1}/{k}", reference)
             best = min(damage, key=lambda i: (damage[i], i))
-            linearize(model, stats, [best], mode=mode, ridge=ridge, part=part)
+            probe.replace([best])
             steps.append(GreedyStep(best, damage[best], (steps[-1].total if steps else 0.0) + damage[best]))
     return steps
 
 
-@dataclass
-class Candidate:
-    rules: list[str]  # the rankings that proposed this set
-    layers: list[int]
-    damage: float  # measured with all of them replaced together
-
-
 @torch.no_grad()
-def validate_sets(
-    model: PreTrainedModel,
-    stats: Mapping[int, CovarianceAccumulator],
-    heldout: list[torch.Tensor],
-    proposals: Mapping[str, Sequence[int]],
-    mode: ReplacementMode = "linear",
-    ridge: Ridge = 0.0,
-    measure: Measure = "loss",
-    part: Part = "attention",
-) -> list[Candidate]:
-    """Each proposed set of layers replaced together (maps fitted on ``stats``), its damage on ``heldout``;
-    a set proposed by several rules is measured once. Cost: one forward of the
-    held-out tokens, plus per distinct set the layers from its lowest one to the top. The model is left as it
-    was."""
-    unreplaced = _Unreplaced.measure(model, heldout, measure)
+def validate_sets(probe: Probe, proposals: Mapping[str, Sequence[int]]) -> list[Candidate]:
+    """Each proposed set of layers replaced together, its damage on the held-out batches; a set proposed by several
+    rules is measured once. Cost: one forward of the held-out tokens, plus per distinct set the layers from its
+    lowest one to the top."""
+    unreplaced = _Unreplaced.measure(probe.model, probe.heldout, probe.measure)
     measured: dict[tuple[int, ...], Candidate] = {}
     for rule, layers in proposals.items():
         key = tuple(sorted(layers))
@@ -209,9 +204,9 @@ def validate_sets(
             continue
         if not key:
             continue
-        with layers_restored(model, key):
-            linearize(model, stats, list(key), mode=mode, ridge=ridge, part=part)
-            damage = unreplaced.damage(model, key[0], heldout)
+        with layers_restored(probe.model, key):
+            probe.replace(key)
+            damage = unreplaced.damage(probe.model, key[0], probe.heldout)
         measured[key] = Candidate([rule], list(key), damage)
     return list(measured.values())
 

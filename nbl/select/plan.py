@@ -10,6 +10,7 @@ until the target is met. Steps do not depend on the target's value, so a sweep o
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
@@ -17,17 +18,25 @@ from typing import TYPE_CHECKING, Literal
 import torch
 
 from nbl.core.accounting import BytesModel, FlopModel, kv_cache_bytes_per_token
-from nbl.core.linalg import Ridge
-from nbl.core.stats import CovarianceAccumulator
-from nbl.core.surgery import ReplacementMode, linearize
-from nbl.select.damage import Measure, layers_restored, reference_states, single_layer_damage
+from nbl.core.surgery import ReplacementMode
+from nbl.select.damage import Probe, layers_restored, reference_states, single_layer_damage
 
 if TYPE_CHECKING:
-    from transformers import PretrainedConfig, PreTrainedModel
+    from transformers import PretrainedConfig
 
 TargetKind = Literal["prefill", "decode", "decode_bytes", "kv", "params"]
 TARGETS: tuple[str, ...] = ("prefill", "decode", "decode_bytes", "kv", "params")
 Metric = Callable[[Mapping[int, ReplacementMode]], float]
+
+
+@dataclass
+class PlanStep:
+    """One step of :func:`greedy_plan`: a layer and how it is replaced."""
+
+    layer: int
+    mode: str  # "linear" or "drop"
+    damage: float  # damage this option added, given the earlier steps
+    value: float  # the target quantity once it is applied
 
 
 def target_metric(config: PretrainedConfig, kind: TargetKind, prompt_len: int, context: int) -> Metric:
@@ -58,28 +67,10 @@ def reachable(config: PretrainedConfig, metric: Metric) -> float:
     return metric(dict.fromkeys(range(config.num_hidden_layers), "drop"))
 
 
-@dataclass
-class PlanStep:
-    layer: int
-    mode: str  # "linear" or "drop"
-    damage: float  # damage this option added, given the earlier steps
-    value: float  # the target quantity once it is applied
-
-
 @torch.no_grad()
-def greedy_plan(
-    model: PreTrainedModel,
-    stats: Mapping[int, CovarianceAccumulator],
-    heldout: list[torch.Tensor],
-    metric: Metric,
-    target: float,
-    measure: Measure = "kl",
-    ridge: Ridge = 0.0,
-    start: Sequence[PlanStep] = (),
-    progress: bool = True,
-) -> list[PlanStep]:
+def greedy_plan(probe: Probe, metric: Metric, target: float, start: Sequence[PlanStep] = ()) -> list[PlanStep]:
     """The steps until ``metric`` reaches ``target`` (continuing ``start``, an earlier run's steps; if a prefix
-    of them already reaches it, that prefix). The model is left as it was.
+    of them already reaches it, that prefix). Attention only; the probe's mode is not used: each step tries both.
 
     Each step costs two single-layer damage sweeps (linear and drop) over the remaining layers.
     """
@@ -88,21 +79,19 @@ def greedy_plan(
             return list(start[: n + 1])
     steps = list(start)
     plan: dict[int, ReplacementMode] = {s.layer: s.mode for s in steps}  # type: ignore[misc]
-    reference = reference_states(model, heldout) if measure == "kl" else None
-    with layers_restored(model, stats):
+    reference = reference_states(probe.model, probe.heldout) if probe.measure == "kl" else None
+    with layers_restored(probe.model, probe.stats):
         for s in steps:
-            linearize(model, stats, [s.layer], mode=s.mode, ridge=ridge)  # type: ignore[arg-type]
+            probe.replace([s.layer], s.mode)  # type: ignore[arg-type]
         current = metric(plan)
         while current < target:
-            left = [i for i in stats if i not in plan]
+            left = [i for i in probe.stats if i not in plan]
             if not left:
                 raise ValueError(f"the target {target} is out of reach: every layer replaced gives {current:.4f}")
             options = []
             for mode in ("linear", "drop"):
                 desc = f"plan step {len(steps) + 1} ({mode})"
-                damage = single_layer_damage(
-                    model, stats, heldout, mode, ridge, progress, left, desc, measure, reference
-                )
+                damage = single_layer_damage(dataclasses.replace(probe, mode=mode), left, desc, reference)
                 for i, d in damage.items():
                     gain = metric({**plan, i: mode}) - current
                     if gain > 0:
@@ -110,7 +99,7 @@ def greedy_plan(
             if not options:
                 raise ValueError(f"no replacement moves the target quantity beyond {current:.4f}")
             _, layer, mode, damage_added = min(options)
-            linearize(model, stats, [layer], mode=mode, ridge=ridge)
+            probe.replace([layer], mode)
             plan[layer] = mode
             current = metric(plan)
             steps.append(PlanStep(layer, mode, damage_added, current))

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from nbl.select.damage import cost_in_passes
+from nbl.select.damage import Probe, cost_in_passes
 from nbl.select.ranking import random_layers, select_layers
 
 if TYPE_CHECKING:
@@ -71,6 +71,12 @@ class SelectionInputs:
         (part,) = self.stats
         return part
 
+    def probe(self) -> Probe:
+        """Damage measured on the held-out windows, sub-blocks replaced as the run replaces them."""
+        cfg, part = self.cfg, self.part
+        return Probe(self.model, self.stats[part], self.heldout(), cfg.replacement.mode, self.ridges[part],
+                     cfg.selection.measure, part)  # fmt: skip
+
 
 class Strategy:
     """A rule that chooses the layers to replace. Subclasses set the class attributes and implement :meth:`select`."""
@@ -103,14 +109,24 @@ class Strategy:
         """Say what choosing will cost, where that is more than a few fits (measured strategies)."""
 
 
+@dataclass(frozen=True)
+class PartStatistics:
+    """What a ranking reads of one part: its calibration statistics, the selection settings and, when the run
+    gathered them, the held-out statistics and the ridge the maps are fitted with."""
+
+    calibration: CalibrationResult
+    selection: DictConfig
+    heldout: CalibrationResult | None = None
+    ridge: Ridge = 0.0
+
+
 class RankingStrategy(Strategy):
     """Ranks layers (or, for granularity=joint, (layer, part) units) by a score of their statistics and replaces
     the k best; in sequential mode the scores are recomputed on the partially replaced model at every step."""
 
     lowest_first: ClassVar[bool]
 
-    def layer_scores(self, stats: CalibrationResult, selection: DictConfig, heldout: CalibrationResult | None = None,
-                     ridge: Ridge = 0.0) -> dict[int, float]:  # fmt: skip
+    def layer_scores(self, stats: PartStatistics) -> dict[int, float]:
         raise NotImplementedError
 
     def select(self, inputs: SelectionInputs) -> Selection:
@@ -120,7 +136,8 @@ class RankingStrategy(Strategy):
         for part in inputs.parts:
             scores = inputs.scores[part].get(name)
             if scores is None:  # not among what every run scores: this strategy's own
-                scores = self.layer_scores(inputs.stats[part], sel, inputs.heldout_stats.get(part), inputs.ridges[part])
+                stats = PartStatistics(inputs.stats[part], sel, inputs.heldout_stats.get(part), inputs.ridges[part])
+                scores = self.layer_scores(stats)
                 own[part] = {name: scores}
             units.update({(i, part): s for i, s in scores.items()})
         chosen = select_layers(units, inputs.cfg.num_layers, self.lowest_first)
@@ -130,7 +147,7 @@ class RankingStrategy(Strategy):
         """The rule of one sequential step: statistics -> (the layer to replace next, every layer's score)."""
 
         def choose(stats: CalibrationResult) -> tuple[int, dict[int, float]]:
-            scores = self.layer_scores(stats, selection)
+            scores = self.layer_scores(PartStatistics(stats, selection))
             (layer,) = select_layers(scores, 1, self.lowest_first)
             return layer, scores
 

@@ -28,10 +28,7 @@ class Greedy(MeasuredStrategy):
         def grow(earlier: list[dict]) -> list[dict]:
             if len(earlier) >= k:
                 return earlier[:k]
-            steps = greedy_selection(
-                inputs.model, inputs.stats[part], inputs.heldout(), k, cfg.replacement.mode, inputs.ridges[part],
-                start=[GreedyStep(**step) for step in earlier], measure=cfg.selection.measure, part=part,
-            )  # fmt: skip
+            steps = greedy_selection(inputs.probe(), k, start=[GreedyStep(**step) for step in earlier])
             return [dataclasses.asdict(step) for step in steps]
 
         steps = [GreedyStep(**step) for step in grown_steps(inputs.cache_dir / "greedy", fields, grow)]

@@ -18,15 +18,10 @@ log = logging.getLogger(__name__)
 
 def single_layer_damages(inputs: SelectionInputs) -> dict[int, float]:
     """:func:`single_layer_damage` of every layer (cached by everything it depends on but k)."""
-    rep, part = inputs.cfg.replacement, inputs.part
-    fields = {**inputs.measured_key, "replacement": OmegaConf.to_container(rep, resolve=True)}
+    fields = {**inputs.measured_key, "replacement": OmegaConf.to_container(inputs.cfg.replacement, resolve=True)}
 
     def compute() -> dict:
-        damage = single_layer_damage(
-            inputs.model, inputs.stats[part], inputs.heldout(), mode=rep.mode, ridge=inputs.ridges[part],
-            measure=inputs.cfg.selection.measure, part=part,
-        )  # fmt: skip
-        return {str(i): v for i, v in damage.items()}  # JSON keys are strings
+        return {str(i): v for i, v in single_layer_damage(inputs.probe()).items()}  # JSON keys are strings
 
     damage, hit = cached_json(inputs.cache_dir / "damage", fields, compute)
     log.info("single-layer damage: %s", "cache hit" if hit else "measured")

@@ -1,34 +1,29 @@
-"""Relative magnitude: the sub-blocks whose output is smallest against the residual stream they add it to are
-replaced first. Samragh et al. (2023, weight subcloning) rank blocks by ||f(x)|| / ||x + f(x)|| to find those that
-change the stream least; here the ratio of mean energies, E||a||^2 / E||x + a||^2, exact from the calibration sums
-and free. It is also the relative error that dropping the sub-block adds to the stream on the calibration tokens:
-the drop counterpart of selection=lmmse's held-out error of the linear map."""
+"""Relative magnitude, as weight subcloning (Samragh et al. 2023) finds the blocks to remove: by ||f(x)|| / ||x + f(x)||.
+
+Here the ratio of mean energies, exact from the calibration sums and free. It is also the relative error that
+dropping the sub-block adds to the residual stream on the calibration tokens: the drop counterpart of
+selection=lmmse, which measures the linear map's error on held-out tokens.
+"""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import torch
 
-from nbl.core.linalg import Ridge
 from nbl.select.ranking import residual_energy
-from nbl.select.registry import RankingStrategy, register
-
-if TYPE_CHECKING:
-    from omegaconf import DictConfig
-
-    from nbl.calib.result import CalibrationResult
+from nbl.select.registry import PartStatistics, RankingStrategy, register
 
 
 @register
 class RelativeMagnitude(RankingStrategy):
+    """The sub-blocks whose output is smallest against the stream they add it to, E||a||^2 / E||x + a||^2 (lowest
+    first)."""
+
     name = "magnitude"
     lowest_first = True
 
-    def layer_scores(self, stats: CalibrationResult, selection: DictConfig, heldout: CalibrationResult | None = None,
-                     ridge: Ridge = 0.0) -> dict[int, float]:  # fmt: skip
+    def layer_scores(self, stats: PartStatistics) -> dict[int, float]:
         out = {}
-        for i in stats:
-            acc = stats[i]
+        for i in stats.calibration:
+            acc = stats.calibration[i]
             out[i] = float(torch.trace(acc.sum_aa)) / acc.count / residual_energy(acc)
         return out

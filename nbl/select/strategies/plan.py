@@ -64,10 +64,8 @@ class Plan(MeasuredStrategy):
         }
 
         def grow(earlier: list[dict]) -> list[dict]:
-            steps = greedy_plan(
-                inputs.model, inputs.stats[part], inputs.heldout(), plan_metric(cfg, inputs.config), sel.target_value,
-                sel.measure, inputs.ridges[part], start=[PlanStep(**step) for step in earlier],
-            )  # fmt: skip
+            start = [PlanStep(**step) for step in earlier]
+            steps = greedy_plan(inputs.probe(), plan_metric(cfg, inputs.config), sel.target_value, start=start)
             return [dataclasses.asdict(step) for step in steps]
 
         steps = [PlanStep(**step) for step in grown_steps(inputs.cache_dir / "plan", fields, grow)]

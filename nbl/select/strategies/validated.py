@@ -9,7 +9,7 @@ import logging
 
 from nbl.select.damage import validate_sets
 from nbl.select.ranking import select_layers
-from nbl.select.registry import MeasuredStrategy, Selection, SelectionInputs, get_strategy, register
+from nbl.select.registry import MeasuredStrategy, PartStatistics, Selection, SelectionInputs, get_strategy, register
 from nbl.select.strategies.loss import single_layer_damages
 
 log = logging.getLogger(__name__)
@@ -23,16 +23,14 @@ class Validated(MeasuredStrategy):
         cfg, part, k = inputs.cfg, inputs.part, inputs.cfg.num_layers
         cca = get_strategy("cca")
         cca_name = cca.score_name(cfg.selection)
-        scores = {"loss": single_layer_damages(inputs), cca_name: cca.layer_scores(inputs.stats[part], cfg.selection)}
+        cca_scores = cca.layer_scores(PartStatistics(inputs.stats[part], cfg.selection))
+        scores = {"loss": single_layer_damages(inputs), cca_name: cca_scores}
         proposals = {
             "loss": select_layers(scores["loss"], k, lowest_first=True),
             "cosine": select_layers(inputs.scores[part]["cosine"], k, lowest_first=False),
             "cca": select_layers(scores[cca_name], k, lowest_first=True),
         }
-        found = validate_sets(
-            inputs.model, inputs.stats[part], inputs.heldout(), proposals, cfg.replacement.mode, inputs.ridges[part],
-            cfg.selection.measure, part,
-        )  # fmt: skip
+        found = validate_sets(inputs.probe(), proposals)
         for c in found:
             log.info("validated: %s's %d layers %s: damage %.4f", " = ".join(c.rules), k, c.layers, c.damage)
         best = min(found, key=lambda c: c.damage)
