@@ -30,7 +30,7 @@ def select(state: RunState) -> None:
     state.selection = selection
     ridge = state.ridges[state.parts[0]]
     state.results.update(
-        selection={**OmegaConf.to_container(cfg.selection, resolve=True), "layers_from": _chosen_by(state)},
+        selection={**OmegaConf.to_container(cfg.selection, resolve=True), "layers_from": "strategy" if strategy else "explicit"},
         scores=_recorded_scores(state, selection),
         score_used=selection.score_used,
         selection_seconds=time.perf_counter() - state.selection_start,
@@ -38,10 +38,6 @@ def select(state: RunState) -> None:
         validation=selection.validation,
         ridge={str(i): r for i, r in ridge.items()} if isinstance(ridge, dict) else ridge,
     )
-
-
-def _chosen_by(state: RunState) -> str:
-    return "explicit" if state.cfg.layers is not None else "strategy"
 
 
 def _recorded_scores(state: RunState, selection: Selection) -> dict[str, dict[str, float]]:

@@ -18,11 +18,11 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from nbl.core.stats import GRAM_DTYPES
-from nbl.core.surgery import MODES, Part
+from nbl.core.surgery import MODES
 from nbl.models import DTYPES
 from nbl.quantization import SCHEMES
 from nbl.select.plan import TARGETS
-from nbl.select.registry import CALIBRATION_MODES, get_strategy, strategy_names
+from nbl.select.registry import CALIBRATION_MODES, GRANULARITIES, get_strategy, strategy_names
 
 
 class ConfigError(ValueError):
@@ -41,14 +41,7 @@ CalibrationMode = _choices("CalibrationMode", CALIBRATION_MODES)
 CalibrationMethod = _choices("CalibrationMethod", ("hooks", "layerwise"))
 Windows = _choices("Windows", ("stream", "documents"))
 GramDType = _choices("GramDType", GRAM_DTYPES)
-# the sub-blocks each replacement.granularity calibrates and replaces; joint: attention and MLP ranked together
-GRANULARITY_PARTS: dict[str, tuple[Part, ...]] = {
-    "attention": ("attention",),
-    "mlp": ("mlp",),
-    "block": ("block",),
-    "joint": ("attention", "mlp"),
-}
-Granularity = _choices("Granularity", GRANULARITY_PARTS)
+Granularity = _choices("Granularity", GRANULARITIES)
 Mode = _choices("Mode", MODES)
 QuantScheme = _choices("QuantScheme", SCHEMES)
 Strategy = _choices("Strategy", strategy_names())  # the registered strategies (nbl.select.strategies)

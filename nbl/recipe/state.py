@@ -13,8 +13,7 @@ from typing import TYPE_CHECKING, Any
 from omegaconf import DictConfig
 
 from nbl.calib.distributed import Calibrator, Shards
-from nbl.recipe.schema import GRANULARITY_PARTS
-from nbl.select.registry import Selection, Strategy, get_strategy
+from nbl.select.registry import GRANULARITY_PARTS, Selection, Strategy, get_strategy
 
 if TYPE_CHECKING:
     import torch

@@ -12,8 +12,8 @@ from nbl.core.adapters import adapter_for_config
 from nbl.data import TEXT_SOURCES, load_texts
 from nbl.measure.offline_tasks import OFFLINE_TASKS, is_builtin_task
 from nbl.models import architecture, config_json, smollm2_folder, tiny_values
-from nbl.recipe.schema import GRANULARITY_PARTS, ConfigError, checked_config
-from nbl.select.registry import get_strategy
+from nbl.recipe.schema import ConfigError, checked_config
+from nbl.select.registry import GRANULARITY_PARTS, get_strategy
 
 
 def read_architecture(model_cfg: DictConfig) -> SimpleNamespace:

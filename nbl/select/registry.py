@@ -30,7 +30,14 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 Scores = dict[str, dict[int, float]]  # score name -> layer -> score
-GRANULARITIES = ("attention", "mlp", "block", "joint")
+# replacement.granularity -> the sub-blocks it ranks and replaces (joint: attention and MLP ranked together)
+GRANULARITY_PARTS: dict[str, tuple[Part, ...]] = {
+    "attention": ("attention",),
+    "mlp": ("mlp",),
+    "block": ("block",),
+    "joint": ("attention", "mlp"),
+}
+GRANULARITIES = tuple(GRANULARITY_PARTS)
 CALIBRATION_MODES = ("one_pass", "sequential", "propagated")
 
 
