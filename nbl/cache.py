@@ -79,10 +79,17 @@ def _cached(
         try:
             save(value, tmp)
             os.replace(tmp, path)  # atomic: readers never see a partial file
-        except OSError as err:
+        except Exception as err:  # a full disk: OSError, or safetensors' own SafetensorError
             tmp.unlink(missing_ok=True)
-            log.warning("could not write cache entry %s (%s); the result is kept for this run only", path, err)
+            _unwritten(path, err)
     return value, False
+
+
+def _unwritten(path: Path, err: Exception) -> None:
+    """What was computed stays with the running job; only the cache misses it."""
+    log.warning(
+        "could not write cache entry %s (%s: %s); the result is kept for this run only", path, type(err).__name__, err
+    )
 
 
 def _dump(fields: Mapping[str, object]) -> str:
@@ -172,7 +179,10 @@ def grown_steps(folder: Path, fields: Mapping[str, object], grow: Callable[[list
             return []
 
     steps = grow(read())
-    with file_lock(folder / f"{cache_key(fields)}.lock"):
-        if len(steps) > len(read()):
-            atomic_write_text(path, _dump({"fields": fields, "steps": steps}))
+    try:
+        with file_lock(folder / f"{cache_key(fields)}.lock"):
+            if len(steps) > len(read()):
+                atomic_write_text(path, _dump({"fields": fields, "steps": steps}))
+    except OSError as err:  # a full disk, a read-only cache: the steps were measured and are kept
+        _unwritten(path, err)
     return steps

@@ -114,6 +114,8 @@ def test_launcher_configs(launcher, target):
         (["selection=greedy", "calibration.mode=sequential"], "selection=greedy runs the model itself"),
         (["selection=validated", "calibration.mode=sequential"], "selection=validated runs the model itself"),
         (["selection=loss", "selection.heldout_source=c5"], "selection.heldout_source=c5 is unknown"),
+        (["eval=quick", "calibration.source=wikipedia"], "calibration.source=wikipedia is also evaluated"),
+        (["eval=quick", "eval.domains=[lambada]"], "calibration.source=lambada is also evaluated"),
         (
             [PPL, "selection=loss", "selection.heldout_source=wikipedia"],
             "must not choose layers on the text it is judged on",
@@ -416,3 +418,21 @@ def test_extra_parts_ride_along_on_a_pass_and_serve_later_granularities(tmp_path
         )
         assert later["calibration"]["cache_hit"]
     assert len(passes) == 1
+
+
+def test_a_folder_holding_a_run_or_a_sweep_is_refused_before_hydra_writes_into_it(tmp_path, nbl_cache):
+    done = tmp_path / "done"
+    (done / ".hydra").mkdir(parents=True)
+    (done / ".hydra" / "config.yaml").write_text("the finished run's config\n")
+    (done / "results.json").write_text("{}")
+    proc = _run(tmp_path, "experiment=smoke", f"hydra.run.dir={done}")
+    assert proc.returncode != 0 and "refused" in proc.stderr and "already holds a run" in proc.stderr
+    assert (done / ".hydra" / "config.yaml").read_text() == "the finished run's config\n"
+    sweep = tmp_path / "sweep"
+    sweep.mkdir()
+    (sweep / "multirun.yaml").write_text("the earlier sweep\n")
+    proc = _run(tmp_path, "-m", "experiment=smoke", "num_layers=1,2", f"hydra.sweep.dir={sweep}")
+    assert proc.returncode != 0 and "already holds a sweep" in proc.stderr
+    assert (sweep / "multirun.yaml").read_text() == "the earlier sweep\n" and sorted(sweep.iterdir()) == [
+        sweep / "multirun.yaml"
+    ]

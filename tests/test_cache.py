@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from nbl.cache import atomic_write_text, cache_key, cached_calibration, cached_json
+from nbl.cache import atomic_write_text, cache_key, cached_calibration, cached_json, grown_steps
 from nbl.calib.result import CalibrationResult
 from nbl.core.stats import CovarianceAccumulator
 
@@ -118,17 +118,37 @@ def test_non_finite_cached_statistics_are_recomputed(tmp_path):
     assert not hit and torch.isfinite(stats[0].sum_xx).all()
 
 
-def test_failed_cache_write_keeps_the_statistics(tmp_path, monkeypatch, caplog):
-    def disk_full(self, path, metadata=None):
-        Path(path).write_bytes(b"partial")
-        raise OSError(errno.ENOSPC, "No space left on device")
+@pytest.mark.parametrize("error", ["os", "safetensors"])
+def test_failed_cache_write_keeps_the_statistics(tmp_path, monkeypatch, caplog, error):
+    """A full disk: OSError from a plain write, SafetensorError (not an OSError) from safetensors' writer."""
+    from safetensors import SafetensorError
 
-    monkeypatch.setattr(CalibrationResult, "save", disk_full)
+    import nbl.calib.result
+
+    def disk_full(tensors, path, metadata=None):
+        Path(path).write_bytes(b"partial")
+        if error == "os":
+            raise OSError(errno.ENOSPC, "No space left on device")
+        raise SafetensorError("Error while serializing: IoError(No space left on device (os error 28))")
+
+    monkeypatch.setattr(nbl.calib.result, "save_file", disk_full)
     with caplog.at_level(logging.WARNING, logger="nbl.cache"):
         stats, hit, path = cached_calibration(tmp_path, {"k": 1}, _stats)
     assert not hit and stats[0].count == 10
     assert "No space left" in caplog.text and "kept for this run only" in caplog.text
     assert not path.exists() and not list(tmp_path.glob("*.tmp*"))
+
+
+def test_grown_steps_survive_a_failed_write(tmp_path, monkeypatch, caplog):
+    import nbl.cache
+
+    def disk_full(path, text):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(nbl.cache, "atomic_write_text", disk_full)
+    with caplog.at_level(logging.WARNING, logger="nbl.cache"):
+        steps = grown_steps(tmp_path, {"k": 1}, lambda earlier: [*earlier, {"layer": 3}])
+    assert steps == [{"layer": 3}] and "kept for this run only" in caplog.text
 
 
 def test_damaged_json_entry_is_recomputed(tmp_path, caplog):

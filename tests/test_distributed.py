@@ -5,6 +5,7 @@ import json
 import os
 import subprocess
 import sys
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -46,17 +47,66 @@ def test_two_gloo_ranks_reproduce_the_one_process_statistics(tmp_path):
         torch.testing.assert_close(nbl.fit_lmmse(merged[i])[0], nbl.fit_lmmse(single[i])[0], rtol=1e-7, atol=1e-9)
 
 
+class _FailsOnRankOne:
+    """A calibrator that raises on rank 1 only (an overflow there, say)."""
+
+    def __call__(self, model, batches, parts, check_tokens=True):
+        if dist.get_rank() == 1:
+            raise FloatingPointError("calibration batch 0 overflows on rank 1")
+        return HookPass()(model, batches, parts, check_tokens)
+
+
+def _shards_worker(rank: int, world: int, init_file: str, out: str) -> None:
+    dist.init_process_group(
+        "gloo", init_method=f"file://{init_file}", rank=rank, world_size=world, timeout=timedelta(seconds=60)
+    )
+    report = {}
+    try:
+        model, shards = make_tiny("llama"), Shards(rank, world)
+        small = token_batches(n_batches=5, batch=1, seq=20)  # 100 tokens for d = 64: shards of 60 and 40
+        stats = shards.calibrate(HookPass(), model, small, ("attention",))["attention"]
+        report["tokens"] = stats.num_tokens
+        report["sum_xx"] = float(stats[2].sum_xx.sum())
+        try:
+            shards.calibrate(_FailsOnRankOne(), model, small, ("attention",))
+        except Exception as err:
+            report["error"] = f"{type(err).__name__}: {err}"
+        try:
+            shards.calibrate(HookPass(), model, small[:3], ("attention",))  # 60 tokens in all: too few
+        except ValueError as err:
+            report["too_few"] = str(err)
+    finally:
+        dist.destroy_process_group()
+        Path(f"{out}{rank}.json").write_text(json.dumps(report))
+
+
+def test_small_unequal_and_failing_shards(tmp_path):
+    """Shards of fewer than d tokens sum to enough; an error on one rank reaches every rank instead of leaving
+    the others waiting in all_reduce; too few tokens in all are refused on every rank alike."""
+    out = str(tmp_path / "rank")
+    mp.start_processes(_shards_worker, args=(2, str(tmp_path / "init"), out), nprocs=2, join=True, start_method="spawn")
+    reports = [json.loads(Path(f"{out}{r}.json").read_text()) for r in range(2)]
+    single = nbl.calibrate(make_tiny("llama"), token_batches(n_batches=5, batch=1, seq=20), progress=False)
+    for report in reports:
+        assert report["tokens"] == single.num_tokens == 100
+        assert report["sum_xx"] == pytest.approx(float(single[2].sum_xx.sum()), rel=1e-10)
+        assert "calibration saw 60 real tokens for hidden size 64" in report["too_few"]
+    assert reports[1]["error"].startswith("FloatingPointError: calibration batch 0 overflows on rank 1")
+    assert reports[0]["error"].startswith("RuntimeError: calibration failed on another rank")
+
+
 def test_shards_cover_every_batch_once():
     items = list(range(7))
     parts = [shard(items, r, 3) for r in range(3)]
     assert sorted(x for p in parts for x in p) == items and parts[0] == [0, 3, 6]
-    with pytest.raises(ValueError, match="cannot be shared by 8 ranks"):
+    with pytest.raises(ValueError, match="cannot be shared by 8 ranks: every rank needs one"):
         shard(items, 0, 8)
 
 
 @pytest.mark.slow
 def test_torchrun_writes_one_result_equal_to_a_single_process_run(tmp_path, converted_models):
-    args = ["-m", "nbl", "experiment=smoke", "speed=none", "calibration.num_sequences=8"]
+    # 3 windows of 64 tokens, one per batch: rank 1's shard holds 64 tokens, no more than d = 64 (the sum: 192)
+    args = ["-m", "nbl", "experiment=smoke", "speed=none", "calibration.num_sequences=3", "calibration.batch_size=1"]
     torchrun = str(Path(sys.executable).parent / "torchrun")
     for launcher, name in (
         ([torchrun, "--nproc-per-node=2", "--master-port=29531"], "dist"),

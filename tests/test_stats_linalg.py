@@ -216,3 +216,37 @@ def test_singular_covariance_falls_back_to_the_floored_definition():
     assert _cholesky_or_none(acc.cov_xx(), 1e-10) is None
     rho = canonical_correlations(acc)
     assert cca_bound(acc) == pytest.approx(4 - float((rho**2).sum()), rel=1e-9)
+
+
+def test_a_nearly_singular_covariance_gets_the_floored_minimum_norm_map():
+    """A direction with variance 1e-14 of the largest: a Cholesky factor exists, but solving through it amplifies
+    round-off into a huge W; the fit drops the direction as the CCA bound does (numpy's pinv, same floor)."""
+    rng = np.random.default_rng(8)
+    base = rng.normal(size=(2000, 4))
+    x = np.hstack([base, base[:, :1] + 1e-7 * rng.normal(size=(2000, 1))])  # col 4 = col 0 up to 1e-7
+    a = np.tanh(x[:, :4] @ rng.normal(size=(4, 3))) + 0.1 * rng.normal(size=(2000, 3))
+    acc = _acc(x, a)
+    c_xx, c_ax = acc.cov_xx().numpy(), acc.cov_ax().numpy()
+    evals = np.linalg.eigvalsh(c_xx)
+    assert 0 < evals[0] / evals[-1] < 1e-10 and np.linalg.cholesky(c_xx) is not None  # factorable, but floored
+    w, b = fit_lmmse(acc)
+    w_np = c_ax @ np.linalg.pinv(c_xx, rcond=1e-10, hermitian=True)
+    np.testing.assert_allclose(w.numpy(), w_np, rtol=1e-6, atol=1e-8)
+    np.testing.assert_allclose(b.numpy(), a.mean(0) - w_np @ x.mean(0), rtol=1e-6, atol=1e-7)
+    assert float(w.abs().max()) < 10  # through the factor: entries of order 1e5
+
+
+def test_float32_gram_products_under_the_new_tf32_api(monkeypatch):
+    """torch 2.9+: once TF32 was set through fp32_precision, reading the legacy allow_tf32 flag raises."""
+    matmul = torch.backends.cuda.matmul
+    if not hasattr(matmul, "fp32_precision"):
+        pytest.skip("torch without the fp32_precision API")
+    saved = matmul.fp32_precision
+    try:
+        matmul.fp32_precision = "tf32"
+        acc = CovarianceAccumulator(8, 8, gram_dtype="float32")
+        x = torch.randn(64, 8, generator=torch.Generator().manual_seed(0))
+        acc.update(x, 2 * x)
+        assert acc.count == 64 and matmul.fp32_precision == "tf32"  # computed, and the user's setting restored
+    finally:
+        matmul.fp32_precision = saved

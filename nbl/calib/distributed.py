@@ -17,8 +17,9 @@ from typing import TYPE_CHECKING, Protocol, TypeVar
 import torch
 import torch.distributed as dist
 
-from nbl.calib.hooks import Batch
+from nbl.calib.hooks import Batch, check_token_count
 from nbl.calib.result import CalibrationResult
+from nbl.core.adapters import get_adapter
 from nbl.core.surgery import Part
 
 if TYPE_CHECKING:
@@ -42,8 +43,8 @@ def _export_submitit_env() -> None:
 class Calibrator(Protocol):
     """One statistics pass over ``batches``: every part asked for, for every layer that still has it."""
 
-    def __call__(self, model: PreTrainedModel, batches: Sequence[Batch], parts: tuple[Part, ...]
-                 ) -> dict[Part, CalibrationResult]: ...  # fmt: skip
+    def __call__(self, model: PreTrainedModel, batches: Sequence[Batch], parts: tuple[Part, ...],
+                 check_tokens: bool = True) -> dict[Part, CalibrationResult]: ...  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -65,12 +66,27 @@ class Shards:
         return box[0]  # type: ignore[return-value]
 
     def calibrate(self, calibrator: Calibrator, model: PreTrainedModel, batches: Sequence[Batch],
-                  parts: tuple[Part, ...]) -> dict[Part, CalibrationResult]:  # fmt: skip
-        """``calibrator`` on this rank's share of ``batches``, the sums then added up over ranks."""
+                  parts: tuple[Part, ...], check_tokens: bool = True) -> dict[Part, CalibrationResult]:  # fmt: skip
+        """``calibrator`` on this rank's share of ``batches``, the sums then added up over ranks.
+
+        A shard may hold d tokens or fewer: the token count is checked on the sum. An error on one rank (an
+        overflow, a bad batch) is raised on every rank before any of them waits in a collective for it.
+        """
         if self.world == 1:
-            return dict(calibrator(model, list(batches), parts))
-        mine = calibrator(model, shard(batches, self.rank, self.world), parts)
-        return {part: all_reduce_statistics(stats) for part, stats in mine.items()}
+            return dict(calibrator(model, list(batches), parts, check_tokens))
+        mine, error = None, None
+        try:
+            mine = calibrator(model, shard(batches, self.rank, self.world), parts, check_tokens=False)
+        except Exception as err:  # every rank must learn of it, or the others wait in all_reduce for good
+            error = err
+        if _any_rank(error is not None):
+            raise error or RuntimeError("calibration failed on another rank (see that rank's log)")
+        reduced = {part: all_reduce_statistics(stats) for part, stats in mine.items()}
+        if check_tokens:  # every rank holds the same sums: all raise, or none
+            d = get_adapter(model).hidden_size(model.config)
+            for stats in reduced.values():
+                check_token_count(stats, d)
+        return reduced
 
 
 def setup() -> Shards:
@@ -91,8 +107,18 @@ def setup() -> Shards:
 def shard(items: Sequence[T], rank: int, world: int) -> list[T]:
     """Rank ``rank``'s share: every ``world``-th item starting at ``rank`` (each item on exactly one rank)."""
     if len(items) < world:
-        raise ValueError(f"{len(items)} calibration batches cannot be shared by {world} ranks: lower batch_size")
+        raise ValueError(
+            f"{len(items)} calibration batches cannot be shared by {world} ranks: every rank needs one "
+            "(more calibration.num_sequences, or a smaller calibration.batch_size)"
+        )
     return list(items[rank::world])
+
+
+def _any_rank(flag: bool) -> bool:
+    """Whether ``flag`` is set on any rank (every rank calls this, with its own flag)."""
+    box = torch.tensor([1.0 if flag else 0.0], device=_device())
+    dist.all_reduce(box, op=dist.ReduceOp.MAX)
+    return bool(box.item())
 
 
 def _device() -> torch.device:

@@ -25,6 +25,10 @@ class SubBlockTap:
     Per part, of layer i: attention (x, Attn(LN1(x))) with x the layer input; mlp (h, MLP(LN2(h))) with h the
     residual stream after the attention; block (x, layer output - x). ``results`` holds one
     :class:`CalibrationResult` per part; each is fed for the layers it holds.
+
+    x is taken where LN1 reads it, inside the layer: a dispatched model's hooks (accelerate, ``device_map``) move
+    a layer's input onto its device on the way in, so what the layer's own pre-hook sees can sit on the previous
+    layer's device.
     """
 
     def __init__(self, model: PreTrainedModel, results: Mapping[Part, CalibrationResult]) -> None:
@@ -42,11 +46,11 @@ class SubBlockTap:
                 for i in result.accumulators:
                     layer = decoder_layers[i]
                     if part == "attention":
-                        entry, exit_ = layer, adapter.attention(layer)
+                        entry, exit_ = adapter.input_norm(layer), adapter.attention(layer)
                     elif part == "mlp":
                         entry, exit_ = adapter.post_attention_norm(layer), adapter.mlp(layer)
                     else:
-                        entry, exit_ = layer, layer
+                        entry, exit_ = adapter.input_norm(layer), layer
                     self._handles.append(entry.register_forward_pre_hook(self._save_input(part, i), with_kwargs=True))
                     self._handles.append(exit_.register_forward_hook(self._accumulate(part, i)))
         except BaseException:
@@ -68,8 +72,8 @@ class SubBlockTap:
 
     def _accumulate(self, part: str, i: int):
         def hook(module: nn.Module, args: tuple, output: object) -> None:
-            x = self._inputs.pop((part, i))
             out = output[0] if isinstance(output, tuple) else output
+            x = self._inputs.pop((part, i)).to(out.device)  # a block's output may leave on another device
             a = out - x if part == "block" else out  # a block's "output" is what it adds to the stream
             mask = self.mask.to(x.device) if self.mask is not None else None
             result = self.results[part]
@@ -120,9 +124,12 @@ def calibrate_parts(
     layers: Iterable[int] | None = None,
     progress: bool = True,
     gram_dtype: str = "float64",
+    check_tokens: bool = True,
 ) -> dict[Part, CalibrationResult]:
     """:func:`calibrate` for several parts in the same pass: 3 d^2 + 2 d float64 sums per (layer, part), so
-    every granularity at once holds three times the attention-only statistics."""
+    every granularity at once holds three times the attention-only statistics. ``check_tokens``: refuse fewer
+    than d tokens (off for one shard of a sharded pass, whose total is checked, and for held-out statistics,
+    which no map inverts)."""
     adapter = get_adapter(model)
     n = len(adapter.layers(model))
     d = adapter.hidden_size(model.config)
@@ -158,7 +165,8 @@ def calibrate_parts(
     finally:
         model.train(was_training)
     for result in results.values():
-        check_token_count(result, d)
+        if check_tokens:
+            check_token_count(result, d)
     return results
 
 

@@ -34,9 +34,9 @@ class HookPass:
 
     gram_dtype: str = "float64"
 
-    def __call__(self, model: PreTrainedModel, batches: Sequence[Batch], parts: tuple[Part, ...]
-                 ) -> dict[Part, CalibrationResult]:  # fmt: skip
-        return calibrate_parts(model, batches, parts, gram_dtype=self.gram_dtype)
+    def __call__(self, model: PreTrainedModel, batches: Sequence[Batch], parts: tuple[Part, ...],
+                 check_tokens: bool = True) -> dict[Part, CalibrationResult]:  # fmt: skip
+        return calibrate_parts(model, batches, parts, gram_dtype=self.gram_dtype, check_tokens=check_tokens)
 
 
 @dataclass(frozen=True)
@@ -48,9 +48,11 @@ class LayerwisePass:
     store: torch.device | None = None
     gram_dtype: str = "float64"
 
-    def __call__(self, model: PreTrainedModel, batches: Sequence[Batch], parts: tuple[Part, ...]
-                 ) -> dict[Part, CalibrationResult]:  # fmt: skip
-        return calibrate_layerwise_parts(model, batches, parts, self.device, self.store, gram_dtype=self.gram_dtype)
+    def __call__(self, model: PreTrainedModel, batches: Sequence[Batch], parts: tuple[Part, ...],
+                 check_tokens: bool = True) -> dict[Part, CalibrationResult]:  # fmt: skip
+        return calibrate_layerwise_parts(
+            model, batches, parts, self.device, self.store, gram_dtype=self.gram_dtype, check_tokens=check_tokens
+        )
 
 
 def expect_layers(model: PreTrainedModel, part: Part) -> Callable[[CalibrationResult], None]:
@@ -83,12 +85,14 @@ def cached_pass(
     keys: Mapping[Part, Mapping[str, Any]],
     parts: tuple[Part, ...],
     shards: Shards | None = None,
+    check_tokens: bool = True,
 ) -> CachedPass | None:
     """Statistics of ``parts``, each from its cache entry (``keys[part]``) when it exists; when one is missing,
     one pass gathers every part of ``keys`` not stored yet (the extra ones for later runs) and stores them.
 
     Rank 0 looks the entries up and the others follow; a pass is sharded over the ranks. Ranks > 0 get None.
     With one rank the pass runs under the entry's lock, so jobs that start together calibrate once.
+    ``check_tokens``: refuse statistics over fewer than d tokens (held-out statistics need no inverse).
     """
     shards = shards or Shards()
     extra = tuple(p for p in keys if p not in parts)
@@ -98,11 +102,15 @@ def cached_pass(
         return (*parts, *(p for p in extra if p in absent)) if absent & set(parts) else ()
 
     gather = shards.agree(decide)
-    reduced = shards.calibrate(calibrator, model, batches(), gather) if gather and shards.world > 1 else None
+    reduced = None
+    if gather and shards.world > 1:
+        reduced = shards.calibrate(calibrator, model, batches(), gather, check_tokens)
     if not shards.main:
         return None
-    # rank 0 after a sharded pass: the reduced sums; one rank, or an entry that vanished after the lookup: alone
-    one_pass = functools.cache(lambda: reduced if reduced is not None else calibrator(model, batches(), gather or parts))
+
+    @functools.cache  # rank 0 after a sharded pass: the reduced sums; one rank, or an entry that vanished: alone
+    def one_pass() -> dict[Part, CalibrationResult]:
+        return reduced if reduced is not None else calibrator(model, batches(), gather or parts, check_tokens)
     stats, hits, paths = {}, {}, {}
     for part in gather or parts:
         stats[part], hits[part], paths[part] = cached_calibration(

@@ -14,10 +14,18 @@ CCATarget = Literal["residual", "attention"]
 Ridge = float | Mapping[int, float]  # one ridge for every layer, or one per layer (replacement.ridge=auto)
 
 
-def fit_lmmse(acc: CovarianceAccumulator, ridge: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+REL_FLOOR = 1e-10  # eigenvalues of a covariance below this fraction of its largest count as zero
+
+
+def fit_lmmse(
+    acc: CovarianceAccumulator, ridge: float = 0.0, rel_floor: float = REL_FLOOR
+) -> tuple[torch.Tensor, torch.Tensor]:
     """LMMSE estimate a ~ W x + b: W = C_ax C_xx^{-1}, b = mu_a - W mu_x (float64, by a solve).
 
-    ``ridge`` adds ``ridge * tr(C_xx) / d_in`` to the diagonal of C_xx; 0 gives the exact closed form.
+    ``ridge`` adds ``ridge * tr(C_xx) / d_in`` to the diagonal of C_xx; 0 gives the exact closed form. When an
+    eigenvalue of C_xx is below ``rel_floor`` times the largest (the floor the CCA bound uses), those directions
+    carry no information the data can pin down: W is the minimum-norm solution on the others (C_xx's
+    pseudo-inverse), the same on every device, instead of a solve that amplifies round-off.
     """
     if ridge < 0 or not math.isfinite(ridge):
         raise ValueError(f"ridge must be a finite non-negative number, got {ridge}")
@@ -28,11 +36,11 @@ def fit_lmmse(acc: CovarianceAccumulator, ridge: float = 0.0) -> tuple[torch.Ten
     if ridge > 0:
         c_xx = c_xx + ridge * (torch.trace(c_xx) / acc.d_in) * torch.eye(acc.d_in, dtype=c_xx.dtype, device=c_xx.device)
     # C_xx is symmetric, so W^T = C_xx^{-1} C_xa is a solve against C_xx.
-    chol, info = torch.linalg.cholesky_ex(c_xx)
-    if int(info) == 0:
+    chol = _cholesky_or_none(c_xx, rel_floor)
+    if chol is not None:
         w_t = torch.cholesky_solve(c_ax.T.contiguous(), chol)
-    else:  # singular (rank-deficient data, no ridge): the minimum-norm solution, the same on every device
-        w_t = _psd_pseudo_power(c_xx, -1.0, 1e-12) @ c_ax.T
+    else:  # (nearly) singular: rank-deficient data, no ridge
+        w_t = _psd_pseudo_power(c_xx, -1.0, rel_floor) @ c_ax.T
     w = w_t.T.contiguous()
     b = acc.mean_a - w @ acc.mean_x
     if not (torch.isfinite(w).all() and torch.isfinite(b).all()):
@@ -112,7 +120,7 @@ def _cholesky_or_none(c: torch.Tensor, rel_floor: float) -> torch.Tensor | None:
 
 
 def canonical_correlations(
-    acc: CovarianceAccumulator, target: CCATarget = "residual", rel_floor: float = 1e-10
+    acc: CovarianceAccumulator, target: CCATarget = "residual", rel_floor: float = REL_FLOOR
 ) -> torch.Tensor:
     """Canonical correlations between x and y (y = x + a for "residual", y = a for "attention"):
     the singular values of C_yy^{-1/2} C_yx C_xx^{-1/2}, by pseudo-inverse square roots (eigenvalue floor)."""
@@ -121,7 +129,7 @@ def canonical_correlations(
     return torch.linalg.svdvals(k).clamp(0.0, 1.0)
 
 
-def cca_bound(acc: CovarianceAccumulator, target: CCATarget = "residual", rel_floor: float = 1e-10) -> float:
+def cca_bound(acc: CovarianceAccumulator, target: CCATarget = "residual", rel_floor: float = REL_FLOOR) -> float:
     """NMSE bound of the LMMSE fit (paper, Thm 3.2): sum_i (1 - rho_i^2) + (d_out - r) = d_out - sum_i rho_i^2.
     Lower = more linear.
 

@@ -6,12 +6,32 @@ running sums and a count, so calibration memory is O(d^2) per layer whatever the
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import torch
 
 _F64 = torch.float64
 
 
 GRAM_DTYPES = {"float64": torch.float64, "float32": torch.float32}
+
+
+@contextmanager
+def full_float32_matmul() -> Iterator[None]:
+    """CUDA float32 products without TF32 (10 mantissa bits: far too few for Gram sums) inside the block.
+
+    Through torch's precision API (``fp32_precision``) where it exists: after a user set TF32 through it, reading
+    the legacy ``allow_tf32`` flag raises. Setting and restoring the new one is safe whichever the user set.
+    """
+    matmul = torch.backends.cuda.matmul
+    name, off = ("fp32_precision", "ieee") if hasattr(matmul, "fp32_precision") else ("allow_tf32", False)
+    saved = getattr(matmul, name)
+    setattr(matmul, name, off)
+    try:
+        yield
+    finally:
+        setattr(matmul, name, saved)
 
 
 class CovarianceAccumulator:
@@ -110,12 +130,8 @@ class CovarianceAccumulator:
         u, v = x32 - m_x, a32 - m_a
         s_u, s_v = u.to(_F64).sum(0), v.to(_F64).sum(0)
         mx, ma = m_x.to(_F64), m_a.to(_F64)
-        tf32 = torch.backends.cuda.matmul.allow_tf32
-        torch.backends.cuda.matmul.allow_tf32 = False  # TF32 keeps 10 mantissa bits: far too few here
-        try:
+        with full_float32_matmul():
             g_uu, g_vu, g_vv = (u.T @ u).to(_F64), (v.T @ u).to(_F64), (v.T @ v).to(_F64)
-        finally:
-            torch.backends.cuda.matmul.allow_tf32 = tf32
         self.sum_x += s_u + n * mx
         self.sum_a += s_v + n * ma
         self.sum_xx += g_uu + torch.outer(s_u, mx) + torch.outer(mx, s_u) + n * torch.outer(mx, mx)

@@ -244,22 +244,31 @@ class ExperimentSchema:
             part.check()
         _positive("num_layers", self.num_layers, minimum=0)
         _positive("selection.holdout_sequences", self.selection.holdout_sequences)
-        self._check_heldout_source()
+        self._check_texts()
         self._check_granularity()
         if self.layers is not None and len(set(self.layers)) != len(self.layers):
             raise ConfigError(f"layers={self.layers} lists a layer twice")
 
-    def _check_heldout_source(self) -> None:
-        """A measured rule must not see the text it is judged on, and its text must be one the data module knows."""
+    def _judged_texts(self) -> set[str]:
+        """The texts whose perplexity the run reports."""
+        return {*(self.eval.domains or [])} | ({self.eval.perplexity.source} if self.eval.perplexity else set())
+
+    def _check_texts(self) -> None:
+        """No text the run is judged on may be one it calibrates or chooses on: the windows would be the same
+        (tensor-equal), and an in-sample number would be reported as held-out."""
         from nbl.data import TEXT_SOURCES
 
+        if self.calibration.source in self._judged_texts():
+            raise ConfigError(
+                f"calibration.source={self.calibration.source} is also evaluated (eval.perplexity / eval.domains): "
+                "its perplexity windows would be the calibration windows; evaluate another text"
+            )
         source = self.selection.heldout_source
         if source is None:
             return
         if source not in TEXT_SOURCES:
             raise ConfigError(f"selection.heldout_source={source} is unknown; choose from {sorted(TEXT_SOURCES)}")
-        judged = {*(self.eval.domains or [])} | ({self.eval.perplexity.source} if self.eval.perplexity else set())
-        if source in judged:
+        if source in self._judged_texts():
             raise ConfigError(
                 f"selection.heldout_source={source} is also evaluated (eval.perplexity / eval.domains): a rule "
                 "must not choose layers on the text it is judged on"

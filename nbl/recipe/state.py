@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 from omegaconf import DictConfig
 
 from nbl.calib.distributed import Calibrator, Shards
+from nbl.recipe.launch import RUN_MARKER
 from nbl.select.registry import GRANULARITY_PARTS, Selection, Strategy, get_strategy
 
 if TYPE_CHECKING:
@@ -90,9 +91,6 @@ class RunState:
     @property
     def cache_dir(self) -> Path:
         return Path(self.cfg.cache_dir)
-
-
-RUN_MARKER = "nbl-run.json"
 
 
 def claim_output_dir(folder: Path) -> dict[str, Any]:
