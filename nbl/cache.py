@@ -109,8 +109,10 @@ def cached_calibration(
 ) -> tuple[CalibrationResult, bool, Path]:
     """Load the statistics for ``fields`` or compute and store them; returns (stats, hit, path).
 
-    A stored entry is used only if its header holds the same fields, its sums are finite and
-    consistent, and ``expect`` (e.g. "one d x d accumulator per attention layer of this model") passes.
+    A stored entry is used only if its header holds the same fields, every layer matches its checksum, its sums
+    pass :meth:`CalibrationResult.check` and ``expect`` (e.g. "one d x d accumulator per attention layer of this
+    model") passes. Computed statistics come back read from the entry just written, lazily (one layer in memory
+    at a time).
     """
     key = cache_key(fields)
     path = stats_entry(folder, fields)
@@ -132,6 +134,11 @@ def cached_calibration(
         (folder / f"{key}.fields.json").write_text(_dump(fields))
 
     stats, hit = _cached(path, folder / f"{key}.lock", load, compute, save)
+    if not hit and path.is_file():  # read back lazily: the computed sums (on a GPU, say) can be freed
+        try:
+            stats = load(path)
+        except Exception as err:  # keep what was computed: the entry heals on the next run
+            log.warning("cache entry %s could not be read back (%s); using the computed statistics", path, err)
     return stats, hit, path
 
 

@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 from nbl.cache import atomic_write_text, cache_key, cached_calibration, cached_json, grown_steps
 from nbl.calib.result import CalibrationResult
@@ -72,10 +74,38 @@ def _counting(calls: list):
     return compute
 
 
+def _zero_a_row(path: Path) -> None:
+    """Zero row 0 of layer 0's sum_xx and write the file again with its header (fields, checksums) intact."""
+    with safe_open(str(path), framework="pt") as f:
+        header, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    tensors["layer0.sum_xx"][0] = 0.0
+    save_file(tensors, str(path), metadata=header)
+
+
+def _flip_a_byte(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[-20] ^= 0x40  # inside the last tensor's bytes: a finite value, silently different
+    path.write_bytes(bytes(data))
+
+
+def _strip_checksums(path: Path) -> None:
+    """As an entry written before checksums existed."""
+    with safe_open(str(path), framework="pt") as f:
+        header, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    del header["nbl_checksums"]
+    save_file(tensors, str(path), metadata=header)
+
+
 @pytest.mark.parametrize(
     "damage",
-    [lambda p: p.write_bytes(p.read_bytes()[:100]), lambda p: p.write_bytes(b"not a safetensors file")],
-    ids=["truncated", "garbage"],
+    [
+        lambda p: p.write_bytes(p.read_bytes()[:100]),
+        lambda p: p.write_bytes(b"not a safetensors file"),
+        _zero_a_row,
+        _flip_a_byte,
+        _strip_checksums,
+    ],
+    ids=["truncated", "garbage", "zeroed-row", "flipped-byte", "no-checksums"],
 )
 def test_damaged_statistics_are_named_and_recomputed(tmp_path, caplog, damage):
     calls: list = []
@@ -108,6 +138,25 @@ def test_statistics_failing_the_callers_check_are_recomputed(tmp_path):
 
     assert not cached_calibration(tmp_path, {"k": 1}, _counting(calls), expect=expect)[1]
     assert len(calls) == 2
+
+
+def test_statistics_that_cannot_be_sums_of_products_are_recomputed(tmp_path, caplog):
+    """A valid checksum over impossible sums (written so by a bug, not damaged on disk): the sanity checks."""
+    bad = _stats()
+    bad[0].sum_xx[0, 1] += 1e6  # not symmetric, and past the Cauchy-Schwarz bound
+    cached_calibration(tmp_path, {"k": 1}, lambda: bad)  # read back at once: refused, kept for this run
+    with caplog.at_level(logging.WARNING, logger="nbl.cache"):
+        stats, hit, _ = cached_calibration(tmp_path, {"k": 1}, _stats)
+    assert not hit and "not symmetric" in caplog.text
+    torch.testing.assert_close(stats[0].sum_xx, _stats()[0].sum_xx)
+
+
+def test_computed_statistics_come_back_lazily_from_the_entry(tmp_path):
+    stats, hit, path = cached_calibration(tmp_path, {"k": 1}, _stats)
+    assert not hit and stats.accumulators.path == path  # read from the entry: the computed sums can be freed
+    torch.testing.assert_close(stats[0].sum_ax, _stats()[0].sum_ax, rtol=0, atol=0)
+    moved = _stats()
+    assert moved.to("cpu")[0].sum_xx is moved[0].sum_xx  # already there: shared, not copied
 
 
 def test_non_finite_cached_statistics_are_recomputed(tmp_path):

@@ -159,3 +159,18 @@ def test_the_app_runs_layerwise_offloaded_and_propagated(tmp_path, nbl_cache):
     assert prop["summary_row"]["method"] == "Attn NBL prop" and prop["calibration"]["mode"] == "propagated"
     assert not prop["calibration"]["cache_hit"]  # float32 Gram products are another cache entry
     assert prop["replaced_layers"] == first["replaced_layers"]  # same one-pass scores, to round-off
+
+
+@pytest.mark.parametrize("part", ["attention", "mlp"])
+def test_a_model_with_a_dropped_block_calibrates_layer_by_layer(part):
+    """A dropped block has no parameters at all (it was a bare StopIteration)."""
+    model = make_tiny("llama")
+    batches = token_batches(n_batches=2)
+    nbl.linearize(model, nbl.calibrate(model, batches, progress=False, part="block"), [1], mode="drop", part="block")
+    assert not list(model.model.layers[1].parameters())
+    _assert_same_statistics(
+        calibrate_layerwise(model, batches, progress=False, part=part),
+        nbl.calibrate(model, batches, progress=False, part=part),
+    )
+    refit_propagated(model, batches, [2], progress=False)  # the same pass, refitting after the dropped block
+    assert nbl.replaced_layers(model) == {1: "drop", 2: "linear"}

@@ -1,5 +1,6 @@
 """Keep / linear / drop plans: the target quantities, the greedy choice, and the plan in the app."""
 
+import contextlib
 import copy
 
 import pytest
@@ -78,3 +79,25 @@ def test_an_unreachable_plan_target_fails_before_loading_weights(monkeypatch):
         cfg = compose("config", overrides=["experiment=smoke", "selection=plan", "calibration.mode=propagated"])
         with pytest.raises(ConfigError, match=r"calibration\.mode=one_pass"):
             validate(cfg)
+
+
+def test_an_option_that_lowers_the_damage_is_taken_for_its_progress(monkeypatch):
+    """Two options lower the damage by as much; the one that gets further is taken (damage / gain alone would take
+    the other: -0.01 / 0.001 < -0.01 / 0.01). Damaging options come after any that do no damage."""
+    import nbl.select.plan
+
+    gains = {(0, "linear"): 0.01, (1, "linear"): 0.001, (2, "linear"): 0.5}
+    damages = {(0, "linear"): -0.01, (1, "linear"): -0.01, (2, "linear"): 0.001}
+
+    def fake_damage(probe, candidates, desc, reference):
+        return {i: damages[i, probe.mode] for i in candidates if (i, probe.mode) in damages}
+
+    monkeypatch.setattr(nbl.select.plan, "single_layer_damage", fake_damage)
+    monkeypatch.setattr(nbl.select.plan, "layers_restored", lambda model, layers: contextlib.nullcontext())
+    probe = Probe(model=None, stats=dict.fromkeys(range(3)), heldout=[], measure="loss")
+    monkeypatch.setattr(Probe, "replace", lambda self, layers, mode=None: None)
+    metric = lambda plan: sum(gains[i, m] for i, m in plan.items())  # noqa: E731
+    steps = greedy_plan(probe, metric, target=0.0105)
+    assert [(s.layer, s.damage) for s in steps] == [(0, -0.01), (1, -0.01)]
+    steps = greedy_plan(probe, metric, target=0.2)
+    assert [s.layer for s in steps] == [0, 1, 2]  # the damaging option last, however much it gains

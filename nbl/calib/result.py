@@ -3,6 +3,7 @@ lazily from a safetensors file."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 from collections.abc import Iterable, Iterator, Mapping
@@ -34,10 +35,12 @@ class CalibrationResult(Mapping[int, CovarianceAccumulator]):
         Statistics opened lazily stay lazy: each layer is read straight onto ``device`` when asked for.
         """
         if isinstance(self.accumulators, _StoredLayers):
-            stored = _StoredLayers(self.accumulators.path, self.accumulators.counts, device)
-            return CalibrationResult(stored, dict(self.cosine_sums))
-        moved = {
-            i: CovarianceAccumulator.from_state_dict(acc.state_dict(), device) for i, acc in self.accumulators.items()
+            lazy = self.accumulators
+            return CalibrationResult(_StoredLayers(lazy.path, lazy.counts, device, lazy.checksums), dict(self.cosine_sums))
+        target = torch.device(device)
+        moved = {  # sums already there are shared, not copied (a copy doubles the statistics' peak)
+            i: acc if acc.sum_x.device == target else CovarianceAccumulator.from_state_dict(acc.state_dict(), target)
+            for i, acc in self.accumulators.items()
         }
         return CalibrationResult(moved, dict(self.cosine_sums))
 
@@ -90,40 +93,69 @@ class CalibrationResult(Mapping[int, CovarianceAccumulator]):
         return self.count(next(iter(self))) if len(self) else 0
 
     def save(self, path: str | Path, metadata: Mapping[str, str] | None = None) -> None:
-        """One safetensors file (no pickle); ``metadata`` is kept as strings in its header."""
+        """One safetensors file (no pickle); ``metadata`` is kept as strings in its header, with a checksum of
+        every layer's tensors that each read verifies.
+
+        Sums on a GPU are copied to host memory for the write (all layers: 12.9 GB for an 8B model's attention
+        statistics); sums already on the host (layer by layer with offload) are written without a copy.
+        """
         tensors: dict[str, torch.Tensor] = {}
+        checksums: dict[int, str] = {}
         for i, acc in self.accumulators.items():
-            for name, t in acc.state_dict().items():
-                tensors[f"layer{i}.{name}"] = t.contiguous()
-            tensors[f"layer{i}.cosine_sum"] = torch.tensor([self.cosine_sums[i]], dtype=torch.float64)
-        header = {"nbl_layers": json.dumps(sorted(self.accumulators)), **(metadata or {})}
+            state = {**acc.state_dict(), "cosine_sum": torch.tensor([self.cosine_sums[i]], dtype=torch.float64)}
+            checksums[i] = _checksum(state)
+            tensors.update({f"layer{i}.{name}": t.contiguous() for name, t in state.items()})
+        header = {
+            "nbl_layers": json.dumps(sorted(self.accumulators)),
+            "nbl_checksums": json.dumps(checksums),
+            **(metadata or {}),
+        }
         save_file(tensors, str(path), metadata=header)
 
     @classmethod
     def load(cls, path: str | Path, device: torch.device | str = "cpu", lazy: bool = False) -> CalibrationResult:
         """Read statistics written by :meth:`save`. ``lazy``: read each layer from the file when it is asked
-        for (and not keep it), so memory holds one layer's sums (3 d^2 + 2 d floats), not L of them."""
+        for (and not keep it), so memory holds one layer's sums (3 d^2 + 2 d floats), not L of them. Every
+        layer read is checked against its checksum; a file written without checksums is refused."""
         with safe_open(str(path), framework="pt") as f:
-            layers = json.loads((f.metadata() or {})["nbl_layers"])
+            header = f.metadata() or {}
+            if "nbl_checksums" not in header:
+                raise ValueError(f"{path} was written without checksums: it cannot be verified")
+            layers = json.loads(header["nbl_layers"])
+            checksums = {int(i): digest for i, digest in json.loads(header["nbl_checksums"]).items()}
             cos = {i: float(f.get_tensor(f"layer{i}.cosine_sum").item()) for i in layers}
             counts = {i: int(f.get_tensor(f"layer{i}.count").item()) for i in layers}
-        stored = _StoredLayers(Path(path), counts, device)
+        stored = _StoredLayers(Path(path), counts, device, checksums)
         return cls(stored if lazy else {i: stored[i] for i in layers}, cos)
 
 
-class _StoredLayers(Mapping[int, CovarianceAccumulator]):
-    """Layer index -> accumulator, read from a statistics file on every access (nothing kept in memory)."""
+def _checksum(state: Mapping[str, torch.Tensor]) -> str:
+    """sha256 of a layer's tensors (names, dtypes, shapes and bytes), read back on the host."""
+    digest = hashlib.sha256()
+    for name in sorted(state):
+        t = state[name].detach().cpu().contiguous()
+        digest.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
+        digest.update(t.view(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
 
-    def __init__(self, path: Path, counts: dict[int, int], device: torch.device | str) -> None:
-        self.path, self.counts, self.device = path, counts, torch.device(device)
+
+class _StoredLayers(Mapping[int, CovarianceAccumulator]):
+    """Layer index -> accumulator, read from a statistics file on every access (nothing kept in memory) and
+    checked against the checksum written with it: a flipped byte or a zeroed row is an error, not a value."""
+
+    def __init__(self, path: Path, counts: dict[int, int], device: torch.device | str, checksums: dict[int, str]
+                 ) -> None:  # fmt: skip
+        self.path, self.counts, self.device, self.checksums = path, counts, torch.device(device), checksums
         self.layers = sorted(counts)
 
     def __getitem__(self, layer: int) -> CovarianceAccumulator:
         if layer not in self.layers:
             raise KeyError(layer)
         prefix = f"layer{layer}."
-        with safe_open(str(self.path), framework="pt", device=str(self.device)) as f:
+        with safe_open(str(self.path), framework="pt", device="cpu") as f:
             state = {k[len(prefix) :]: f.get_tensor(k) for k in f.keys() if k.startswith(prefix)}
+        if _checksum(state) != self.checksums.get(layer):
+            raise ValueError(f"layer {layer} of {self.path} does not match its checksum: the file is damaged")
         state.pop("cosine_sum")
         return CovarianceAccumulator.from_state_dict(state, self.device)
 

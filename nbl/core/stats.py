@@ -181,11 +181,25 @@ class CovarianceAccumulator:
         c = self._cov(self.sum_aa, self.mean_a, self.mean_a)
         return (c + c.T) / 2
 
-    def check(self) -> None:
-        """Raise if a running sum holds NaN or inf (an overflow upstream, or a corrupt file)."""
+    def check(self, rel_tol: float = 1e-4) -> None:
+        """Raise if a running sum holds NaN or inf (an overflow upstream, or a corrupt file), or could not be a sum
+        of products: sum_xx and sum_aa symmetric with a non-negative diagonal, variances >= 0, and every entry of
+        sum_xx, sum_ax, sum_aa within the Cauchy-Schwarz bound sqrt(S_ii S_jj). ``rel_tol`` allows the round-off
+        of float32 Gram products. O(d^2): cheap beside the O(d^3) fits."""
         for name, t in self._tensors().items():
             if not torch.isfinite(t).all():
                 raise ValueError(f"{name} has NaN or inf entries")
+        diag_x, diag_a = self.sum_xx.diagonal(), self.sum_aa.diagonal()
+        for name, gram, total, diag in (("sum_xx", self.sum_xx, self.sum_x, diag_x), ("sum_aa", self.sum_aa, self.sum_a, diag_a)):
+            bound = torch.sqrt(torch.outer(diag.clamp_min(0), diag.clamp_min(0)))
+            slack = rel_tol * float(diag.abs().max()) + 1e-300
+            if float(diag.min()) < -slack or float((diag - total**2 / max(self.count, 1)).min()) < -slack:
+                raise ValueError(f"{name} has a negative variance: not a sum of squares")
+            if float((gram - gram.T).abs().max()) > slack or bool(((gram.abs() - bound) > slack).any()):
+                raise ValueError(f"{name} is not symmetric or breaks the Cauchy-Schwarz bound: not a Gram sum")
+        cross = torch.sqrt(torch.outer(diag_a.clamp_min(0), diag_x.clamp_min(0)))
+        if bool(((self.sum_ax.abs() - cross) > rel_tol * float(cross.max()) + 1e-300).any()):
+            raise ValueError("sum_ax breaks the Cauchy-Schwarz bound: not a sum of products")
 
     # -- serialisation (safetensors-friendly: plain tensors, no pickle) -------------------------
     def state_dict(self) -> dict[str, torch.Tensor]:

@@ -4,8 +4,9 @@ The target is a number the accounting models predict from the plan alone: a pref
 (FLOP model), a decode speed-up of a bytes-bound step (bytes model), or the fraction of the KV cache or of
 the decoder layers' weights removed. The plan is built greedily: at each step every remaining layer is
 tried as linear and as dropped in the model as planned so far (its damage measured on held-out windows,
-:mod:`nbl.select.damage`), and the option with the least damage per unit of progress towards the target is taken,
-until the target is met. Steps do not depend on the target's value, so a sweep over values replays one run.
+:mod:`nbl.select.damage`), and the option with the least damage per unit of progress towards the target is
+taken (:func:`preference`), until the target is met. Steps do not depend on the target's value, so a sweep over
+values replays one run.
 """
 
 from __future__ import annotations
@@ -67,6 +68,13 @@ def reachable(config: PretrainedConfig, metric: Metric) -> float:
     return metric(dict.fromkeys(range(config.num_hidden_layers), "drop"))
 
 
+def preference(damage: float, gain: float) -> tuple[float, float]:
+    """How a plan ranks an option (smaller first): the least damage per unit of progress; an option that does no
+    damage, or undoes some, before any that does, and among those the one that gets furthest. (Damage per unit
+    of progress alone would prefer, of two options that lower the loss as much, the one that gets less far.)"""
+    return (0.0, -gain) if damage <= 0 else (1.0, damage / gain)
+
+
 @torch.no_grad()
 def greedy_plan(probe: Probe, metric: Metric, target: float, start: Sequence[PlanStep] = ()) -> list[PlanStep]:
     """The steps until ``metric`` reaches ``target`` (continuing ``start``, an earlier run's steps; if a prefix
@@ -95,7 +103,7 @@ def greedy_plan(probe: Probe, metric: Metric, target: float, start: Sequence[Pla
                 for i, d in damage.items():
                     gain = metric({**plan, i: mode}) - current
                     if gain > 0:
-                        options.append((d / gain, i, mode, d))
+                        options.append((preference(d, gain), i, mode, d))
             if not options:
                 raise ValueError(f"no replacement moves the target quantity beyond {current:.4f}")
             _, layer, mode, damage_added = min(options)
