@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import atexit
 import logging
 import os
 import secrets
+import shutil
 import sys
 import tempfile
 from pathlib import Path
@@ -27,6 +29,13 @@ for _noisy in ("torchao", "torch.utils._pytree"):
 # (Hydra copies resolver caches into every sweep job), so two runs started in the same second, which
 # differ in a setting the folder name does not show, never share a folder.
 OmegaConf.register_new_resolver("nbl_uid", lambda: secrets.token_hex(3), use_cache=True, replace=True)
+# ${nbl_run:} in the folder names: what the run chooses and how many, "explicit" and the count of its layers for
+# layers=[...] (which num_layers and the strategy do not drive)
+OmegaConf.register_new_resolver(
+    "nbl_run",
+    lambda strategy, mode, k, layers: f"{strategy}-{mode}-k{k}" if layers is None else f"explicit-{mode}-k{len(layers)}",
+    replace=True,
+)
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
@@ -44,8 +53,9 @@ def _hydra_main(cfg: DictConfig) -> None:
 
 def main() -> None:
     if int(os.environ.get("RANK", "0")) > 0:
-        # torchrun helper ranks: rank 0 owns the run folder; these write theirs to a scratch folder
+        # torchrun helper ranks: rank 0 owns the run folder; these write theirs to a scratch folder, removed at exit
         scratch = tempfile.mkdtemp(prefix=f"nbl-rank{os.environ['RANK']}-")
+        atexit.register(shutil.rmtree, scratch, ignore_errors=True)
         sys.argv += [f"hydra.run.dir={scratch}", f"hydra.sweep.dir={scratch}", "hydra.output_subdir=null"]
     _hydra_main()
 

@@ -66,22 +66,42 @@ def atomic_write_text(path: Path, text: str) -> None:
 def _cached(
     path: Path, lock: Path, load: Callable[[Path], T], compute: Callable[[], T], save: Callable[[T, Path], None]
 ) -> tuple[T, bool]:
-    """Load ``path`` or compute, write atomically and return; under a lock so concurrent jobs compute once."""
-    with file_lock(lock):
-        if path.is_file():
-            try:
-                return load(path), True
-            except Exception as err:  # truncated, garbage, or stored for other fields: never trusted
-                log.warning("cache entry %s is unusable (%s: %s); recomputing it", path, type(err).__name__, err)
-                path.unlink(missing_ok=True)
-        value = compute()
-        tmp = path.with_suffix(f".tmp{os.getpid()}")
+    """Load ``path`` or compute, write atomically and return; under a lock so concurrent jobs compute once.
+
+    A readable entry is read without the lock (entries are replaced atomically: a reader sees the old file or the
+    whole new one), so a read-only cache still serves its hits; without a lock to take, a miss is computed and not
+    stored.
+    """
+    if path.is_file():
         try:
-            save(value, tmp)
-            os.replace(tmp, path)  # atomic: readers never see a partial file
-        except Exception as err:  # a full disk: OSError, or safetensors' own SafetensorError
-            tmp.unlink(missing_ok=True)
-            _unwritten(path, err)
+            return load(path), True
+        except Exception:  # damaged: the locked path below names it, removes it and recomputes
+            pass
+    try:
+        with file_lock(lock):
+            return _load_or_compute(path, load, compute, save)
+    except PermissionError as err:  # a read-only cache folder: no lock file can be made
+        log.warning("cache folder %s is not writable (%s); computing without the cache", path.parent, err)
+        return compute(), False
+
+
+def _load_or_compute(
+    path: Path, load: Callable[[Path], T], compute: Callable[[], T], save: Callable[[T, Path], None]
+) -> tuple[T, bool]:
+    if path.is_file():
+        try:
+            return load(path), True
+        except Exception as err:  # truncated, garbage, or stored for other fields: never trusted
+            log.warning("cache entry %s is unusable (%s: %s); recomputing it", path, type(err).__name__, err)
+            path.unlink(missing_ok=True)
+    value = compute()
+    tmp = path.with_suffix(f".tmp{os.getpid()}")
+    try:
+        save(value, tmp)
+        os.replace(tmp, path)  # atomic: readers never see a partial file
+    except Exception as err:  # a full disk: OSError, or safetensors' own SafetensorError
+        tmp.unlink(missing_ok=True)
+        _unwritten(path, err)
     return value, False
 
 
@@ -131,7 +151,7 @@ def cached_calibration(
 
     def save(stats: CalibrationResult, tmp: Path) -> None:
         stats.save(tmp, metadata={"fields": canonical})
-        (folder / f"{key}.fields.json").write_text(_dump(fields))
+        atomic_write_text(folder / f"{key}.fields.json", _dump(fields))  # replaces a link, never writes through it
 
     stats, hit = _cached(path, folder / f"{key}.lock", load, compute, save)
     if not hit and path.is_file():  # read back lazily: the computed sums (on a GPU, say) can be freed

@@ -116,6 +116,8 @@ def local_text(path: str | Path, field: str = "text") -> list[str]:
     Errors name the file (and the line of a .jsonl file) instead of surfacing a bare KeyError.
     """
     p = Path(path)
+    if p.is_dir():
+        raise IsADirectoryError(f"calibration text file {p} is a directory: name a .txt or .jsonl file")
     if not p.is_file():
         raise FileNotFoundError(f"calibration text file {p} does not exist")
     try:

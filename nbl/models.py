@@ -44,15 +44,16 @@ def smollm2_gguf_path() -> Path:
     return path
 
 
-def smollm2_folder() -> Path:
-    """A plain safetensors copy of SmolLM2-135M-Instruct, converted from the GGUF file once.
+def smollm2_folder(root: Path | None = None) -> Path:
+    """A plain safetensors copy of SmolLM2-135M-Instruct, converted from the GGUF file once, under ``root``
+    (the cache folder; default :func:`cache_root`).
 
     The conversion writes into a temporary folder renamed into place, under a lock; folders left by a
     killed conversion are removed by the next one.
     """
     from nbl.cache import file_lock
 
-    folder = cache_root() / "models" / SMOLLM2_NAME
+    folder = Path(root or cache_root()) / "models" / SMOLLM2_NAME
     if (folder / "config.json").is_file():
         return folder
     folder.parent.mkdir(parents=True, exist_ok=True)
@@ -87,10 +88,11 @@ def _convert_smollm2(folder: Path) -> None:
     tokenizer.save_pretrained(folder)
 
 
-def load_smollm2(dtype: torch.dtype = torch.float32) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+def load_smollm2(dtype: torch.dtype = torch.float32, root: Path | None = None
+                 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:  # fmt: skip
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    folder = smollm2_folder()
+    folder = smollm2_folder(root)
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)
     return model.eval(), AutoTokenizer.from_pretrained(folder)
 

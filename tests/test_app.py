@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
@@ -115,6 +116,14 @@ def test_launcher_configs(launcher, target):
         (["selection=validated", "calibration.mode=sequential"], "selection=validated runs the model itself"),
         (["selection=loss", "selection.heldout_source=c5"], "selection.heldout_source=c5 is unknown"),
         (["eval=quick", "calibration.source=wikipedia"], "calibration.source=wikipedia is also evaluated"),
+        (["calibration.seq_len=1024"], "calibration.seq_len = 1024 is longer than tiny-random-llama's context (512"),
+        (["speed=cpu", "speed.prompt_len=510"], "speed.prompt_len + speed.new_tokens = 514 is longer than"),
+        (["device=bogus"], "device=bogus is not a device"),
+        pytest.param(
+            ["device=cuda"], "this machine has no CUDA device", marks=pytest.mark.skipif(torch.cuda.is_available(), reason="")
+        ),
+        (["finetune=lora", "finetune.train_maps=true", "replacement=drop"], "leaves no maps to train"),
+        (["selection.heldout_source=mixed"], "selection.heldout_source=mixed is read by no part of this run"),
         (["eval=quick", "eval.domains=[lambada]"], "calibration.source=lambada is also evaluated"),
         (
             [PPL, "selection=loss", "selection.heldout_source=wikipedia"],
@@ -179,6 +188,36 @@ def test_malformed_local_calibration_file_is_named(tmp_path, name, content, mess
     cfg = _compose("experiment=smoke", "calibration=local", f"calibration.path={path}")
     with pytest.raises(ValueError, match=re.escape(message)):
         validate(cfg)
+
+
+def test_a_calibration_path_that_is_a_folder_is_named(tmp_path):
+    cfg = _compose("experiment=smoke", "calibration=local", f"calibration.path={tmp_path}")
+    with pytest.raises(IsADirectoryError, match=re.escape("is a directory: name a .txt or .jsonl file")):
+        validate(cfg)
+
+
+def test_more_ranks_than_calibration_batches_are_refused_before_anything_loads(monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "8")
+    with pytest.raises(ValueError, match="make 2 batches for 8 ranks: every rank needs one"):
+        validate(_compose("experiment=smoke"))  # 4 sequences in batches of 2
+
+
+def test_too_little_text_for_the_windows_names_the_settings(tmp_path, monkeypatch, nbl_cache):
+    import nbl.recipe.prepare
+    from nbl.recipe.run import run_experiment
+    from nbl.recipe.state import RunContext
+
+    monkeypatch.setattr(nbl.recipe.prepare, "load_model", lambda *a, **k: pytest.fail("weights loaded"))
+    text = tmp_path / "short.txt"
+    text.write_text("A short text of a few hundred tokens. " * 40)
+    cfg = _compose("experiment=smoke", "calibration=local", f"calibration.path={text}", "selection=loss")
+    with pytest.raises(ValueError, match=r"calibration.num_sequences \+ selection.holdout_sequences x calibration"):
+        run_experiment(cfg, RunContext(tmp_path / "run"))
+
+
+def test_explicit_layers_name_the_folder_by_their_count():
+    run_dir = str(_compose("experiment=smoke", "layers=[1,2]", "num_layers=3", hydra=True).hydra.run.dir)
+    assert "_explicit-linear-k2_" in run_dir
 
 
 def test_validated_config_is_typed():

@@ -239,3 +239,30 @@ def test_grown_steps_only_grow_and_survive_a_bad_entry(tmp_path, caplog):
     assert grown_steps(tmp_path, fields, grow_to(2)) == [{"step": 0}, {"step": 1}]
     assert "ignoring unreadable cache entry" in caplog.text and seen[-1] == 0
     assert grown_steps(tmp_path, {"what": "other"}, grow_to(1)) == [{"step": 0}] and seen[-1] == 0
+
+
+def test_a_read_only_cache_serves_its_hits_and_computes_its_misses(tmp_path, monkeypatch, caplog):
+    """No lock file can be made in a read-only folder (root ignores permissions, so the lock is refused here)."""
+    import nbl.cache
+
+    cached_calibration(tmp_path, {"k": 1}, _stats)
+
+    def no_lock(path):
+        raise PermissionError(13, "Read-only file system", str(path))
+
+    monkeypatch.setattr(nbl.cache, "file_lock", no_lock)
+    assert cached_calibration(tmp_path, {"k": 1}, lambda: pytest.fail("recomputed a hit"))[1]
+    with caplog.at_level(logging.WARNING, logger="nbl.cache"):
+        stats, hit, path = cached_calibration(tmp_path, {"k": 2}, _stats)
+    assert not hit and stats[0].count == 10 and not path.exists() and "not writable" in caplog.text
+
+
+def test_a_linked_key_listing_is_replaced_not_written_through(tmp_path):
+    victim = tmp_path / "victim.txt"
+    victim.write_text("not the cache's\n")
+    folder = tmp_path / "stats"
+    folder.mkdir()
+    listing = folder / f"{cache_key({'k': 1})}.fields.json"
+    listing.symlink_to(victim)
+    cached_calibration(folder, {"k": 1}, _stats)
+    assert victim.read_text() == "not the cache's\n" and not listing.is_symlink() and '"k": 1' in listing.read_text()

@@ -105,6 +105,8 @@ def test_shards_cover_every_batch_once():
 
 @pytest.mark.slow
 def test_torchrun_writes_one_result_equal_to_a_single_process_run(tmp_path, converted_models):
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
     # 3 windows of 64 tokens, one per batch: rank 1's shard holds 64 tokens, no more than d = 64 (the sum: 192)
     args = ["-m", "nbl", "experiment=smoke", "speed=none", "calibration.num_sequences=3", "calibration.batch_size=1"]
     torchrun = str(Path(sys.executable).parent / "torchrun")
@@ -117,6 +119,7 @@ def test_torchrun_writes_one_result_equal_to_a_single_process_run(tmp_path, conv
         (cache / "models").symlink_to(converted_models)  # the embedded model's tokenizer, converted once
         env = {
             **os.environ,
+            "TMPDIR": str(scratch),  # where the helper rank's scratch run folder goes (and must not stay)
             "NBL_CACHE": str(cache),
             "WANDB_SILENT": "true",
             "HF_HUB_OFFLINE": "1",
@@ -126,6 +129,7 @@ def test_torchrun_writes_one_result_equal_to_a_single_process_run(tmp_path, conv
             cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600,
         )  # fmt: skip
         assert proc.returncode == 0, proc.stderr[-3000:]
+    assert not list(scratch.glob("nbl-rank*")), "the helper rank left its scratch folder"
     runs = sorted(tmp_path.rglob("results.json"))
     assert [p.parent.name for p in runs] == ["dist", "single"]  # helper ranks wrote no results
     dist_run, single_run = (json.loads(p.read_text()) for p in runs)

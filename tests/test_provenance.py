@@ -139,3 +139,34 @@ def test_explicit_layers_are_recorded_as_explicit_and_refitted_in_order_when_seq
     one_pass = run_experiment(_compose("experiment=smoke", "speed=none", "layers=[2,0]"), RunContext(tmp_path / "one"))
     assert one_pass["summary_row"]["method"] == "explicit+linear" and one_pass["calibration"]["mode"] == "one_pass"
     assert OmegaConf.to_container(cfg.selection)["strategy"] == "cca"  # the config asked for cca; it did not run
+
+
+def test_a_local_model_folder_is_keyed_by_what_it_holds(tmp_path):
+    """Weights swapped in the same folder (same architecture, names, sizes) miss the cache; the same weights
+    written again hit it."""
+    from tests.conftest import make_tiny
+
+    folder = tmp_path / "model"
+    cfg = _compose("model=llama3.1-8b", f"model.path={folder}")
+    make_tiny("llama", seed=0).save_pretrained(folder)
+    config = nbl.models.tiny_config("llama")
+    first = model_fields(cfg, config)
+    make_tiny("llama", seed=0).save_pretrained(folder)  # the same weights again
+    assert model_fields(cfg, config) == first
+    make_tiny("llama", seed=1).save_pretrained(folder)  # a fine-tune, say: only the values differ
+    assert model_fields(cfg, config)["weights"] != first["weights"]
+    assert calibration_fields(cfg, config) != {**calibration_fields(cfg, config), "model": first}
+
+
+def test_the_embedded_model_is_converted_under_the_configured_cache_dir(tmp_path, monkeypatch, nbl_cache):
+    """cache_dir (not only $NBL_CACHE) says where the converted model lives."""
+    from nbl.recipe.prepare import model_config
+    from nbl.recipe.validation import read_architecture
+
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.setenv("NBL_CACHE", str(elsewhere))  # an empty cache: it must not be used (nor converted into)
+    cfg = _compose("experiment=smoke", "model=smollm2-135m", f"cache_dir={nbl_cache}")
+    assert read_architecture(cfg.model, nbl_cache).num_hidden_layers == 30
+    assert model_config(cfg.model, nbl_cache).hidden_size == 576
+    assert not list(elsewhere.iterdir())

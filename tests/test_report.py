@@ -128,12 +128,24 @@ def test_no_setting_other_than_the_seed_is_averaged(change):
 
 
 def test_a_rerun_replaces_the_older_run_and_is_noted():
-    old = _run("random", "drop", 8, 0.50, seed=0, finished="2026-11-30T00:00:00+00:00")
+    old = _run("random", "drop", 8, 0.40, seed=0, finished="2026-11-30T00:00:00+00:00")
     new = _run("random", "drop", 8, 0.40, seed=0, finished="2026-11-30T01:00:00+00:00")
+    new["_path"] = "rerun/results.json"
     notes: list[str] = []
     (row,) = [r for r in table_rows([new, old], notes) if r["k"] == 8]
     assert row["n"] == 1 and row["avg"] == pytest.approx(0.405) and row["avg_std"] is None
-    assert len(notes) == 1 and old["_path"] in notes[0]
+    assert len(notes) == 1 and old["_path"] in notes[0] and "superseded" in notes[0]
+
+
+def test_identical_configs_whose_results_disagree_are_flagged():
+    """Same config, code, libraries and seeds: the results must agree; when they do not, the report says so."""
+    old = _run("random", "drop", 8, 0.50, seed=0, finished="2026-11-30T00:00:00+00:00")
+    new = _run("random", "drop", 8, 0.40, seed=0, finished="2026-11-30T01:00:00+00:00")
+    new["_path"] = "rerun/results.json"
+    notes: list[str] = []
+    table_rows([new, old], notes)
+    (flag,) = [n for n in notes if "IDENTICAL CONFIGS DISAGREE" in n]
+    assert old["_path"] in flag and "rerun/results.json" in flag
 
 
 def test_explicit_layers_and_sequential_mode_are_named_for_what_ran():

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 from omegaconf import DictConfig, OmegaConf
 
 from nbl.cache import cache_key
-from nbl.provenance import code_identity, file_digest, model_revision
+from nbl.provenance import code_identity, file_digest, model_revision, weights_fingerprint
 
 if TYPE_CHECKING:
     from transformers import PretrainedConfig
@@ -18,7 +18,7 @@ if TYPE_CHECKING:
 
 
 def model_fields(cfg: DictConfig, config: PretrainedConfig) -> dict[str, Any]:
-    """What identifies the model's weights (part of every key): the resolved hub commit included."""
+    """What identifies the model's weights (part of every key): the resolved hub commit, or a local folder's content."""
     fields = OmegaConf.to_container(cfg.model, resolve=True)
     fields.pop("name", None)
     fields.pop("device_map", None)
@@ -26,6 +26,8 @@ def model_fields(cfg: DictConfig, config: PretrainedConfig) -> dict[str, Any]:
         fields["seed"] = cfg.seed
     elif cfg.model.source == "hub":
         fields["resolved_revision"] = model_revision(config)
+        if Path(cfg.model.path).is_dir():  # a local folder: its path says nothing about what it holds now
+            fields["weights"] = weights_fingerprint(cfg.model.path)
     return fields
 
 

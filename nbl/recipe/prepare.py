@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
@@ -20,16 +21,17 @@ if TYPE_CHECKING:
 
     from nbl.calib.distributed import Calibrator
 
-def model_config(model_cfg: DictConfig) -> PretrainedConfig:
-    """The configured model's architecture as transformers reads it (a hub model's: with its resolved commit)."""
+def model_config(model_cfg: DictConfig, cache_dir: Path | None = None) -> PretrainedConfig:
+    """The configured model's architecture as transformers reads it (a hub model's: with its resolved commit).
+    ``cache_dir``: where the embedded model is converted (default: $NBL_CACHE)."""
     from transformers import AutoConfig
 
     if model_cfg.source == "embedded":
-        return AutoConfig.from_pretrained(smollm2_folder())
+        return AutoConfig.from_pretrained(smollm2_folder(cache_dir))
     if model_cfg.source == "hub":
         return AutoConfig.from_pretrained(model_cfg.path, revision=model_cfg.revision)
     if model_cfg.source == "tiny":  # it shares the embedded model's tokenizer, hence its vocabulary
-        return tiny_config(model_cfg.path, vocab_size=config_json(smollm2_folder())["vocab_size"])
+        return tiny_config(model_cfg.path, vocab_size=config_json(smollm2_folder(cache_dir))["vocab_size"])
     raise ValueError(f"unknown model source {model_cfg.source!r}; use embedded, hub or tiny")
 
 
@@ -39,22 +41,22 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def load_tokenizer(model_cfg: DictConfig) -> PreTrainedTokenizerBase:
+def load_tokenizer(model_cfg: DictConfig, cache_dir: Path | None = None) -> PreTrainedTokenizerBase:
     from transformers import AutoTokenizer
 
     if model_cfg.source in ("embedded", "tiny"):
-        return AutoTokenizer.from_pretrained(smollm2_folder())
+        return AutoTokenizer.from_pretrained(smollm2_folder(cache_dir))
     return AutoTokenizer.from_pretrained(model_cfg.path, revision=model_cfg.revision)
 
 
-def load_model(model_cfg: DictConfig, config: PretrainedConfig, device: torch.device, seed: int = 0
-               ) -> PreTrainedModel:  # fmt: skip
+def load_model(model_cfg: DictConfig, config: PretrainedConfig, device: torch.device, seed: int = 0,
+               cache_dir: Path | None = None) -> PreTrainedModel:  # fmt: skip
     """The configured model in eval mode on ``device``."""
     from transformers import AutoModelForCausalLM
 
     dtype = DTYPES[model_cfg.dtype]
     if model_cfg.source == "embedded":
-        return load_smollm2(dtype)[0].to(device)
+        return load_smollm2(dtype, cache_dir)[0].to(device)
     if model_cfg.source == "tiny" or model_cfg.random_weights:
         with torch.device(device):
             return random_model(config, dtype, seed)
@@ -79,7 +81,7 @@ def calibrator(cfg: DictConfig, device: torch.device) -> Calibrator:
 def set_up(state: RunState) -> None:
     """The model's config, this process's rank, the run folder (rank 0), the seed, the device."""
     cfg = state.cfg
-    state.config = model_config(cfg.model)
+    state.config = model_config(cfg.model, state.cache_dir)
     state.shards = distributed.setup()  # torchrun: one process per GPU, ranks > 0 only help calibrate
     if state.shards.main:
         state.run = claim_output_dir(state.ctx.output_dir)
@@ -93,7 +95,7 @@ def load(state: RunState) -> None:
     """Tokenizer and windows (too little or unreadable text fails here, before the weights load), then the model
     (offloaded calibration: it waits on the CPU, each layer visits the device only while it calibrates)."""
     cfg = state.cfg
-    state.tokenizer = load_tokenizer(cfg.model)
+    state.tokenizer = load_tokenizer(cfg.model, state.cache_dir)
     state.windows = Windows(state.tokenizer, cfg, cfg.selection.holdout_sequences if state.needs_heldout_windows else 0)
     stored = stats_entry(state.cache_dir / "stats", calibration_fields(cfg, state.config)).is_file()
     if state.needs_heldout_windows or not stored:
@@ -101,4 +103,4 @@ def load(state: RunState) -> None:
     if cfg.finetune.method == "lora":
         state.train = finetune_batches(state.tokenizer, cfg)
     home = torch.device("cpu") if cfg.calibration.offload else state.device
-    state.model = load_model(cfg.model, state.config, home, cfg.seed)
+    state.model = load_model(cfg.model, state.config, home, cfg.seed, state.cache_dir)

@@ -298,10 +298,23 @@ def _granularity_refusal(granularity: str, what: str) -> str:
 
 
 def check_strategy(cfg: DictConfig) -> None:
-    """What the chosen strategy cannot do with ``cfg`` (its granularities, calibration modes and own settings)."""
-    if cfg.layers is not None:  # explicit layers: no strategy runs
+    """What the chosen strategy cannot do with ``cfg`` (its granularities, calibration modes and own settings), and
+    settings that only some strategies read, set where none reads them."""
+    strategy = None if cfg.layers is not None else get_strategy(cfg.selection.strategy)  # explicit: none runs
+    heldout_read = cfg.replacement.ridge == "auto" or (
+        strategy is not None and (strategy.heldout_windows or strategy.heldout_statistics)
+    )
+    if cfg.selection.heldout_source is not None and not heldout_read:
+        chosen_by = "explicit layers" if strategy is None else f"selection={strategy.name}"
+        raise ConfigError(
+            f"selection.heldout_source={cfg.selection.heldout_source} is read by no part of this run ({chosen_by}, "
+            f"replacement.ridge={cfg.replacement.ridge}): drop it, or choose a rule that measures on held-out text"
+        )
+    maps = cfg.replacement.mode == "linear" or (strategy is not None and strategy.name == "plan")
+    if cfg.finetune.method != "none" and cfg.finetune.train_maps and not maps:
+        raise ConfigError("finetune.train_maps=true, but replacement=drop leaves no maps to train")
+    if strategy is None:
         return
-    strategy = get_strategy(cfg.selection.strategy)
     granularity = cfg.replacement.granularity
     if granularity not in strategy.granularities:
         raise ConfigError(_granularity_refusal(granularity, f"selection={strategy.name}"))

@@ -4,8 +4,12 @@ list. A bad config is refused within seconds, before transformers' model code or
 
 from __future__ import annotations
 
+import math
+import os
+from pathlib import Path
 from types import SimpleNamespace
 
+import torch
 from omegaconf import DictConfig
 
 from nbl.core.adapters import adapter_for_config
@@ -16,14 +20,14 @@ from nbl.recipe.schema import ConfigError, checked_config
 from nbl.select.registry import GRANULARITY_PARTS, get_strategy
 
 
-def read_architecture(model_cfg: DictConfig) -> SimpleNamespace:
+def read_architecture(model_cfg: DictConfig, cache_dir: Path | None = None) -> SimpleNamespace:
     """The configured model's architecture from its config.json (the tiny model: its fields), no weights loaded."""
     if model_cfg.source == "embedded":
-        return architecture(config_json(smollm2_folder()))
+        return architecture(config_json(smollm2_folder(cache_dir)))
     if model_cfg.source == "hub":
         return architecture(config_json(model_cfg.path, model_cfg.revision))
     if model_cfg.source == "tiny":  # it shares the embedded model's tokenizer, hence its vocabulary
-        vocab = config_json(smollm2_folder())["vocab_size"]
+        vocab = config_json(smollm2_folder(cache_dir))["vocab_size"]
         return architecture({"model_type": model_cfg.path, **tiny_values(model_cfg.path, vocab_size=vocab)})
     raise ValueError(f"unknown model source {model_cfg.source!r}; use embedded, hub or tiny")
 
@@ -32,11 +36,52 @@ def validate(cfg: DictConfig) -> tuple[DictConfig, SimpleNamespace]:
     """``cfg`` typed and checked; returns (the typed config, the model's architecture). Raises ConfigError (or
     FileNotFoundError for a missing file) naming the key."""
     cfg = checked_config(cfg)
+    _check_device(cfg.device)
+    _check_ranks(cfg)
     _check_texts(cfg)
     _check_tasks(cfg)
-    arch = read_architecture(cfg.model)
+    arch = read_architecture(cfg.model, Path(cfg.cache_dir))
     _check_layers(cfg, arch)
+    _check_lengths(cfg, arch)
     return cfg, arch
+
+
+def _check_device(name: str) -> None:
+    if name == "auto":
+        return
+    try:
+        device = torch.device(name)
+    except RuntimeError as err:
+        raise ConfigError(f"device={name} is not a device ({err}); use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device={name}, but this machine has no CUDA device: use device=auto or cpu")
+
+
+def _check_ranks(cfg: DictConfig) -> None:
+    """Under torchrun every rank calibrates a share of the batches: it needs at least one."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    batches = math.ceil(cfg.calibration.num_sequences / cfg.calibration.batch_size)
+    if world > batches:
+        raise ConfigError(
+            f"calibration.num_sequences={cfg.calibration.num_sequences} / calibration.batch_size="
+            f"{cfg.calibration.batch_size} make {batches} batches for {world} ranks: every rank needs one "
+            "(more sequences, or a smaller batch_size)"
+        )
+
+
+def _check_lengths(cfg: DictConfig, arch: SimpleNamespace) -> None:
+    """No window longer than the model's context: positions past it are extrapolated, and the statistics with them."""
+    context = getattr(arch, "max_position_embeddings", None)
+    if context is None:
+        return
+    lengths = {"calibration.seq_len": cfg.calibration.seq_len}
+    if cfg.eval.perplexity is not None:
+        lengths["eval.perplexity.seq_len"] = cfg.eval.perplexity.seq_len
+    if cfg.speed.enabled:
+        lengths["speed.prompt_len + speed.new_tokens"] = cfg.speed.prompt_len + cfg.speed.new_tokens
+    for key, length in lengths.items():
+        if length > context:
+            raise ConfigError(f"{key} = {length} is longer than {cfg.model.name}'s context ({context} tokens)")
 
 
 def _check_texts(cfg: DictConfig) -> None:

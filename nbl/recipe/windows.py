@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import functools
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import TYPE_CHECKING
 
 import torch
@@ -23,15 +25,26 @@ def calibration_batches(
     texts = load_texts(cal_cfg.source, cal_cfg.path)
     n = cal_cfg.num_sequences
     other = heldout_source is not None and heldout_source != cal_cfg.source
-    ids = token_sequences(
-        tokenizer, texts, n + (0 if other else heldout), cal_cfg.seq_len, cal_cfg.seed, cal_cfg.windows
-    )
+    with _named("calibration.num_sequences" + ("" if other or not heldout else " + selection.holdout_sequences")):
+        ids = token_sequences(
+            tokenizer, texts, n + (0 if other else heldout), cal_cfg.seq_len, cal_cfg.seed, cal_cfg.windows
+        )
     held = ids[n:]
     if other and heldout:
-        held = token_sequences(
-            tokenizer, load_texts(heldout_source), heldout, cal_cfg.seq_len, cal_cfg.seed, cal_cfg.windows
-        )
+        with _named(f"selection.holdout_sequences (of selection.heldout_source={heldout_source})"):
+            held = token_sequences(
+                tokenizer, load_texts(heldout_source), heldout, cal_cfg.seq_len, cal_cfg.seed, cal_cfg.windows
+            )
     return list(ids[:n].split(cal_cfg.batch_size)), list(held.split(cal_cfg.batch_size))
+
+
+@contextmanager
+def _named(keys: str) -> Iterator[None]:
+    """Too little text for the windows asked for: say which settings asked for them."""
+    try:
+        yield
+    except ValueError as err:
+        raise ValueError(f"{keys} x calibration.seq_len: {err}") from None
 
 
 def finetune_batches(tokenizer: PreTrainedTokenizerBase, cfg: DictConfig) -> list[torch.Tensor]:
@@ -40,7 +53,8 @@ def finetune_batches(tokenizer: PreTrainedTokenizerBase, cfg: DictConfig) -> lis
     cal, ft = cfg.calibration, cfg.finetune
     skip = cal.num_sequences + cfg.selection.holdout_sequences
     texts = load_texts(cal.source, cal.path)
-    ids = token_sequences(tokenizer, texts, skip + ft.steps * ft.batch_size, cal.seq_len, cal.seed, cal.windows)
+    with _named("calibration.num_sequences + selection.holdout_sequences + finetune.steps x finetune.batch_size"):
+        ids = token_sequences(tokenizer, texts, skip + ft.steps * ft.batch_size, cal.seq_len, cal.seed, cal.windows)
     return list(ids[skip:].split(ft.batch_size))
 
 
