@@ -211,3 +211,15 @@ def test_validated_selection_keeps_the_least_damaging_of_the_three_rankings_sets
         assert all([int(i) for i in first[rule]] == c["layers"] for rule in c["rules"])
     assert results["replaced_layers"] == min(found, key=lambda c: c["damage"])["layers"]
     assert results["summary_row"]["method"] == "validated+linear"
+
+
+def test_a_probe_fits_each_layer_once_however_often_it_replaces_it(monkeypatch):
+    import nbl.select.damage
+
+    calls = []
+    real = nbl.select.damage.fit_lmmse
+    monkeypatch.setattr(nbl.select.damage, "fit_lmmse", lambda acc, ridge: calls.append(1) or real(acc, ridge))
+    model = make_tiny("llama")
+    stats = nbl.calibrate(model, token_batches(n_batches=3), progress=False)
+    steps = greedy_selection(Probe(model, stats, token_batches(n_batches=2, seed=9), progress=False), 3)
+    assert len(steps) == 3 and len(calls) == 4  # 4 layers; without the cache 4 + 3 + 2 sweeps + 2 choices

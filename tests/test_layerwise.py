@@ -174,3 +174,27 @@ def test_a_model_with_a_dropped_block_calibrates_layer_by_layer(part):
     )
     refit_propagated(model, batches, [2], progress=False)  # the same pass, refitting after the dropped block
     assert nbl.replaced_layers(model) == {1: "drop", 2: "linear"}
+
+
+def test_an_offloaded_model_goes_to_the_device_after_calibration_or_stays_and_says_so(caplog):
+    """A CPU stand-in for a GPU too small for the model: the move raises CUDA's out-of-memory error."""
+    import logging
+    from types import SimpleNamespace
+
+    from nbl.recipe.statistics import _onload
+
+    moves = []
+
+    class Model:
+        def to(self, device):
+            moves.append(str(device))
+            if str(device) != "cpu":
+                raise torch.cuda.OutOfMemoryError("CUDA out of memory")
+            return self
+
+    with caplog.at_level(logging.WARNING, logger="nbl.recipe.statistics"):
+        _onload(SimpleNamespace(device=torch.device("cuda"), model=Model()))
+    assert moves == ["cuda", "cpu"] and "does not fit on cuda" in caplog.text
+    fits = SimpleNamespace(device=torch.device("cuda"), model=SimpleNamespace(to=lambda device: moves.append("fits")))
+    _onload(fits)
+    assert moves[-1] == "fits"

@@ -171,6 +171,7 @@ def refit_propagated(
             _run_layer(model, i, carrier, device, taps={"attention": result}, carry=False)
             check_token_count(CalibrationResult({i: result[i]}, {i: result.cosine_sums[i]}), d)
         linearize(model, result, [i], mode=mode, ridge=ridge)
+        result[i].move_(carrier.store)  # fitted: its sums wait with the activations (one layer's on the device)
 
     try:
         _layer_pass(model, list(batches), _device(device), _device(store), progress, "refitting", before_run=refit)

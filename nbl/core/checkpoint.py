@@ -6,6 +6,7 @@ Reloading needs no remote code, no pickle and no file outside the folder.
 from __future__ import annotations
 
 import json
+from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 
 import torch
@@ -59,7 +60,8 @@ def load_linearized(
         raise ValueError(f"unsupported NBL checkpoint version {meta.get('format_version')}")
     config = AutoConfig.from_pretrained(folder)
     adapter_for_config(config)  # clear error for an unsupported family
-    model = AutoModelForCausalLM.from_config(config, dtype=dtype or config.dtype or torch.float32)
+    with _weights_not_initialised():  # every weight is loaded below (strictly): initialising them is wasted time
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype or config.dtype or torch.float32)
     apply_replacements(model, {int(i): mode for i, mode in meta["replaced_layers"].items()})
     apply_replacements(model, {int(i): mode for i, mode in meta.get("replaced_mlps", {}).items()}, part="mlp")
     missing, unexpected = load_model(model, str(folder / WEIGHTS_FILE), strict=False)
@@ -68,3 +70,13 @@ def load_linearized(
         raise ValueError(f"checkpoint does not match the model: missing {missing}, unexpected {unexpected}")
     model.tie_weights()
     return model.to(device).eval()
+
+
+def _weights_not_initialised() -> AbstractContextManager:
+    """transformers' switch that skips random weight initialisation (minutes for an 8B model on a CPU); a plain
+    context where this transformers has none."""
+    try:
+        from transformers.initialization import no_init_weights
+    except ImportError:
+        return nullcontext()
+    return no_init_weights()

@@ -251,13 +251,16 @@ def linearize(
     mode: ReplacementMode = "linear",
     ridge: Ridge = 0.0,
     part: Part = "attention",
+    maps: Mapping[int, tuple[torch.Tensor, torch.Tensor]] | None = None,
 ) -> dict[int, ReplacementMode]:
     """Replace ``part`` (LN1 + attention, LN2 + MLP, or the whole block) of each listed layer in place;
     returns the replaced layers and modes.
 
     ``stats`` maps a layer index to its calibration accumulator for that part (``CalibrationResult`` works).
-    All or nothing: the layers, the statistics' shapes, every fitted map (finite) and the cache-slot
-    layout are checked before the model is touched, so any error leaves the model as it was.
+    ``maps``: (W, b) already fitted on those statistics, per layer (the fit is skipped for them: whoever replaces
+    the same layers many times fits each once). All or nothing: the layers, the statistics' shapes, every fitted
+    map (finite) and the cache-slot layout are checked before the model is touched, so any error leaves the
+    model as it was.
     """
     if mode not in MODES:
         raise ValueError(f"unknown replacement mode {mode!r}; use one of {MODES}")
@@ -276,7 +279,7 @@ def linearize(
                 f"statistics of layer {i} are {acc.d_out} x {acc.d_in}; this model's hidden size is {d}: "
                 "they were computed on another model"
             )
-        w, b = fit_lmmse(acc, ridge=ridge_of(ridge, i))
+        w, b = maps[i] if maps is not None and i in maps else fit_lmmse(acc, ridge=ridge_of(ridge, i))
         linear = new_linear(model, i, d)
         linear.weight.copy_(w.to(linear.weight))
         linear.bias.copy_(b.to(linear.bias))

@@ -5,6 +5,8 @@ from __future__ import annotations
 import logging
 import time
 
+import torch
+
 from nbl.calib.passes import cached_pass
 from nbl.core.surgery import execution_device
 from nbl.recipe.keys import calibration_fields, heldout_statistics_fields, part_fields
@@ -28,6 +30,8 @@ def calibrate(state: RunState) -> None:
     if found is None:  # a helper rank: its shard is in rank 0's statistics
         state.stopped = True
         return
+    if cfg.calibration.offload:
+        _onload(state)
     device = execution_device(state.model.get_input_embeddings())  # score and fit where the model computes
     state.stats = {p: s.to(device) for p, s in found.stats.items()}
     tokens, hit = found.stats[parts[0]].num_tokens, all(found.hits.values())
@@ -40,6 +44,22 @@ def calibrate(state: RunState) -> None:
         "world_size": state.shards.world,
     }
     log.info("calibration: %s (%d tokens)", "cache hit" if hit else "computed", tokens)
+
+
+def _onload(state: RunState) -> None:
+    """After an offloaded calibration the model waits on the CPU: the rest of the run (scores, fits, evaluation,
+    speed) goes to the compute device if the model fits there, else stays on the CPU, and says so."""
+    if state.device.type == "cpu":
+        return
+    try:
+        state.model.to(state.device)
+    except torch.cuda.OutOfMemoryError:
+        state.model.to("cpu")
+        torch.cuda.empty_cache()
+        log.warning(
+            "the model does not fit on %s: scores, fits and evaluation run on the CPU (slow for a large model; "
+            "model.device_map=auto spreads it over several GPUs)", state.device,
+        )  # fmt: skip
 
 
 def heldout_statistics(state: RunState) -> None:

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Literal
 
 import torch
@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 
 from nbl.calib.carry import Carrier, layer_inputs
 from nbl.core.adapters import get_adapter
-from nbl.core.linalg import Ridge
+from nbl.core.linalg import Ridge, fit_lmmse, ridge_of
 from nbl.core.stats import CovarianceAccumulator
 from nbl.core.surgery import Part, ReplacementMode, assign_cache_slots, linearize, live_layers
 
@@ -54,7 +54,11 @@ class Candidate:
 class Probe:
     """What measuring damage takes: the model as it is, the statistics its maps are fitted on, the held-out batches
     of token ids, and how sub-blocks are replaced (mode, ridge, part) and damage measured. Every function taking a
-    probe leaves the model as it found it."""
+    probe leaves the model as it found it.
+
+    Each layer's map is fitted once and kept (``fitted``, in the model's dtype: d^2 + d values a layer): greedy
+    selection and plans replace the same layers at every step, and lazily stored statistics would be read from
+    disk and refitted (O(d^3)) each time."""
 
     model: PreTrainedModel
     stats: Mapping[int, CovarianceAccumulator]
@@ -64,10 +68,18 @@ class Probe:
     measure: Measure = "loss"
     part: Part = "attention"
     progress: bool = True
+    fitted: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict, repr=False, compare=False)
 
     def replace(self, layers: Iterable[int], mode: ReplacementMode | None = None) -> None:
         """Replace ``layers``' part in the model (inside :func:`layers_restored`), as the probe says or as ``mode``."""
-        linearize(self.model, self.stats, layers, mode=mode or self.mode, ridge=self.ridge, part=self.part)
+        layers, mode = list(layers), mode or self.mode
+        if mode == "linear":
+            dtype = next(self.model.parameters()).dtype
+            for i in layers:
+                if i not in self.fitted:
+                    w, b = fit_lmmse(self.stats[i], ridge=ridge_of(self.ridge, i))
+                    self.fitted[i] = (w.to(dtype), b.to(dtype))
+        linearize(self.model, self.stats, layers, mode=mode, ridge=self.ridge, part=self.part, maps=self.fitted)
 
 
 @torch.no_grad()
