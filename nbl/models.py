@@ -113,7 +113,7 @@ def tiny_values(model_type: str = "llama", hidden_size: int = 64, num_layers: in
         "num_key_value_heads": 2,
         "head_dim": hidden_size // 4,
         "vocab_size": vocab_size,
-        "max_position_embeddings": 512,
+        "max_position_embeddings": 4096,  # long enough for the default speed test (512 + 32 tokens)
         "tie_word_embeddings": False,
         "pad_token_id": 0,
         "bos_token_id": 1,

@@ -13,6 +13,7 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from nbl.__main__ import CONF_DIR
+from nbl.recipe.schema import checked_config
 from nbl.recipe.validation import validate
 from nbl.select.registry import strategy_names
 
@@ -41,6 +42,23 @@ def test_every_group_option_composes(group):
         assert cfg.model.source in ("embedded", "hub", "tiny")
         assert cfg.selection.strategy in strategy_names()
         assert cfg.replacement.mode in ("linear", "drop")
+
+
+@pytest.mark.parametrize(("group", "option"), [(g, o) for g in GROUPS for o in _options(g)])
+def test_every_group_option_passes_validation(group, option, tmp_path):
+    """Composing is not enough: each option's values must pass the checks a run makes before anything loads (a
+    hub model's architecture needs the hub: the schema and strategy checks only, for those)."""
+    needs = {  # what an option cannot do without: a local text's path, k within a 4-layer model
+        ("calibration", "local"): [f"calibration.path={tmp_path / 'text.txt'}"],
+        ("model", "tiny-random-llama"): ["num_layers=2"],
+    }
+    extra = needs.get((group, option), [])
+    (tmp_path / "text.txt").write_text("Some calibration text. " * 20)
+    cfg = _compose(f"{group}={option}", *extra)
+    if cfg.model.source == "hub":
+        checked_config(cfg)
+    else:
+        validate(cfg)
 
 
 def test_defaults_are_the_embedded_model_and_packaged_data():
@@ -116,8 +134,8 @@ def test_launcher_configs(launcher, target):
         (["selection=validated", "calibration.mode=sequential"], "selection=validated runs the model itself"),
         (["selection=loss", "selection.heldout_source=c5"], "selection.heldout_source=c5 is unknown"),
         (["eval=quick", "calibration.source=wikipedia"], "calibration.source=wikipedia is also evaluated"),
-        (["calibration.seq_len=1024"], "calibration.seq_len = 1024 is longer than tiny-random-llama's context (512"),
-        (["speed=cpu", "speed.prompt_len=510"], "speed.prompt_len + speed.new_tokens = 514 is longer than"),
+        (["calibration.seq_len=5000"], "calibration.seq_len = 5000 is longer than tiny-random-llama's context (4096"),
+        (["speed=cpu", "speed.prompt_len=4093"], "speed.prompt_len + speed.new_tokens = 4097 is longer than"),
         (["device=bogus"], "device=bogus is not a device"),
         pytest.param(
             ["device=cuda"], "this machine has no CUDA device", marks=pytest.mark.skipif(torch.cuda.is_available(), reason="")

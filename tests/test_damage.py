@@ -65,6 +65,14 @@ def test_loss_selection_runs_in_the_app_and_picks_the_least_damaging_layers(tmp_
     results = _run_app(tmp_path, monkeypatch, "selection=loss", "num_layers=2")
     damage = {int(i): v for i, v in results["scores"]["loss"].items()}
     assert sorted(damage) == [0, 1, 2, 3] and results["summary_row"]["method"] == "loss+linear"
+    # independently: the run's model and windows, each layer replaced in a copy, the loss on the held-out windows
+    model, calibration, heldout = _app_model_and_windows(results)
+    stats = nbl.calibrate(model, calibration, progress=False)
+    base = _loss(model, heldout)
+    for i in range(4):
+        replaced = copy.deepcopy(model)
+        nbl.linearize(replaced, stats, [i])
+        assert damage[i] == pytest.approx(_loss(replaced, heldout) - base, abs=1e-5)
     assert results["replaced_layers"] == sorted(sorted(damage, key=damage.get)[:2])
     assert results["selection_seconds"] > 0
     # the damages do not depend on k: another k reads them from the cache instead of measuring again
@@ -108,6 +116,21 @@ def test_greedy_restricted_to_candidates_and_k_checked():
     assert sorted(s.layer for s in steps) == [1, 3]
     with pytest.raises(ValueError, match="cannot choose k=3 layers out of 2 candidates"):
         greedy_selection(Probe(model, stats, heldout, progress=False), 3, candidates=[1, 3])
+
+
+def _app_model_and_windows(results):
+    """The model and the calibration and held-out windows of a run, rebuilt from its recorded config."""
+    from omegaconf import OmegaConf
+
+    from nbl.recipe.prepare import load_model, load_tokenizer, model_config
+    from nbl.recipe.windows import calibration_batches
+
+    cfg = OmegaConf.create(results["config"])
+    model = load_model(cfg.model, model_config(cfg.model), torch.device("cpu"), cfg.seed)
+    calibration, heldout = calibration_batches(
+        load_tokenizer(cfg.model), cfg.calibration, cfg.selection.holdout_sequences, cfg.selection.heldout_source
+    )
+    return model, calibration, heldout
 
 
 def _run_app(tmp_path, monkeypatch, *overrides, folder="run"):

@@ -13,11 +13,17 @@ from tests.conftest import make_tiny, token_batches
 
 
 def _assert_same_statistics(got, expected, rtol=1e-9, atol=1e-9):
+    """The sums, and what is computed from them: the map (W, b) and the CCA bound (a 1 % error in W passes a
+    1e-6 tolerance on covariances, so the maps are compared themselves)."""
     assert list(got) == list(expected) and got.num_tokens == expected.num_tokens
     for i in expected:
         for name, t in expected[i].state_dict().items():
             torch.testing.assert_close(got[i].state_dict()[name], t, rtol=rtol, atol=atol, msg=f"layer {i} {name}")
         assert got.mean_cosine(i) == pytest.approx(expected.mean_cosine(i), rel=1e-9)
+        (w, b), (w_ref, b_ref) = nbl.fit_lmmse(got[i]), nbl.fit_lmmse(expected[i])
+        torch.testing.assert_close(w, w_ref, rtol=1e-6, atol=1e-8, msg=f"layer {i} W")
+        torch.testing.assert_close(b, b_ref, rtol=1e-6, atol=1e-8, msg=f"layer {i} b")
+        assert nbl.cca_bound(got[i]) == pytest.approx(nbl.cca_bound(expected[i]), rel=1e-7)
 
 
 def test_layerwise_statistics_equal_the_one_pass_hooks(family):
