@@ -246,3 +246,12 @@ def test_a_probe_fits_each_layer_once_however_often_it_replaces_it(monkeypatch):
     stats = nbl.calibrate(model, token_batches(n_batches=3), progress=False)
     steps = greedy_selection(Probe(model, stats, token_batches(n_batches=2, seed=9), progress=False), 3)
     assert len(steps) == 3 and len(calls) == 4  # 4 layers; without the cache 4 + 3 + 2 sweeps + 2 choices
+
+
+@pytest.mark.slow
+def test_heldout_statistics_of_no_more_than_d_tokens_serve_lmmse(tmp_path, monkeypatch, nbl_cache):
+    """One held-out window of 64 tokens for d = 64: enough for held-out errors (no inverse), which the
+    calibration's d-token rule refused after the calibration pass."""
+    results = _run_app(tmp_path, monkeypatch, "selection=lmmse", "selection.holdout_sequences=1", "num_layers=2")
+    lmmse = {int(i): v for i, v in results["scores"]["lmmse"].items()}
+    assert sorted(lmmse) == [0, 1, 2, 3] and results["replaced_layers"] == sorted(sorted(lmmse, key=lmmse.get)[:2])
