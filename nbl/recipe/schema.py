@@ -310,7 +310,7 @@ def check_strategy(cfg: DictConfig) -> None:
             f"selection.heldout_source={cfg.selection.heldout_source} is read by no part of this run ({chosen_by}, "
             f"replacement.ridge={cfg.replacement.ridge}): drop it, or choose a rule that measures on held-out text"
         )
-    maps = cfg.replacement.mode == "linear" or (strategy is not None and strategy.name == "plan")
+    maps = cfg.replacement.mode == "linear" or (strategy is not None and strategy.chooses_modes)
     if cfg.finetune.method != "none" and cfg.finetune.train_maps and not maps:
         raise ConfigError("finetune.train_maps=true, but replacement=drop leaves no maps to train")
     if strategy is None:

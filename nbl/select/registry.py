@@ -91,6 +91,7 @@ class Strategy:
     name: ClassVar[str]
     heldout_windows: ClassVar[bool] = False  # runs the model on held-out windows of text
     heldout_statistics: ClassVar[bool] = False  # needs statistics of held-out windows
+    chooses_modes: ClassVar[bool] = False  # chooses linear or drop per layer itself (replacement.mode unused)
     granularities: ClassVar[tuple[str, ...]] = GRANULARITIES
     calibration_modes: ClassVar[tuple[str, ...]] = CALIBRATION_MODES
     mode_refusal: ClassVar[str] = "selection={name} does not support calibration.mode={mode}"

@@ -30,6 +30,7 @@ def plan_metric(cfg: DictConfig, config: Any) -> Metric:
 @register
 class Plan(MeasuredStrategy):
     name = "plan"
+    chooses_modes = True
     granularities = ("attention",)  # keep / linear / drop of attention sub-blocks
     calibration_modes = ("one_pass",)
     mode_refusal = "selection=plan fits its maps on the one-pass statistics: use calibration.mode=one_pass"
