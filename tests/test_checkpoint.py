@@ -68,3 +68,22 @@ def test_round_trip_in_a_fresh_process(tmp_path, model_type):
 def test_loading_a_plain_folder_fails_clearly(tmp_path):
     with pytest.raises(FileNotFoundError, match="not an NBL checkpoint"):
         nbl.load_linearized(tmp_path)
+
+
+def test_a_tied_head_round_trips(tmp_path):
+    """The head shares the embedding (SmolLM2): stored once, tied again on load (without initialisation)."""
+    from nbl.models import random_model, tiny_config
+
+    config = tiny_config("llama")
+    config.tie_word_embeddings = True
+    model = random_model(config)
+    nbl.linearize(model, nbl.calibrate(model, token_batches(n_batches=2), progress=False), [1])
+    reloaded = nbl.load_linearized(nbl.save_linearized(model, tmp_path / "ckpt"))
+    assert reloaded.lm_head.weight is reloaded.model.embed_tokens.weight
+    ids = torch.randint(3, 256, (1, 9), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(ids).logits, model(ids).logits, rtol=0, atol=0)
+    config_json = json.loads((tmp_path / "ckpt" / "config.json").read_text())
+    assert config_json["architectures"] == ["NblLlamaForCausalLM"] and config_json["nbl"]["replaced_layers"] == {
+        "1": "linear"
+    }

@@ -17,6 +17,7 @@ class DecoderAdapter:
     """Pre-norm decoder-only models laid out as ``model.model.layers[i].{input_layernorm, self_attn, ...}``."""
 
     model_types: ClassVar[tuple[str, ...]] = ()
+    causal_lm: ClassVar[str] = ""  # the family's CausalLM class name (transformers' and vLLM's alike)
 
     def backbone(self, model: PreTrainedModel) -> nn.Module:
         """The transformer without the LM head (calibration stops here)."""
@@ -60,22 +61,26 @@ class LlamaAdapter(DecoderAdapter):
     """Llama 2/3.x, SmolLM2, DeepSeek-R1-Distill-Llama."""
 
     model_types = ("llama",)
+    causal_lm = "LlamaForCausalLM"
 
 
 class MistralAdapter(DecoderAdapter):
     model_types = ("mistral",)
+    causal_lm = "MistralForCausalLM"
 
 
 class Qwen2Adapter(DecoderAdapter):
     """Qwen2 / Qwen2.5 (q/k/v projections carry biases; removed with the attention)."""
 
     model_types = ("qwen2",)
+    causal_lm = "Qwen2ForCausalLM"
 
 
 class Qwen3Adapter(DecoderAdapter):
     """Qwen3 (per-head q/k RMSNorm inside the attention; removed with it)."""
 
     model_types = ("qwen3",)
+    causal_lm = "Qwen3ForCausalLM"
 
 
 ADAPTERS: tuple[type[DecoderAdapter], ...] = (LlamaAdapter, MistralAdapter, Qwen2Adapter, Qwen3Adapter)
