@@ -58,6 +58,13 @@ def summary_markdown(results: dict[str, Any]) -> str:
             f"FLOP-model prediction: prefill x{speed['prefill_speedup_predicted']:.2f}, "
             f"decode x{speed['decode_speedup_predicted']:.2f}  "
         )
+    if speed.get("engine") == "vllm":
+        lines.append(
+            f"Served by vLLM: KV capacity x{speed['kv_capacity_ratio']:.2f} for the same budget, saturating-batch "
+            f"throughput x{speed['throughput_speedup']:.2f}, long-context decode x{speed['long_decode_speedup']:.2f}  "
+        )
+    if results.get("speed_error"):
+        lines.append(f"Speed test failed ({results['speed_error']['engine']}): see speed_error in results.json  ")
     if results["perplexity"]["text"]:
         lines.append(f"Perplexity text: {results['perplexity']['text']}  ")
     lines += ["", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -286,6 +293,7 @@ def _method_row(g: _Group, tasks: list[str], domains: list[str]) -> dict[str, An
         **{f"ppl/{d}": _mean([v for m in members if (v := _domain(m, d, "nbl")) is not None]) for d in domains},
         "prefill_x": _mean([s["prefill_speedup"] for s in speed]),
         "decode_x": _mean([s["decode_speedup"] for s in speed]),
+        **served_columns(speed),
         "pred_prefill_x": _mean([v for m in members if (v := _predicted_prefill(m)) is not None]),
         "selection_s": _mean([m["selection_seconds"] for m in members if m.get("selection_seconds") is not None]),
         "layers": _layers(members[0]) if len(members) == 1 else "(seeds)",
@@ -307,6 +315,17 @@ def _predicted_prefill(run: dict[str, Any]) -> float | None:
     if not run.get("predicted") or not run["config"].get("speed", {}).get("prompt_len"):
         return None
     return run["predicted"]["prefill_speedup"]
+
+
+def served_columns(speed: list[dict[str, Any]]) -> dict[str, float | None]:
+    """Runs measured in vLLM (speed=vllm) add a saturating batch's throughput and the KV capacity, as ratios."""
+    served = [s for s in speed if s.get("engine") == "vllm"]
+    if not served:
+        return {}
+    return {
+        "throughput_x": _mean([s["throughput_speedup"] for s in served]),
+        "kv_capacity_x": _mean([s["kv_capacity_ratio"] for s in served]),
+    }
 
 
 def _domain(run: dict[str, Any], domain: str, which: str) -> float | None:
@@ -331,7 +350,7 @@ def rows_markdown(rows: list[dict[str, Any]]) -> str:
             v = row.get(c)
             if c == "sparsity" and v is not None:
                 cells.append(f"{v:.1%}")
-            elif c in ("prefill_x", "decode_x", "pred_prefill_x") and v is not None:
+            elif c.endswith("_x") and v is not None:
                 cells.append(f"{v:.2f}")
             elif (c == "perplexity" or c.startswith("ppl/")) and v is not None:
                 cells.append(f"{v:.2f}")

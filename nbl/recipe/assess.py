@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import copy
 import logging
+import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import torch
 from omegaconf import DictConfig, OmegaConf
 
 from nbl.cache import cached_json
 from nbl.core.accounting import predicted_speedups
+from nbl.core.checkpoint import save_linearized
 from nbl.core.surgery import replaced_layers, replaced_mlps
 from nbl.data import load_texts, token_sequences
 from nbl.measure.evaluation import average_headline, perplexity, run_lm_eval
@@ -110,7 +113,56 @@ def evaluate(state: RunState) -> None:
 
 
 def speed(state: RunState) -> None:
-    """Base and replaced model timed in the same process, interleaved (the base copy is freed after)."""
+    """Base and replaced model timed alike: in this process, interleaved (engine transformers), or served by vLLM
+    (engine vllm). The base copy is freed after."""
     if state.cfg.speed.enabled and state.base is not None:
-        state.results["speed"] = measure_speed(state.base, state.model, state.cfg.speed)
+        if state.cfg.speed.engine == "vllm":
+            try:
+                state.results["speed"] = served_speed(state.base, state.model, state.tokenizer, state.cfg.speed)
+            except RuntimeError as error:  # the engine refused or failed: the evaluation is not lost for it
+                log.error("vLLM speed test failed; results.json records why: %s", error)
+                state.results["speed_error"] = {"engine": "vllm", "error": str(error)[-4000:]}
+        else:
+            state.results["speed"] = measure_speed(state.base, state.model, state.cfg.speed)
     state.base = None
+
+
+def served_speed(base: PreTrainedModel, replaced: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
+                 speed_cfg: DictConfig) -> dict[str, Any]:  # fmt: skip
+    """Both models written as checkpoints and served by vLLM (:mod:`nbl.serve.bench`): KV capacity for the same
+    budget, batch-1 prefill and decode, long-context decode, saturating-batch throughput; ratios beside the FLOP
+    and bytes models' predictions."""
+    from nbl.serve.bench import ServeSettings, measure
+
+    settings = ServeSettings(
+        prompt_len=speed_cfg.prompt_len, new_tokens=speed_cfg.new_tokens, batch=speed_cfg.saturating_batch,
+        batch_prompt_len=speed_cfg.batch_prompt_len, long_prompt_len=speed_cfg.long_prompt_len,
+        repeats=speed_cfg.repeats, warmup=speed_cfg.warmup, kv_cache_gib=speed_cfg.kv_cache_gib,
+        dtype=str(next(base.parameters()).dtype).removeprefix("torch."), enforce_eager=speed_cfg.enforce_eager,
+    )  # fmt: skip
+    with tempfile.TemporaryDirectory(prefix="nbl-serve-") as tmp:
+        folders = {name: save_linearized(m, Path(tmp) / name, tokenizer) for name, m in (("base", base), ("nbl", replaced))}
+        served = measure(folders, settings)
+    predicted = predicted_speedups(
+        base.config, replaced_layers(replaced), speed_cfg.prompt_len, speed_cfg.new_tokens, replaced_mlps(replaced)
+    )
+    b, n = served["base"], served["nbl"]
+    return {
+        "engine": "vllm",
+        "device": "cuda" if torch.cuda.is_available() else "cpu",
+        **{f"{key}_{name}": r[key] for name, r in served.items() for key in SERVED},
+        "prefill_speedup": n["prefill_tok_s"] / b["prefill_tok_s"],
+        "decode_speedup": n["decode_tok_s"] / b["decode_tok_s"],
+        "long_decode_speedup": n["long_decode_tok_s"] / b["long_decode_tok_s"],
+        "throughput_speedup": n["throughput_tok_s"] / b["throughput_tok_s"],
+        "kv_capacity_ratio": n["kv_cache_tokens"] / b["kv_cache_tokens"],
+        "prefill_speedup_predicted": predicted["prefill_speedup"],
+        "decode_speedup_predicted": predicted["decode_speedup"],
+        "decode_bytes_speedup_predicted": predicted["decode_bytes_speedup"],
+        "repeats": speed_cfg.repeats,
+        "settings": OmegaConf.to_container(speed_cfg, resolve=True),
+    }
+
+
+# what a served model's measurement reports, per model (nbl.serve.bench)
+SERVED = ("kv_cache_tokens", "prefill_tok_s", "decode_tok_s", "long_decode_tok_s", "throughput_tok_s")

@@ -13,14 +13,14 @@ from nbl.core.surgery import replaced_layers, replaced_mlps
 from nbl.measure.evaluation import headline
 from nbl.provenance import model_revision, provenance
 from nbl.recipe.state import RunState, now
-from nbl.report import method_name, summary_markdown
+from nbl.report import method_name, served_columns, summary_markdown
 
 # the order of results.json's sections (a reader finds what was done first, the evidence after)
 SECTIONS = (
     "model", "selection", "replacement", "num_layers", "replaced_layers", "replaced_parts", "replaced_modes",
     "replaced_mlp_modes", "scores", "score_used", "selection_seconds", "greedy_steps", "validation", "ridge",
     "calibration", "eval", "eval_base", "average", "average_base", "perplexity", "predicted", "finetune",
-    "quantized_modules", "speed", "params", "config", "overrides", "provenance", "retention", "summary_row",
+    "quantized_modules", "speed", "speed_error", "params", "config", "overrides", "provenance", "retention", "summary_row",
     "checkpoint",
 )  # fmt: skip
 
@@ -100,5 +100,6 @@ def summary_row(results: dict[str, Any]) -> dict[str, Any]:
         "perplexity_base": results["perplexity"]["base"],
         "prefill_x": speed.get("prefill_speedup"),
         "decode_x": speed.get("decode_speedup"),
+        **served_columns([speed]),
         **{f"acc/{t}": headline(t, m) for t, m in results["eval"].items()},
     }

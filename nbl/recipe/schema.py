@@ -8,6 +8,7 @@ loads; ``check`` methods add the range checks types cannot express.
 
 from __future__ import annotations
 
+import importlib.util
 import math
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -50,6 +51,7 @@ Measure = _choices("Measure", ("loss", "kl"))
 PlanTarget = _choices("PlanTarget", TARGETS)
 LoggerMode = _choices("LoggerMode", ("auto", "online", "offline", "disabled"))
 FinetuneMethod = _choices("FinetuneMethod", ("none", "lora"))
+SpeedEngine = _choices("SpeedEngine", ("transformers", "vllm"))
 
 
 def _positive(key: str, value: float | None, allow_none: bool = False, minimum: float = 1) -> None:
@@ -170,11 +172,17 @@ class EvalSchema:
 @dataclass
 class SpeedSchema:
     enabled: bool = True
+    engine: SpeedEngine = SpeedEngine.transformers  # vllm: both models served by vLLM (nbl.serve)
     batch_size: int = 1
     prompt_len: int = 512
     new_tokens: int = 32
     repeats: int = 3
     warmup: int = 1
+    saturating_batch: int = 64  # vllm: prompts served at once
+    batch_prompt_len: int = 128  # vllm: their length
+    long_prompt_len: int = 2048  # vllm: the long-context case
+    kv_cache_gib: int = 2  # vllm: the KV budget each engine gets
+    enforce_eager: bool = False  # vllm: no torch.compile
 
     def check(self) -> None:
         if not self.enabled:
@@ -182,6 +190,12 @@ class SpeedSchema:
         for key in ("batch_size", "prompt_len", "new_tokens", "repeats"):
             _positive(f"speed.{key}", getattr(self, key))
         _positive("speed.warmup", self.warmup, minimum=0)
+        if self.engine is SpeedEngine.vllm:
+            for key in ("saturating_batch", "batch_prompt_len", "long_prompt_len", "kv_cache_gib"):
+                _positive(f"speed.{key}", getattr(self, key))
+            _positive("speed.new_tokens", self.new_tokens, minimum=2)  # decode speed needs a step after the first
+            if importlib.util.find_spec("vllm") is None:
+                raise ConfigError('speed.engine=vllm needs vLLM: pip install -e ".[serve-cpu]" (or ".[serve]" on GPUs)')
 
 
 @dataclass
@@ -246,6 +260,8 @@ class ExperimentSchema:
         _positive("selection.holdout_sequences", self.selection.holdout_sequences)
         self._check_texts()
         self._check_granularity()
+        if self.speed.enabled and self.speed.engine is SpeedEngine.vllm and self.quantize.scheme.value != "none":
+            raise ConfigError("speed.engine=vllm serves saved checkpoints: a torchao-quantized model is not one")
         if self.layers is not None and len(set(self.layers)) != len(self.layers):
             raise ConfigError(f"layers={self.layers} lists a layer twice")
 

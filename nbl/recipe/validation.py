@@ -79,6 +79,8 @@ def _check_lengths(cfg: DictConfig, arch: SimpleNamespace) -> None:
         lengths["eval.perplexity.seq_len"] = cfg.eval.perplexity.seq_len
     if cfg.speed.enabled:
         lengths["speed.prompt_len + speed.new_tokens"] = cfg.speed.prompt_len + cfg.speed.new_tokens
+        if cfg.speed.engine == "vllm":
+            lengths["speed.long_prompt_len + speed.new_tokens"] = cfg.speed.long_prompt_len + cfg.speed.new_tokens
     for key, length in lengths.items():
         if length > context:
             raise ConfigError(f"{key} = {length} is longer than {cfg.model.name}'s context ({context} tokens)")

@@ -1,0 +1,184 @@
+"""Serving NBL checkpoints in vLLM (the plugin, nbl.serve): the same greedy tokens as transformers, no KV cache for
+replaced layers, ordinary models untouched, bad checkpoints refused before anything loads; the OpenAI server."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import nbl
+from nbl.models import random_model, tiny_config
+from nbl.serve.bench import ServeSettings, measure, transformers_greedy
+from nbl.serve.vllm_plugin import CheckpointError, check_checkpoint
+
+pytest.importorskip("vllm")
+pytestmark = pytest.mark.slow
+# vLLM's engine core in the calling process: an engine starts in 5-10 s instead of about a minute (the spawned
+# process imports torch and vLLM again); the served results are the same. Benchmarks keep the default.
+IN_PROCESS = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
+
+# per family, a mix of every replacement: (part, mode, layers); 4 layers each
+REPLACEMENTS = {
+    "llama": [("attention", "linear", [1]), ("attention", "drop", [3]), ("mlp", "linear", [2])],
+    "mistral": [("attention", "linear", [0]), ("block", "linear", [2])],
+    "qwen2": [("mlp", "drop", [1]), ("attention", "linear", [3])],
+    "qwen3": [("block", "drop", [1]), ("attention", "drop", [2])],
+}
+
+
+def _tiny(family: str):
+    """A 4-layer model vLLM's CPU attention takes (head_dim 64) with the embedded tokenizer's vocabulary."""
+    return random_model(tiny_config(family, hidden_size=256, num_layers=4, vocab_size=49152), seed=0)
+
+
+def _replaced(family: str, tokenizer, folder: Path) -> Path:
+    model = _tiny(family)
+    g = torch.Generator().manual_seed(0)
+    batches = [torch.randint(3, 49152, (2, 64), generator=g) for _ in range(4)]
+    for part, mode, layers in REPLACEMENTS[family]:
+        nbl.linearize(model, nbl.calibrate(model, batches, progress=False, part=part), layers, mode=mode, part=part)
+    return nbl.save_linearized(model, folder, tokenizer)
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    from nbl.models import load_smollm2
+
+    return load_smollm2()[1]
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory, tokenizer, converted_models):
+    """Every family's NBL checkpoint and the llama base, served in one process: greedy tokens, KV capacity."""
+    root = tmp_path_factory.mktemp("serve")
+    folders = {f: _replaced(f, tokenizer, root / f) for f in REPLACEMENTS}
+    folders["llama-base"] = nbl.save_linearized(_tiny("llama"), root / "base", tokenizer)
+    prompts = [tokenizer(p).input_ids for p in ("The capital of France is", "Once upon a time, in a small town")]
+    settings = ServeSettings(repeats=0, kv_cache_gib=1, enforce_eager=True, prompt_len=64, long_prompt_len=64,
+                             batch_prompt_len=64, new_tokens=16)  # fmt: skip
+    with pytest.MonkeyPatch.context() as mp:
+        for key, value in IN_PROCESS.items():
+            mp.setenv(key, value)
+        return folders, prompts, measure(folders, settings, greedy=prompts, greedy_tokens=16)
+
+
+@pytest.mark.parametrize("family", list(REPLACEMENTS))
+def test_vllm_decodes_the_checkpoint_as_transformers_does(served, family):
+    folders, prompts, results = served
+    reference = transformers_greedy(nbl.load_linearized(folders[family]), prompts, 16)
+    vllm = results[family]["greedy"]
+    assert [[t for t, _ in row] for row in vllm] == [[t for t, _ in row] for row in reference]
+    worst = max(abs(a[1] - b[1]) for r, v in zip(reference, vllm, strict=True) for a, b in zip(r, v, strict=True))
+    assert worst < 1e-3, worst  # float32 on the CPU; measured: see docs/results.md
+
+
+def test_replaced_attention_gets_no_kv_cache(served):
+    _, _, results = served
+    # llama: layers 1 and 3 lost their attention (the MLP replaced in layer 2 keeps its attention): 4 / 2 layers
+    assert results["llama"]["kv_cache_tokens"] == 2 * results["llama-base"]["kv_cache_tokens"]
+
+
+def test_registering_leaves_ordinary_architectures_to_vllm():
+    from vllm import ModelRegistry
+
+    from nbl.serve.vllm_plugin import register
+
+    register()
+    register()  # vLLM loads plugins in every process it starts: twice must be harmless
+    ours = ("NblLlamaForCausalLM", "NblMistralForCausalLM", "NblQwen2ForCausalLM", "NblQwen3ForCausalLM")
+    assert {ModelRegistry.models[name].module_name for name in ours} == {"nbl.serve.vllm_model"}
+    for family in ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM"):
+        assert ModelRegistry.models[family].module_name.startswith("vllm.model_executor.models.")
+    info = ModelRegistry.models["NblQwen3ForCausalLM"].inspect_model_cls()  # what vLLM learns of the class
+    assert info.is_text_generation_model and info.supports_pp
+
+
+def test_bad_checkpoints_are_refused_before_anything_loads(tmp_path, tokenizer):
+    folder = _replaced("llama", tokenizer, tmp_path / "ok")
+    config = nbl.load_linearized(folder).config
+    assert check_checkpoint(config, folder) == {"attention": {1: "linear", 3: "drop"}, "mlp": {2: "linear"}}
+    plain = tiny_config("llama")
+    with pytest.raises(CheckpointError, match=r"not a checkpoint written by nbl\.save_linearized"):
+        check_checkpoint(plain)
+    for change, message in (
+        ({"format_version": 1}, "format 1: this plugin serves 2"),
+        ({"model_type": "gpt2"}, "the plugin serves llama, mistral, qwen2, qwen3"),
+        ({"replaced_layers": {"0": "linear", "1": "linear", "3": "drop"}}, "weights do not match the declared"),
+        ({"replaced_layers": {"9": "linear"}}, "layers are 0..3"),
+    ):
+        config.nbl = {**json.loads((folder / "nbl.json").read_text()), **change}
+        with pytest.raises(CheckpointError, match=message):
+            check_checkpoint(config, folder)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_the_openai_server_answers_with_the_greedy_text_of_transformers(tmp_path, tokenizer, converted_models):
+    """SmolLM2, its 8 most linear attention layers replaced, behind vLLM's OpenAI-compatible server (loopback)."""
+    from openai import OpenAI
+
+    from nbl.data import lambada_passages, token_sequences
+    from nbl.models import load_smollm2
+    from nbl.select.ranking import select_layers
+
+    model, _ = load_smollm2()
+    stats = nbl.calibrate(model, list(token_sequences(tokenizer, lambada_passages(), 8, 256, seed=0).split(4)))
+    nbl.linearize(model, stats, select_layers({i: nbl.cca_bound(stats[i]) for i in stats}, 8, lowest_first=True))
+    folder = nbl.save_linearized(model, tmp_path / "smollm2-nbl8", tokenizer)
+    port = _free_port()
+    server = subprocess.Popen(
+        [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(folder), "--host", "127.0.0.1",
+         "--port", str(port), "--dtype", "float32", "--enforce-eager", "--max-model-len", "512"],
+        env={**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"}, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+    )  # fmt: skip
+    try:
+        client = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0, timeout=120)
+        deadline = time.time() + 300
+        while True:
+            try:
+                client.models.list()
+                break
+            except Exception:
+                assert server.poll() is None and time.time() < deadline, server.stderr.read()[-3000:]
+                time.sleep(2)
+        prompt = "The capital of France is"
+        answer = client.completions.create(model=str(folder), prompt=prompt, max_tokens=16, temperature=0)
+        ids = tokenizer(prompt, return_tensors="pt").input_ids
+        expected = model.generate(ids, max_new_tokens=16, do_sample=False, pad_token_id=tokenizer.eos_token_id)
+        assert answer.choices[0].text == tokenizer.decode(expected[0, ids.shape[1] :], skip_special_tokens=True)
+    finally:
+        server.terminate()
+        server.wait(timeout=60)
+
+
+def test_speed_vllm_runs_in_the_app_and_reaches_results_and_the_report(tmp_path, nbl_cache):
+    """``speed=vllm`` end to end: SmolLM2 with 4 attention layers replaced, both models served alike; the served
+    figures reach results.json, summary.md and the offline W&B run."""
+    env = {**os.environ, **IN_PROCESS, "WANDB_SILENT": "true", "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "nbl", "speed=vllm", "eval=none", "logger=offline", "num_layers=4",
+         "calibration.num_sequences=4", "calibration.seq_len=256", "calibration.batch_size=2",
+         "speed.prompt_len=32", "speed.new_tokens=4", "speed.repeats=1", "speed.warmup=0",
+         "speed.saturating_batch=4", "speed.batch_prompt_len=16", "speed.long_prompt_len=64",
+         "speed.kv_cache_gib=1", "speed.enforce_eager=true", f"hydra.run.dir={tmp_path / 'run'}"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    speed = results["speed"]
+    assert speed["engine"] == "vllm" and "speed_error" not in results
+    assert speed["kv_capacity_ratio"] == pytest.approx(30 / 26, rel=0.02)  # 4 of 30 layers keep no KV cache
+    assert speed["kv_cache_tokens_nbl"] > speed["kv_cache_tokens_base"] > 0
+    assert all(speed[k] > 0 for k in ("decode_speedup", "throughput_speedup", "long_decode_speedup"))
+    assert "Served by vLLM: KV capacity x1.15" in (tmp_path / "run" / "summary.md").read_text()
+    assert list((tmp_path / "run" / "wandb").glob("offline-run-*")), "no offline W&B run folder"
