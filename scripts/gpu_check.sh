@@ -18,3 +18,9 @@ mkdir -p "$OUT"
 } | tee "$OUT/environment.txt"
 "$PY" -m pytest -q -p no:cacheprovider -m gpu tests/test_gpu.py 2>&1 | tee "$OUT/pytest_gpu.txt" || true
 "$PY" scripts/gpu_speed_check.py --out "$OUT" "$@" 2>&1 | tee "$OUT/gpu_speed_check.log"
+# vLLM serving (the nbl plugin), where the machine has vLLM: it cannot be installed there (no registry)
+if "$PY" -c "import vllm" 2>/dev/null; then
+  "$PY" scripts/gpu_vllm_check.py --out "$OUT" "$@" 2>&1 | tee "$OUT/gpu_vllm_check.log"
+else
+  echo "no vllm on this machine: the serving check is skipped" | tee "$OUT/gpu_vllm_check.log"
+fi

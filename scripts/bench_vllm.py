@@ -1,0 +1,150 @@
+"""SmolLM2 base vs NBL (k = 8, 12) and attention drop (k = 8) served by vLLM: exactness, KV capacity and speed.
+
+    python scripts/bench_vllm.py --out docs/results/vllm            # about 20 minutes on 2 CPU cores
+    python scripts/bench_vllm.py --out /tmp/check --quick           # smaller cases, eager engines
+
+Checkpoints: the paper's rule (CCA bound, linear maps) and attention drop (cosine), calibrated on 32 x 512 tokens of
+the packaged LAMBADA text, written by nbl.save_linearized and served by the NBL vLLM plugin. Exactness: vLLM's
+greedy tokens and their log-probabilities against transformers on the same checkpoint (nbl.load_linearized), float32.
+Speed and capacity: nbl.serve.bench (every engine alive at once, rounds alternating, medians), beside the FLOP and
+bytes models' predictions. Writes vllm.json and vllm.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+
+import nbl
+from nbl.core.accounting import predicted_speedups
+from nbl.data import lambada_passages, token_sequences, wikipedia_passages
+from nbl.models import load_smollm2
+from nbl.select.ranking import select_layers
+from nbl.serve.bench import ServeSettings, measure, transformers_greedy
+
+VARIANTS = {"NBL-8": ("cca", 8, "linear"), "NBL-12": ("cca", 12, "linear"), "DROP-8": ("cosine", 8, "drop")}
+
+
+def checkpoints(out: Path) -> dict[str, Path]:
+    """Base and every variant, written once into ``out``."""
+    model, tokenizer = load_smollm2()
+    batches = list(token_sequences(tokenizer, lambada_passages(), 32, 512, seed=0).split(4))
+    stats = nbl.calibrate(model, batches)
+    scores = {"cca": {i: nbl.cca_bound(stats[i]) for i in stats}, "cosine": stats.mean_cosines()}
+    folders = {"base": nbl.save_linearized(model, out / "ckpt_base", tokenizer)}
+    for name, (rule, k, mode) in VARIANTS.items():
+        replaced, _ = load_smollm2()
+        layers = select_layers(scores[rule], k, lowest_first=rule == "cca")
+        nbl.linearize(replaced, stats, layers, mode=mode)
+        folders[name] = nbl.save_linearized(replaced, out / f"ckpt_{name}", tokenizer)
+    return folders
+
+
+def _replaced(folder: Path) -> dict[int, str]:
+    return {int(i): m for i, m in json.loads((folder / "nbl.json").read_text())["replaced_layers"].items()}
+
+
+def exactness(folders: dict[str, Path], served: dict, prompts: list[list[int]], tokens: int) -> dict[str, dict]:
+    out = {}
+    for name, folder in folders.items():
+        reference = transformers_greedy(nbl.load_linearized(folder), prompts, tokens)
+        vllm = [[tuple(pair) for pair in row] for row in served[name]["greedy"]]
+        same = [[t for t, _ in r] == [t for t, _ in v] for r, v in zip(reference, vllm, strict=True)]
+        diffs = [
+            abs(a[1] - b[1])
+            for r, v in zip(reference, vllm, strict=True)
+            for a, b in zip(r, v, strict=True)
+            if a[0] == b[0]
+        ]
+        out[name] = {"same_tokens": same, "max_logprob_diff": max(diffs), "prompts": len(prompts), "tokens": tokens}
+    return out
+
+
+def table(results: dict, settings: ServeSettings) -> str:
+    lines = [
+        "| model | KV capacity (tokens) | capacity x | prefill x | decode x (batch 1) | decode x (long) "
+        "| throughput x (batch) | predicted prefill / decode (FLOPs) | predicted decode (bytes) | same greedy tokens |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    base = results["served"]["base"]
+    for name, r in results["served"].items():
+        pred = results["predicted"].get(
+            name, {"prefill_speedup": 1.0, "decode_speedup": 1.0, "decode_bytes_speedup": 1.0}
+        )
+        exact = results["exactness"][name]
+        lines.append(
+            f"| {name} | {r['kv_cache_tokens']:,} | {r['kv_cache_tokens'] / base['kv_cache_tokens']:.2f} "
+            f"| {r['prefill_tok_s'] / base['prefill_tok_s']:.2f} | {r['decode_tok_s'] / base['decode_tok_s']:.2f} "
+            f"| {r['long_decode_tok_s'] / base['long_decode_tok_s']:.2f} "
+            f"| {r['throughput_tok_s'] / base['throughput_tok_s']:.2f} "
+            f"| {pred['prefill_speedup']:.2f} / {pred['decode_speedup']:.2f} | {pred['decode_bytes_speedup']:.2f} "
+            f"| {sum(exact['same_tokens'])} of {exact['prompts']} (max logprob diff {exact['max_logprob_diff']:.1e}) |"
+        )
+    lines += [
+        "",
+        "| model | prefill tok/s | decode tok/s | long-context decode tok/s | batch throughput tok/s |",
+        "|---|---|---|---|---|",
+    ]
+    lines += [
+        f"| {n} | {r['prefill_tok_s']:.0f} | {r['decode_tok_s']:.1f} | {r['long_decode_tok_s']:.1f} "
+        f"| {r['throughput_tok_s']:.0f} |"
+        for n, r in results["served"].items()
+    ]
+    s = settings
+    lines += [
+        "",
+        f"Settings: prompt {s.prompt_len} + {s.new_tokens} tokens at batch 1; {s.batch} prompts of "
+        f"{s.batch_prompt_len} + {s.new_tokens}; long context {s.long_prompt_len} + {s.new_tokens}; "
+        f"{s.repeats} rounds after {s.warmup} warm-up, medians; KV budget {s.kv_cache_gib} GiB each; "
+        f"{s.dtype}; {'eager' if s.enforce_eager else 'compiled'} engines.",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, default=Path("outputs/bench_vllm"))
+    parser.add_argument("--quick", action="store_true", help="small cases and eager engines (checks the script)")
+    args = parser.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    settings = ServeSettings(kv_cache_gib=1)
+    if args.quick:
+        settings = ServeSettings(
+            prompt_len=64,
+            new_tokens=8,
+            batch=4,
+            batch_prompt_len=32,
+            long_prompt_len=128,
+            repeats=1,
+            kv_cache_gib=1,
+            enforce_eager=True,
+        )
+    folders = checkpoints(args.out)
+    _, tokenizer = load_smollm2()
+    prompts = token_sequences(tokenizer, wikipedia_passages(), 2, 64, seed=1).tolist()  # text no map was fitted on
+    served = measure(folders, settings, greedy=prompts, greedy_tokens=32)
+    config = nbl.load_linearized(folders["base"]).config
+    predicted = {
+        name: predicted_speedups(config, _replaced(folder), settings.prompt_len, settings.new_tokens)
+        for name, folder in folders.items()
+        if name != "base"
+    }
+    results = {
+        "served": served,
+        "predicted": predicted,
+        "exactness": exactness(folders, served, prompts, 32),
+        "settings": settings.__dict__,
+        "torch_threads": torch.get_num_threads(),
+    }
+    for r in results["served"].values():
+        r.pop("greedy", None)
+    (args.out / "vllm.json").write_text(json.dumps(results, indent=2) + "\n")
+    (args.out / "vllm.md").write_text(table(results, settings))
+    print(table(results, settings))
+
+
+if __name__ == "__main__":
+    main()

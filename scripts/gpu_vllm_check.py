@@ -1,0 +1,107 @@
+"""Served by vLLM on the accelerator: the Llama-3.1-8B architecture with random bf16 weights, base vs NBL-8 and NBL-12.
+
+    python scripts/gpu_vllm_check.py --out docs/results/gpu       # on a CUDA device with vLLM (part of gpu_check.sh)
+    python scripts/gpu_vllm_check.py --tiny --out /tmp/check       # a scaled-down shape on the CPU: checks the script
+
+Speed does not depend on the weights' values, only on which modules exist, so the checkpoints are random models with
+the last k attention layers replaced by (random) linear maps, written by nbl.save_linearized and served through
+the NBL plugin. nbl.serve.bench measures every engine alike (batch-1 prefill and decode, a saturating batch, a long
+context, the KV capacity vLLM reports for the same budget), rounds alternating, medians; beside each ratio the
+FLOP and bytes models' predictions. Checkpoints go to --scratch (about 16 GB each at full size; /dev/shm by default
+where it exists, so the machine's disk is spared) and are deleted after. Writes vllm.json and vllm.md into --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from transformers import LlamaConfig
+
+import nbl
+from nbl.core.accounting import predicted_speedups
+from nbl.core.surgery import apply_replacements
+from nbl.models import random_model
+from nbl.serve.bench import ServeSettings, measure
+
+LLAMA_31_8B = {
+    "hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32, "num_attention_heads": 32,
+    "num_key_value_heads": 8, "vocab_size": 128256, "max_position_embeddings": 8192, "rope_theta": 500000.0,
+}  # fmt: skip
+# vLLM's CPU attention needs head_dim 64 or more: 512 / 8
+TINY = {**LLAMA_31_8B, "hidden_size": 512, "intermediate_size": 1024, "num_attention_heads": 8,
+        "num_key_value_heads": 2, "vocab_size": 4096, "num_hidden_layers": 16, "max_position_embeddings": 4096}  # fmt: skip
+VARIANTS = {"NBL-8": 8, "NBL-12": 12}
+
+
+def checkpoints(config: LlamaConfig, dtype: torch.dtype, scratch: Path) -> dict[str, Path]:
+    n = config.num_hidden_layers
+    folders = {}
+    for name, k in {"base": 0, **VARIANTS}.items():
+        model = random_model(config, dtype=dtype, seed=0)
+        apply_replacements(model, dict.fromkeys(range(n - k, n), "linear"))  # which layers does not change speed
+        folders[name] = nbl.save_linearized(model, scratch / name)
+        del model
+    return folders
+
+
+def table(served: dict, predicted: dict) -> str:
+    base = served["base"]
+    lines = [
+        "| model | KV capacity (tokens) | capacity x | prefill x | decode x (batch 1) | decode x (long) "
+        "| throughput x (batch) | predicted prefill / decode (FLOPs) | predicted decode (bytes) |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name, r in served.items():
+        p = predicted.get(name, {"prefill_speedup": 1.0, "decode_speedup": 1.0, "decode_bytes_speedup": 1.0})
+        lines.append(
+            f"| {name} | {r['kv_cache_tokens']:,} | {r['kv_cache_tokens'] / base['kv_cache_tokens']:.2f} "
+            f"| {r['prefill_tok_s'] / base['prefill_tok_s']:.2f} | {r['decode_tok_s'] / base['decode_tok_s']:.2f} "
+            f"| {r['long_decode_tok_s'] / base['long_decode_tok_s']:.2f} "
+            f"| {r['throughput_tok_s'] / base['throughput_tok_s']:.2f} "
+            f"| {p['prefill_speedup']:.2f} / {p['decode_speedup']:.2f} | {p['decode_bytes_speedup']:.2f} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, default=Path("outputs/gpu_check"))
+    parser.add_argument("--tiny", action="store_true")
+    parser.add_argument("--scratch", type=Path, default=Path("/dev/shm") if Path("/dev/shm").is_dir() else None)
+    args = parser.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    config = LlamaConfig(**(TINY if args.tiny else LLAMA_31_8B))
+    if args.tiny:  # the CPU: float32, eager engines, small cases
+        dtype, settings = torch.float32, ServeSettings(prompt_len=64, new_tokens=8, batch=4, batch_prompt_len=32,
+                                                       long_prompt_len=256, repeats=1, kv_cache_gib=1,
+                                                       enforce_eager=True)  # fmt: skip
+    else:  # the paper's batch-1 protocol (2048 + 256), a saturating batch, a long context; 20 GiB of KV and
+        # 30% of the GPU each (the three engines live at once)
+        dtype, settings = torch.bfloat16, ServeSettings(prompt_len=2048, new_tokens=256, batch=128,
+                                                        batch_prompt_len=512, long_prompt_len=7680, repeats=3,
+                                                        kv_cache_gib=20, dtype="bfloat16",
+                                                        gpu_memory_utilization=0.3)  # fmt: skip
+    scratch = Path(tempfile.mkdtemp(prefix="nbl-vllm-", dir=args.scratch))
+    try:
+        folders = checkpoints(config, dtype, scratch)
+        served = measure(folders, settings)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    n = config.num_hidden_layers
+    lengths = (settings.prompt_len, settings.new_tokens)
+    predicted = {name: predicted_speedups(config, dict.fromkeys(range(n - k, n), "linear"), *lengths)
+                 for name, k in VARIANTS.items()}  # fmt: skip
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+    results = {"device": device, "served": served, "predicted": predicted, "settings": settings.__dict__}
+    (args.out / "vllm.json").write_text(json.dumps(results, indent=2) + "\n")
+    (args.out / "vllm.md").write_text(table(served, predicted))
+    print(table(served, predicted))
+
+
+if __name__ == "__main__":
+    main()
