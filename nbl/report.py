@@ -61,7 +61,8 @@ def summary_markdown(results: dict[str, Any]) -> str:
     if speed.get("engine") == "vllm":
         lines.append(
             f"Served by vLLM: KV capacity x{speed['kv_capacity_ratio']:.2f} for the same budget, saturating-batch "
-            f"throughput x{speed['throughput_speedup']:.2f}, long-context decode x{speed['long_decode_speedup']:.2f}  "
+            f"throughput x{_fmt(speed['throughput_speedup'], 2)}, long-context decode "
+            f"x{_fmt(speed['long_decode_speedup'], 2)}  "
         )
     if results.get("speed_error"):
         lines.append(f"Speed test failed ({results['speed_error']['engine']}): see speed_error in results.json  ")
@@ -292,7 +293,7 @@ def _method_row(g: _Group, tasks: list[str], domains: list[str]) -> dict[str, An
         "perplexity": _mean([m["perplexity"]["nbl"] for m in members if m["perplexity"]["nbl"] is not None]),
         **{f"ppl/{d}": _mean([v for m in members if (v := _domain(m, d, "nbl")) is not None]) for d in domains},
         "prefill_x": _mean([s["prefill_speedup"] for s in speed]),
-        "decode_x": _mean([s["decode_speedup"] for s in speed]),
+        "decode_x": _mean([s["decode_speedup"] for s in speed if s["decode_speedup"] is not None]),
         **served_columns(speed),
         "pred_prefill_x": _mean([v for m in members if (v := _predicted_prefill(m)) is not None]),
         "selection_s": _mean([m["selection_seconds"] for m in members if m.get("selection_seconds") is not None]),

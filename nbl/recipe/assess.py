@@ -151,10 +151,8 @@ def served_speed(base: PreTrainedModel, replaced: PreTrainedModel, tokenizer: Pr
         "engine": "vllm",
         "device": "cuda" if torch.cuda.is_available() else "cpu",
         **{f"{key}_{name}": r[key] for name, r in served.items() for key in SERVED},
-        "prefill_speedup": n["prefill_tok_s"] / b["prefill_tok_s"],
-        "decode_speedup": n["decode_tok_s"] / b["decode_tok_s"],
-        "long_decode_speedup": n["long_decode_tok_s"] / b["long_decode_tok_s"],
-        "throughput_speedup": n["throughput_tok_s"] / b["throughput_tok_s"],
+        **{f"{case}_speedup": _ratio(n[f"{case}_tok_s"], b[f"{case}_tok_s"])
+           for case in ("prefill", "decode", "long_decode", "throughput")},
         "kv_capacity_ratio": n["kv_cache_tokens"] / b["kv_cache_tokens"],
         "prefill_speedup_predicted": predicted["prefill_speedup"],
         "decode_speedup_predicted": predicted["decode_speedup"],
@@ -162,6 +160,11 @@ def served_speed(base: PreTrainedModel, replaced: PreTrainedModel, tokenizer: Pr
         "repeats": speed_cfg.repeats,
         "settings": OmegaConf.to_container(speed_cfg, resolve=True),
     }
+
+
+def _ratio(nbl: float | None, base: float | None) -> float | None:
+    """A speed-up; None where either rate could not be measured (see nbl.serve.bench)."""
+    return nbl / base if nbl is not None and base is not None else None
 
 
 # what a served model's measurement reports, per model (nbl.serve.bench)

@@ -111,13 +111,18 @@ def _round(llm: Any, s: ServeSettings, vocab: int) -> dict[str, float]:
     }
 
 
-def _summary(times: dict[str, list[float]], s: ServeSettings, kv_tokens: int) -> dict[str, float]:
+def _rate(tokens: int, seconds: float) -> float | None:
+    """Tokens per second; None where noise left no time to divide by (decode is a difference of two requests)."""
+    return tokens / seconds if seconds > 0 else None
+
+
+def _summary(times: dict[str, list[float]], s: ServeSettings, kv_tokens: int) -> dict[str, float | None]:
     med = {case: statistics.median(values) for case, values in times.items()}
     return {
         "kv_cache_tokens": kv_tokens,
         "prefill_tok_s": s.prompt_len / med["prefill"],
-        "decode_tok_s": (s.new_tokens - 1) / (med["batch1"] - med["prefill"]),
-        "long_decode_tok_s": (s.new_tokens - 1) / (med["long"] - med["long_prefill"]),
+        "decode_tok_s": _rate(s.new_tokens - 1, med["batch1"] - med["prefill"]),
+        "long_decode_tok_s": _rate(s.new_tokens - 1, med["long"] - med["long_prefill"]),
         "throughput_tok_s": s.batch * s.new_tokens / med["saturating"],
         **{f"{case}_s": value for case, value in med.items()},
     }
