@@ -1,6 +1,6 @@
 """Richer closed-form attention replacements than the paper's one-token map, measured on SmolLM2 (issue 21).
 
-    python scripts/map_variants.py --out docs/results/map_variants      # about 15 minutes on 2 CPU cores
+    python scripts/map_variants.py --out docs/results/map_variants      # calibration 7 min, then 1-2 min a map and k
 
 Every variant is an LMMSE fit a_t ~ W f_t + b of the attention output a_t on features f_t of the residual stream
 entering the layer, from one calibration pass (the default: 32 x 512 LAMBADA tokens), all fitted from one set of
