@@ -63,6 +63,11 @@ def exactness(folders: dict[str, Path], served: dict, prompts: list[list[int]], 
     return out
 
 
+def _x(value: float | None, base: float | None) -> str:
+    """A ratio to the base, or "-" where a rate could not be measured (nbl.serve.bench gives None then)."""
+    return f"{value / base:.2f}" if value is not None and base is not None else "-"
+
+
 def table(results: dict, settings: ServeSettings) -> str:
     lines = [
         "| model | KV capacity (tokens) | capacity x | prefill x | decode x (batch 1) | decode x (long) "
@@ -77,9 +82,9 @@ def table(results: dict, settings: ServeSettings) -> str:
         exact = results["exactness"][name]
         lines.append(
             f"| {name} | {r['kv_cache_tokens']:,} | {r['kv_cache_tokens'] / base['kv_cache_tokens']:.2f} "
-            f"| {r['prefill_tok_s'] / base['prefill_tok_s']:.2f} | {r['decode_tok_s'] / base['decode_tok_s']:.2f} "
-            f"| {r['long_decode_tok_s'] / base['long_decode_tok_s']:.2f} "
-            f"| {r['throughput_tok_s'] / base['throughput_tok_s']:.2f} "
+            f"| {_x(r['prefill_tok_s'], base['prefill_tok_s'])} | {_x(r['decode_tok_s'], base['decode_tok_s'])} "
+            f"| {_x(r['long_decode_tok_s'], base['long_decode_tok_s'])} "
+            f"| {_x(r['throughput_tok_s'], base['throughput_tok_s'])} "
             f"| {pred['prefill_speedup']:.2f} / {pred['decode_speedup']:.2f} | {pred['decode_bytes_speedup']:.2f} "
             f"| {sum(exact['same_tokens'])} of {exact['prompts']} (max logprob diff {exact['max_logprob_diff']:.1e}) |"
         )
@@ -89,7 +94,7 @@ def table(results: dict, settings: ServeSettings) -> str:
         "|---|---|---|---|---|",
     ]
     lines += [
-        f"| {n} | {r['prefill_tok_s']:.0f} | {r['decode_tok_s']:.1f} | {r['long_decode_tok_s']:.1f} "
+        f"| {n} | {r['prefill_tok_s']:.0f} | {_x(r['decode_tok_s'], 1.0)} | {_x(r['long_decode_tok_s'], 1.0)} "
         f"| {r['throughput_tok_s']:.0f} |"
         for n, r in results["served"].items()
     ]

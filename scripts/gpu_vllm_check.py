@@ -49,6 +49,10 @@ def checkpoints(config: LlamaConfig, dtype: torch.dtype, scratch: Path) -> dict[
     return folders
 
 
+def _x(value: float | None, base: float | None) -> str:
+    return f"{value / base:.2f}" if value is not None and base is not None else "-"  # None: not measurable
+
+
 def table(served: dict, predicted: dict) -> str:
     base = served["base"]
     lines = [
@@ -60,9 +64,9 @@ def table(served: dict, predicted: dict) -> str:
         p = predicted.get(name, {"prefill_speedup": 1.0, "decode_speedup": 1.0, "decode_bytes_speedup": 1.0})
         lines.append(
             f"| {name} | {r['kv_cache_tokens']:,} | {r['kv_cache_tokens'] / base['kv_cache_tokens']:.2f} "
-            f"| {r['prefill_tok_s'] / base['prefill_tok_s']:.2f} | {r['decode_tok_s'] / base['decode_tok_s']:.2f} "
-            f"| {r['long_decode_tok_s'] / base['long_decode_tok_s']:.2f} "
-            f"| {r['throughput_tok_s'] / base['throughput_tok_s']:.2f} "
+            f"| {_x(r['prefill_tok_s'], base['prefill_tok_s'])} | {_x(r['decode_tok_s'], base['decode_tok_s'])} "
+            f"| {_x(r['long_decode_tok_s'], base['long_decode_tok_s'])} "
+            f"| {_x(r['throughput_tok_s'], base['throughput_tok_s'])} "
             f"| {p['prefill_speedup']:.2f} / {p['decode_speedup']:.2f} | {p['decode_bytes_speedup']:.2f} |"
         )
     return "\n".join(lines) + "\n"
