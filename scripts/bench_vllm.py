@@ -23,7 +23,7 @@ from nbl.core.accounting import predicted_speedups
 from nbl.data import lambada_passages, token_sequences, wikipedia_passages
 from nbl.models import load_smollm2
 from nbl.select.ranking import select_layers
-from nbl.serve.bench import ServeSettings, measure, transformers_greedy
+from nbl.serve.bench import ServeSettings, measure, ratio_table, transformers_greedy
 
 VARIANTS = {"NBL-8": ("cca", 8, "linear"), "NBL-12": ("cca", 12, "linear"), "DROP-8": ("cosine", 8, "drop")}
 
@@ -63,38 +63,23 @@ def exactness(folders: dict[str, Path], served: dict, prompts: list[list[int]], 
     return out
 
 
-def _x(value: float | None, base: float | None) -> str:
-    """A ratio to the base, or "-" where a rate could not be measured (nbl.serve.bench gives None then)."""
-    return f"{value / base:.2f}" if value is not None and base is not None else "-"
+def _rate(value: float | None, digits: int) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"  # None: noise left the rate unmeasurable
 
 
 def table(results: dict, settings: ServeSettings) -> str:
-    lines = [
-        "| model | KV capacity (tokens) | capacity x | prefill x | decode x (batch 1) | decode x (long) "
-        "| throughput x (batch) | predicted prefill / decode (FLOPs) | predicted decode (bytes) | same greedy tokens |",
-        "|---|---|---|---|---|---|---|---|---|---|",
-    ]
-    base = results["served"]["base"]
-    for name, r in results["served"].items():
-        pred = results["predicted"].get(
-            name, {"prefill_speedup": 1.0, "decode_speedup": 1.0, "decode_bytes_speedup": 1.0}
-        )
-        exact = results["exactness"][name]
-        lines.append(
-            f"| {name} | {r['kv_cache_tokens']:,} | {r['kv_cache_tokens'] / base['kv_cache_tokens']:.2f} "
-            f"| {_x(r['prefill_tok_s'], base['prefill_tok_s'])} | {_x(r['decode_tok_s'], base['decode_tok_s'])} "
-            f"| {_x(r['long_decode_tok_s'], base['long_decode_tok_s'])} "
-            f"| {_x(r['throughput_tok_s'], base['throughput_tok_s'])} "
-            f"| {pred['prefill_speedup']:.2f} / {pred['decode_speedup']:.2f} | {pred['decode_bytes_speedup']:.2f} "
-            f"| {sum(exact['same_tokens'])} of {exact['prompts']} (max logprob diff {exact['max_logprob_diff']:.1e}) |"
-        )
+    exact = {
+        name: f"{sum(e['same_tokens'])} of {e['prompts']} (max logprob diff {e['max_logprob_diff']:.1e})"
+        for name, e in results["exactness"].items()
+    }
+    lines = ratio_table(results["served"], results["predicted"], ("same greedy tokens", exact))
     lines += [
         "",
         "| model | prefill tok/s | decode tok/s | long-context decode tok/s | batch throughput tok/s |",
         "|---|---|---|---|---|",
     ]
     lines += [
-        f"| {n} | {r['prefill_tok_s']:.0f} | {_x(r['decode_tok_s'], 1.0)} | {_x(r['long_decode_tok_s'], 1.0)} "
+        f"| {n} | {r['prefill_tok_s']:.0f} | {_rate(r['decode_tok_s'], 2)} | {_rate(r['long_decode_tok_s'], 2)} "
         f"| {r['throughput_tok_s']:.0f} |"
         for n, r in results["served"].items()
     ]

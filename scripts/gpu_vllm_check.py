@@ -26,7 +26,7 @@ import nbl
 from nbl.core.accounting import predicted_speedups
 from nbl.core.surgery import apply_replacements
 from nbl.models import random_model
-from nbl.serve.bench import ServeSettings, measure
+from nbl.serve.bench import ServeSettings, measure, ratio_table
 
 LLAMA_31_8B = {
     "hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32, "num_attention_heads": 32,
@@ -49,27 +49,8 @@ def checkpoints(config: LlamaConfig, dtype: torch.dtype, scratch: Path) -> dict[
     return folders
 
 
-def _x(value: float | None, base: float | None) -> str:
-    return f"{value / base:.2f}" if value is not None and base is not None else "-"  # None: not measurable
-
-
 def table(served: dict, predicted: dict) -> str:
-    base = served["base"]
-    lines = [
-        "| model | KV capacity (tokens) | capacity x | prefill x | decode x (batch 1) | decode x (long) "
-        "| throughput x (batch) | predicted prefill / decode (FLOPs) | predicted decode (bytes) |",
-        "|---|---|---|---|---|---|---|---|---|",
-    ]
-    for name, r in served.items():
-        p = predicted.get(name, {"prefill_speedup": 1.0, "decode_speedup": 1.0, "decode_bytes_speedup": 1.0})
-        lines.append(
-            f"| {name} | {r['kv_cache_tokens']:,} | {r['kv_cache_tokens'] / base['kv_cache_tokens']:.2f} "
-            f"| {_x(r['prefill_tok_s'], base['prefill_tok_s'])} | {_x(r['decode_tok_s'], base['decode_tok_s'])} "
-            f"| {_x(r['long_decode_tok_s'], base['long_decode_tok_s'])} "
-            f"| {_x(r['throughput_tok_s'], base['throughput_tok_s'])} "
-            f"| {p['prefill_speedup']:.2f} / {p['decode_speedup']:.2f} | {p['decode_bytes_speedup']:.2f} |"
-        )
-    return "\n".join(lines) + "\n"
+    return "\n".join(ratio_table(served, predicted)) + "\n"
 
 
 def main() -> None:

@@ -132,7 +132,7 @@ def served_speed(base: PreTrainedModel, replaced: PreTrainedModel, tokenizer: Pr
     """Both models written as checkpoints and served by vLLM (:mod:`nbl.serve.bench`): KV capacity for the same
     budget, batch-1 prefill and decode, long-context decode, saturating-batch throughput; ratios beside the FLOP
     and bytes models' predictions."""
-    from nbl.serve.bench import ServeSettings, measure
+    from nbl.serve.bench import ServeSettings, measure, ratio
 
     settings = ServeSettings(
         prompt_len=speed_cfg.prompt_len, new_tokens=speed_cfg.new_tokens, batch=speed_cfg.saturating_batch,
@@ -151,7 +151,7 @@ def served_speed(base: PreTrainedModel, replaced: PreTrainedModel, tokenizer: Pr
         "engine": "vllm",
         "device": "cuda" if torch.cuda.is_available() else "cpu",
         **{f"{key}_{name}": r[key] for name, r in served.items() for key in SERVED},
-        **{f"{case}_speedup": _ratio(n[f"{case}_tok_s"], b[f"{case}_tok_s"])
+        **{f"{case}_speedup": ratio(n[f"{case}_tok_s"], b[f"{case}_tok_s"])
            for case in ("prefill", "decode", "long_decode", "throughput")},
         "kv_capacity_ratio": n["kv_cache_tokens"] / b["kv_cache_tokens"],
         "prefill_speedup_predicted": predicted["prefill_speedup"],
@@ -160,11 +160,6 @@ def served_speed(base: PreTrainedModel, replaced: PreTrainedModel, tokenizer: Pr
         "repeats": speed_cfg.repeats,
         "settings": OmegaConf.to_container(speed_cfg, resolve=True),
     }
-
-
-def _ratio(nbl: float | None, base: float | None) -> float | None:
-    """A speed-up; None where either rate could not be measured (see nbl.serve.bench)."""
-    return nbl / base if nbl is not None and base is not None else None
 
 
 # what a served model's measurement reports, per model (nbl.serve.bench)

@@ -62,6 +62,32 @@ def measure(checkpoints: dict[str, str | Path], settings: ServeSettings, greedy:
         return json.loads(out.read_text())
 
 
+def ratio(value: float | None, base: float | None) -> float | None:
+    """A speed-up over the base; None where either rate could not be measured (see :func:`_rate`)."""
+    return value / base if value is not None and base is not None else None
+
+
+def ratio_table(served: dict[str, dict[str, Any]], predicted: dict[str, dict[str, float]],
+                extra: tuple[str, dict[str, str]] | None = None) -> list[str]:  # fmt: skip
+    """Markdown rows: each served model against ``served["base"]`` (KV capacity, the speed cases) beside the FLOP
+    and bytes models' ``predicted`` speed-ups; ``extra``: (header, model -> cell), one more column."""
+    base, one = served["base"], {"prefill_speedup": 1.0, "decode_speedup": 1.0, "decode_bytes_speedup": 1.0}
+    header = ["model", "KV capacity (tokens)", "capacity x", "prefill x", "decode x (batch 1)", "decode x (long)",
+              "throughput x (batch)", "predicted prefill / decode (FLOPs)", "predicted decode (bytes)"]  # fmt: skip
+    header += [extra[0]] if extra else []
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for name, r in served.items():
+        p = predicted.get(name, one)
+        cells = [name, f"{r['kv_cache_tokens']:,}", f"{r['kv_cache_tokens'] / base['kv_cache_tokens']:.2f}"]
+        for case in ("prefill", "decode", "long_decode", "throughput"):
+            x = ratio(r[f"{case}_tok_s"], base[f"{case}_tok_s"])
+            cells.append("-" if x is None else f"{x:.2f}")
+        cells += [f"{p['prefill_speedup']:.2f} / {p['decode_speedup']:.2f}", f"{p['decode_bytes_speedup']:.2f}"]
+        cells += [extra[1][name]] if extra else []
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
 def transformers_greedy(model: Any, prompts: list[list[int]], max_tokens: int) -> list[list[tuple[int, float]]]:
     """The reference: greedy decoding in transformers with the KV cache, EOS not special (as ``ignore_eos``), and
     each chosen token's log-probability."""
