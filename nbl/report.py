@@ -100,8 +100,10 @@ def method_name(results: dict[str, Any]) -> str:
         return f"plan {sel.get('target')}>={sel.get('target_value')}"
     chosen_by = "explicit" if sel.get("layers_from") == "explicit" else sel["strategy"]
     granularity = results["replacement"].get("granularity", "attention")
-    key = (chosen_by, results["replacement"]["mode"], granularity)
-    name = PAPER_NAMES.get(key, f"{key[0]}+{key[1]}" + ("" if granularity == "attention" else f" ({granularity})"))
+    replacement = results["replacement"]
+    key = (chosen_by, replacement["mode"], granularity)
+    shown = f"conv{replacement.get('width', 2)}" if key[1] == "conv" else key[1]  # a conv map's width is its kind
+    name = PAPER_NAMES.get(key, f"{key[0]}+{shown}" + ("" if granularity == "attention" else f" ({granularity})"))
     mode = results.get("calibration", {}).get("mode")
     finetune = results.get("config", {}).get("finetune", {})
     healed = ""

@@ -176,6 +176,12 @@ def test_launcher_configs(launcher, target):
         (["finetune=lora", "finetune.steps=0"], "finetune.steps=0 must be >= 1"),
         (["finetune=lora", "finetune.lr=0"], "finetune.lr=0.0 must be a positive number"),
         (["quantize.scheme=int3"], "quantize.scheme: Invalid value 'int3'"),
+        (["replacement=conv", "replacement.width=1"], "replacement.width=1 must be >= 2"),
+        (["replacement=conv", "replacement.granularity=block"], "mode=conv does not support replacement.granularity"),
+        (["replacement=conv", "calibration.mode=propagated"], "mode=conv does not support calibration.mode"),
+        (["replacement=conv", "speed=vllm"], "the vLLM plugin refuses conv checkpoints"),
+        (["replacement=conv", "finetune=lora"], "mode=conv does not support finetune=lora"),
+        (["replacement=conv", "selection=plan"], "selection=plan chooses linear or drop per layer itself"),
     ],
 )
 def test_bad_input_fails_before_loading_weights(overrides, message, monkeypatch):
@@ -493,3 +499,16 @@ def test_a_folder_holding_a_run_or_a_sweep_is_refused_before_hydra_writes_into_i
     assert (sweep / "multirun.yaml").read_text() == "the earlier sweep\n" and sorted(sweep.iterdir()) == [
         sweep / "multirun.yaml"
     ]
+
+
+def test_conv_maps_run_end_to_end_and_say_what_they_cost(tmp_path, nbl_cache):
+    proc = _run(tmp_path, "experiment=smoke", "replacement=conv", "replacement.width=3", "save_checkpoint=true", PPL,
+                f"hydra.run.dir={tmp_path / 'run'}")  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (results,) = _results(tmp_path / "run")
+    assert set(results["replaced_modes"].values()) == {"conv"} and len(results["replaced_modes"]) == 2
+    conv = results["calibration"]["conv_pass"]
+    assert conv["width"] == 3 and conv["statistics_bytes"] == 2 * 8 * (192 * 192 + 192 * 64 + 64 * 64 + 192 + 64)
+    assert results["summary_row"]["method"] == "cca+conv3"
+    meta = json.loads((Path(results["checkpoint"]) / "nbl.json").read_text())
+    assert meta["conv_widths"] == {str(i): 3 for i in results["replaced_layers"]}

@@ -72,9 +72,11 @@ def model_kv_bytes_per_token(model: PreTrainedModel) -> int:
 
 @dataclass(frozen=True)
 class FlopModel:
-    """Forward FLOPs (2 per multiply-add) of one token seeing ``context`` tokens, per component."""
+    """Forward FLOPs (2 per multiply-add) of one token seeing ``context`` tokens, per component; ``conv_width``: the
+    width T of conv maps (``replacement.mode=conv``), 2 T d^2 each."""
 
     config: PretrainedConfig
+    conv_width: int = 2
 
     def _dims(self) -> tuple[int, int, int, int, int, int]:
         c = self.config
@@ -94,8 +96,8 @@ class FlopModel:
         mlp = {None: 2 * 3 * d * ff, "linear": 2 * d * d, "drop": 0}[mlp_mode]  # gated MLP: gate, up, down
         if mode == "drop":
             return mlp
-        if mode == "linear":
-            return mlp + 2 * d * d
+        if mode in ("linear", "conv"):
+            return mlp + 2 * d * d * (self.conv_width if mode == "conv" else 1)
         projections = 2 * (d * h * hd + 2 * d * kv * hd + h * hd * d)
         scores_and_values = 2 * 2 * context * h * hd
         return mlp + projections + scores_and_values
@@ -134,6 +136,7 @@ class BytesModel:
 
     config: PretrainedConfig
     bytes_per_value: int = 2
+    conv_width: int = 2  # a conv map reads T d^2 + d weights and its state, the last T - 1 hidden vectors
 
     def layer_weights(self, mode: ReplacementMode | None, mlp_mode: ReplacementMode | None = None) -> int:
         c = self.config
@@ -145,6 +148,8 @@ class BytesModel:
             return mlp
         if mode == "linear":
             return mlp + d * d + d  # W and b
+        if mode == "conv":
+            return mlp + self.conv_width * d * d + d + (self.conv_width - 1) * d  # W, b and the state
         return mlp + d * h * hd + 2 * d * kv * hd + h * hd * d + d  # q, k, v, o; input norm
 
     def decode(self, replaced: Modes, context: int, mlps: Modes = _NONE) -> float:
@@ -165,12 +170,13 @@ def mid_context(prompt_len: int, new_tokens: int) -> int:
 
 
 def predicted_speedups(config: PretrainedConfig, replaced: Modes, prompt_len: int, new_tokens: int,
-                       mlps: Modes = _NONE) -> dict[str, float]:  # fmt: skip
+                       mlps: Modes = _NONE, conv_width: int = 2) -> dict[str, float]:  # fmt: skip
     """Speed-ups the FLOP and bytes models predict for this replacement (``replaced``: attention modes, ``mlps``:
-    MLP modes) for a prompt of ``prompt_len`` tokens and decoding at :func:`mid_context`."""
-    context, flops = mid_context(prompt_len, new_tokens), FlopModel(config)
+    MLP modes, ``conv_width``: the width of conv maps) for a prompt of ``prompt_len`` tokens and decoding at
+    :func:`mid_context`."""
+    context, flops = mid_context(prompt_len, new_tokens), FlopModel(config, conv_width)
     return {
         "prefill_speedup": flops.prefill_speedup(replaced, prompt_len, mlps),
         "decode_speedup": flops.decode_speedup(replaced, context, mlps),
-        "decode_bytes_speedup": BytesModel(config).decode_speedup(replaced, context, mlps),
+        "decode_bytes_speedup": BytesModel(config, conv_width=conv_width).decode_speedup(replaced, context, mlps),
     }

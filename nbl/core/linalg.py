@@ -48,6 +48,25 @@ def fit_lmmse(
     return w, b
 
 
+def reduce_rank(
+    w: torch.Tensor, acc: CovarianceAccumulator, rank: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The best rank-``rank`` map a ~ U V x + b given the LMMSE map ``w`` fitted on ``acc`` (reduced-rank
+    regression): U holds the top eigenvectors of the fitted outputs' covariance W C_xx W^T, V = U^T W, so
+    U V = U U^T W projects the full map's predictions onto their ``rank`` strongest directions; b re-centres.
+    Returns (U: d_out x r, V: r x d_in, b), float64. The error added over the full map is the sum of the
+    dropped eigenvalues (on the fitted tokens)."""
+    if not 0 < rank <= min(acc.d_in, acc.d_out):
+        raise ValueError(f"rank must be in 1..{min(acc.d_in, acc.d_out)}, got {rank}")
+    w = w.to(acc.sum_x)
+    predicted = w @ acc.cov_xx() @ w.T
+    _, evecs = torch.linalg.eigh((predicted + predicted.T) / 2)  # ascending
+    u = evecs[:, -rank:].flip(-1).contiguous()
+    v = u.T @ w
+    b = acc.mean_a - u @ (v @ acc.mean_x)
+    return u, v, b
+
+
 def ridge_of(ridge: Ridge, layer: int) -> float:
     """The ridge of one layer: a number for every layer, or a per-layer mapping (``replacement.ridge=auto``)."""
     return float(ridge[layer]) if isinstance(ridge, Mapping) else float(ridge)

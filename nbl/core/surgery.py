@@ -6,6 +6,9 @@ Three granularities (``Part``), all expressed with two module swaps, so a model 
   ``h + (W h + b)``; the attention (and its KV cache) stays;
 - block: the whole layer ``x -> x + Attn(..) + MLP(..)`` becomes ``x + (W x + b)``: stored as the layer's
   attention map with its MLP dropped, the same function, so checkpoints and accounting need no third case.
+
+An attention sub-block may also become a :class:`ConvMap` (``mode="conv"``): a map of the last T inputs, whose
+decode state (T - 1 hidden vectors per replaced layer) rides on transformers' cache object.
 """
 
 from __future__ import annotations
@@ -25,8 +28,8 @@ from nbl.core.stats import CovarianceAccumulator
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
 
-ReplacementMode = Literal["linear", "drop"]
-MODES: tuple[str, ...] = ("linear", "drop")
+ReplacementMode = Literal["linear", "drop", "conv"]
+MODES: tuple[str, ...] = ("linear", "drop", "conv")
 Part = Literal["attention", "mlp", "block"]
 PARTS: tuple[str, ...] = ("attention", "mlp", "block")
 
@@ -46,6 +49,45 @@ class MlpMap(nn.Module):
         return self.linear(hidden_states) if self.linear is not None else torch.zeros_like(hidden_states)
 
 
+class ConvMap(nn.Module):
+    """``a_t = W [x_t, x_(t-1), ..., x_(t-T+1)] + b``: a causal convolution of width T over the residual stream,
+    zeros before a sequence starts (as in :func:`shifted_features`, which its statistics are gathered on).
+
+    ``forward`` takes the T - 1 inputs before ``x`` (None at a sequence's start) and returns them for the next
+    call, so decoding one token at a time gives exactly the full-sequence result. At a sequence's start,
+    ``positions`` (the model's ``position_ids``) locate each row's first token, and the inputs before it (left
+    padding) count as zeros, in the result and in the state.
+    """
+
+    def __init__(self, d: int, width: int, device: torch.device | None = None, dtype: torch.dtype | None = None):
+        super().__init__()
+        if width < 2:
+            raise ValueError(f"a convolution map needs width >= 2 (width 1 is mode='linear'), got {width}")
+        self.width = width
+        self.weight = nn.Parameter(torch.empty(d, width * d, device=device, dtype=dtype))
+        self.bias = nn.Parameter(torch.empty(d, device=device, dtype=dtype))
+
+    def forward(
+        self, x: torch.Tensor, past: torch.Tensor | None = None, positions: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        t, steps = self.width - 1, x.shape[1]
+        window = torch.cat([x.new_zeros(x.shape[0], t, x.shape[-1]) if past is None else past.to(x), x], dim=1)
+        if past is None and positions is not None:  # a left-padded row starts at its position 0: zero what lies before
+            start = (steps - 1) - positions.to(x.device)[:, -1:].expand(x.shape[0], 1)  # the padding before it
+            index = torch.arange(-t, steps, device=x.device)
+            window = window * (index >= start).unsqueeze(-1).to(x.dtype)
+        shifted = [window[:, t - j : t - j + steps] for j in range(self.width)]  # x_t, x_(t-1), ...
+        return nn.functional.linear(torch.cat(shifted, dim=-1), self.weight, self.bias), window[:, -t:]
+
+
+def shifted_features(x: torch.Tensor, width: int) -> torch.Tensor:
+    """(B, S, d) -> (B, S, width * d): [x_t, x_(t-1), ..., x_(t-width+1)], zeros before each sequence starts."""
+    return torch.cat([nn.functional.pad(x, (0, 0, j, 0))[:, : x.shape[1]] for j in range(width)], dim=-1)
+
+
+_CONV_STATE = "_nbl_conv_state"  # attribute of transformers' cache object: layer module id -> its last T - 1 inputs
+
+
 class LinearizedDecoderLayer(nn.Module):
     """A decoder layer whose attention sub-block ``h + Attn(LN1(h))`` became ``h + (W h + b)`` or ``h``.
 
@@ -53,7 +95,9 @@ class LinearizedDecoderLayer(nn.Module):
     of the untouched parts do not change. It mixes no information across tokens: no KV cache, no mask.
     """
 
-    def __init__(self, mlp: nn.Module, post_attention_layernorm: nn.Module, attn_linear: nn.Linear | None) -> None:
+    def __init__(
+        self, mlp: nn.Module, post_attention_layernorm: nn.Module, attn_linear: nn.Linear | ConvMap | None
+    ) -> None:
         nn.Module.__init__(self)  # not super(): the family's decoder class may follow in the MRO
         self.mlp = mlp
         self.post_attention_layernorm = post_attention_layernorm
@@ -67,12 +111,33 @@ class LinearizedDecoderLayer(nn.Module):
 
     @property
     def mode(self) -> ReplacementMode:
+        if isinstance(self.attn_linear, ConvMap):
+            return "conv"
         return "linear" if self.attn_linear is not None else "drop"
 
-    def forward(self, hidden_states: torch.Tensor, *args: object, **kwargs: object) -> torch.Tensor:
-        if self.attn_linear is not None:
+    def forward(self, hidden_states: torch.Tensor, *args: object, **kwargs: Any) -> torch.Tensor:
+        if isinstance(self.attn_linear, ConvMap):
+            hidden_states = hidden_states + self._convolve(hidden_states, kwargs)
+        elif self.attn_linear is not None:
             hidden_states = hidden_states + self.attn_linear(hidden_states)
         return hidden_states + self.mlp(self.post_attention_layernorm(hidden_states))
+
+    def _convolve(self, hidden_states: torch.Tensor, kwargs: dict[str, Any]) -> torch.Tensor:
+        """The convolution map; with a cache (generation), its state is read from and written to the cache object,
+        so it lives and dies with the KV cache of the same sequences. Beam search and cache cropping (assisted
+        decoding) reorder or cut the KV cache only: they are not supported with these maps."""
+        cache = kwargs.get("past_key_values") if kwargs.get("use_cache", True) else None
+        states = None if cache is None else cache.__dict__.setdefault(_CONV_STATE, {})
+        past = None if states is None else states.get(id(self))
+        if past is not None and past.shape[0] != hidden_states.shape[0]:
+            raise RuntimeError(
+                f"the cache holds a convolution state for {past.shape[0]} sequences, this step has "
+                f"{hidden_states.shape[0]}: beam search and batch changes are not supported with conv maps"
+            )
+        out, state = self.attn_linear(hidden_states, past, kwargs.get("position_ids"))
+        if states is not None:
+            states[id(self)] = state
+        return out
 
 
 _FAMILY_CLASSES: dict[type[nn.Module], type[LinearizedDecoderLayer]] = {}
@@ -112,6 +177,12 @@ def replaced_mlps(model: PreTrainedModel) -> dict[int, ReplacementMode]:
     return {i: m.mode for i, layer in enumerate(adapter.layers(model)) if isinstance(m := adapter.mlp(layer), MlpMap)}
 
 
+def conv_widths(model: PreTrainedModel) -> dict[int, int]:
+    """Layer index -> width of each attention replaced by a :class:`ConvMap`."""
+    layers = get_adapter(model).layers(model)
+    return {i: m.width for i, layer in enumerate(layers) if isinstance(m := getattr(layer, "attn_linear", None), ConvMap)}
+
+
 def live_layers(model: PreTrainedModel, part: Part) -> list[int]:
     """The layers whose ``part`` is still there to calibrate or replace (a block: attention and MLP both)."""
     gone = set(replaced_layers(model)) if part != "mlp" else set()
@@ -147,7 +218,7 @@ def validate_layers(model: PreTrainedModel, layers: Iterable[int], part: Part = 
     return sorted(chosen)
 
 
-def _replace_layer(model: PreTrainedModel, index: int, linear: nn.Linear | None) -> None:
+def _replace_layer(model: PreTrainedModel, index: int, linear: nn.Linear | ConvMap | None) -> None:
     adapter = get_adapter(model)
     layers = adapter.layers(model)
     old = layers[index]
@@ -168,7 +239,7 @@ def _replace_mlp(model: PreTrainedModel, index: int, linear: nn.Linear | None) -
     adapter.set_mlp_path(adapter.layers(model)[index], nn.Identity(), MlpMap(linear))
 
 
-def _replace(model: PreTrainedModel, index: int, part: Part, linear: nn.Linear | None) -> None:
+def _replace(model: PreTrainedModel, index: int, part: Part, linear: nn.Linear | ConvMap | None) -> None:
     if part == "mlp":
         _replace_mlp(model, index, linear)
         return
@@ -222,24 +293,47 @@ def assign_cache_slots(model: PreTrainedModel) -> None:
         adapter.attention(layers[index]).layer_idx = slot
 
 
-def new_linear(model: PreTrainedModel, index: int, d: int) -> nn.Linear:
-    """An empty d x d map for layer ``index``: on the layer's execution device, in its dtype."""
+def _placement(model: PreTrainedModel, index: int) -> dict[str, Any]:
+    """Where a new map of layer ``index`` lives: the layer's execution device, its dtype."""
     layer = get_adapter(model).layers(model)[index]
     dtype = next(itertools.chain(layer.parameters(), model.parameters())).dtype  # a dropped block has none
-    return nn.Linear(d, d, bias=True, device=execution_device(layer), dtype=dtype)
+    return {"device": execution_device(layer), "dtype": dtype}
 
 
-def apply_replacements(model: PreTrainedModel, modes: Mapping[int, ReplacementMode], part: Part = "attention") -> None:
-    """Structural surgery with freshly initialised linear maps (used to rebuild saved checkpoints)."""
+def new_linear(model: PreTrainedModel, index: int, d: int) -> nn.Linear:
+    """An empty d x d map for layer ``index``: on the layer's execution device, in its dtype."""
+    return nn.Linear(d, d, bias=True, **_placement(model, index))
+
+
+def new_conv(model: PreTrainedModel, index: int, d: int, width: int) -> ConvMap:
+    """An empty convolution map of ``width`` for layer ``index``, placed like :func:`new_linear`."""
+    return ConvMap(d, width, **_placement(model, index))
+
+
+def apply_replacements(
+    model: PreTrainedModel,
+    modes: Mapping[int, ReplacementMode],
+    part: Part = "attention",
+    widths: Mapping[int, int] | None = None,
+) -> None:
+    """Structural surgery with freshly initialised maps (used to rebuild saved checkpoints); ``widths``: the
+    width of each conv map."""
     indices = validate_layers(model, modes, part)
-    bad = {i: modes[i] for i in indices if modes[i] not in MODES}
+    bad = {i: modes[i] for i in indices if modes[i] not in MODES or (modes[i] == "conv" and part != "attention")}
     if bad:
-        raise ValueError(f"unknown replacement modes {bad}; use one of {MODES}")
+        raise ValueError(f"unknown replacement modes {bad} for part {part}; use one of {MODES} (conv: attention)")
+    missing = [i for i in indices if modes[i] == "conv" and (widths is None or i not in widths)]
+    if missing:
+        raise ValueError(f"conv maps of layers {missing} have no width")
     if part != "mlp":
         slot_plan(model, set(indices) | set(replaced_layers(model)))
     d = get_adapter(model).hidden_size(model.config)
     for i in indices:
-        _replace(model, i, part, new_linear(model, i, d) if modes[i] == "linear" else None)
+        if modes[i] == "linear":
+            new: nn.Linear | ConvMap | None = new_linear(model, i, d)
+        else:
+            new = new_conv(model, i, d, widths[i]) if modes[i] == "conv" else None  # type: ignore[index]
+        _replace(model, i, part, new)
     assign_cache_slots(model)
 
 
@@ -256,7 +350,9 @@ def linearize(
     """Replace ``part`` (LN1 + attention, LN2 + MLP, or the whole block) of each listed layer in place;
     returns the replaced layers and modes.
 
-    ``stats`` maps a layer index to its calibration accumulator for that part (``CalibrationResult`` works).
+    ``stats`` maps a layer index to its calibration accumulator for that part (``CalibrationResult`` works); for
+    ``mode="conv"`` (attention only), the statistics of the shifted inputs (:func:`shifted_features`), whose width
+    sets the map's.
     ``maps``: (W, b) already fitted on those statistics, per layer (the fit is skipped for them: whoever replaces
     the same layers many times fits each once). All or nothing: the layers, the statistics' shapes, every fitted
     map (finite) and the cache-slot layout are checked before the model is touched, so any error leaves the
@@ -266,7 +362,7 @@ def linearize(
         raise ValueError(f"unknown replacement mode {mode!r}; use one of {MODES}")
     indices = validate_layers(model, layers, part)
     d = get_adapter(model).hidden_size(model.config)
-    linears: dict[int, nn.Linear | None] = {}
+    linears: dict[int, nn.Linear | ConvMap | None] = {}
     for i in indices:
         if mode == "drop":
             linears[i] = None
@@ -274,13 +370,15 @@ def linearize(
         if i not in stats:
             raise KeyError(f"no calibration statistics for layer {i}")
         acc = stats[i]
-        if (acc.d_in, acc.d_out) != (d, d):
+        width = acc.d_in // d if mode == "conv" else 1
+        if acc.d_out != d or acc.d_in != width * d or (mode == "conv" and (width < 2 or part != "attention")):
+            expected = "the attention's of shifted inputs, (T d) in" if mode == "conv" else f"{d} x {d}"
             raise ValueError(
-                f"statistics of layer {i} are {acc.d_out} x {acc.d_in}; this model's hidden size is {d}: "
-                "they were computed on another model"
+                f"statistics of layer {i} are {acc.d_out} x {acc.d_in} for mode {mode} of part {part}; this model "
+                f"(hidden size {d}) needs {expected}: they were computed on another model or for another map"
             )
         w, b = maps[i] if maps is not None and i in maps else fit_lmmse(acc, ridge=ridge_of(ridge, i))
-        linear = new_linear(model, i, d)
+        linear = new_conv(model, i, d, width) if mode == "conv" else new_linear(model, i, d)
         linear.weight.copy_(w.to(linear.weight))
         linear.bias.copy_(b.to(linear.bias))
         if not (torch.isfinite(linear.weight).all() and torch.isfinite(linear.bias).all()):

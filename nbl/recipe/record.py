@@ -49,7 +49,9 @@ def record(state: RunState) -> None:
                 d: {"nbl": ev.get("domains", {}).get(d), "base": base.get("domains", {}).get(d)} for d in cfg.eval.domains
             },
         },
-        predicted=predicted_speedups(state.config, replaced, cfg.speed.prompt_len, cfg.speed.new_tokens, mlps),
+        predicted=predicted_speedups(
+            state.config, replaced, cfg.speed.prompt_len, cfg.speed.new_tokens, mlps, cfg.replacement.width
+        ),
         params=params,
         config=OmegaConf.to_container(cfg, resolve=True),
         overrides=state.ctx.overrides,

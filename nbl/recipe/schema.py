@@ -126,8 +126,10 @@ class ReplacementSchema:
     mode: Mode
     ridge: Any = 0.0  # a number >= 0, or "auto": per layer, the grid value with the least held-out error
     granularity: Granularity = Granularity.attention  # what one replaced unit is (nbl.core.surgery)
+    width: int = 2  # mode=conv: the map sees the last `width` inputs (nbl.core.surgery.ConvMap)
 
     def check(self) -> None:
+        _positive("replacement.width", self.width, minimum=2)
         if self.ridge == "auto":
             return
         if isinstance(self.ridge, bool) or not isinstance(self.ridge, int | float):
@@ -260,10 +262,30 @@ class ExperimentSchema:
         _positive("selection.holdout_sequences", self.selection.holdout_sequences)
         self._check_texts()
         self._check_granularity()
+        self._check_conv()
         if self.speed.enabled and self.speed.engine is SpeedEngine.vllm and self.quantize.scheme.value != "none":
             raise ConfigError("speed.engine=vllm serves saved checkpoints: a torchao-quantized model is not one")
         if self.layers is not None and len(set(self.layers)) != len(self.layers):
             raise ConfigError(f"layers={self.layers} lists a layer twice")
+
+    def _check_conv(self) -> None:
+        """Convolution maps replace attention sub-blocks, fitted in one extra pass on the unmodified model, and keep
+        a decode state that vLLM and LoRA's adapters have no place for."""
+        if self.replacement.mode is not Mode.conv:
+            return
+        unsupported = {
+            f"replacement.granularity={self.replacement.granularity.value}": self.replacement.granularity
+            is not Granularity.attention,
+            f"calibration.mode={self.calibration.mode.value} (its refits are one-token maps)": self.calibration.mode
+            is not CalibrationMode.one_pass,
+            "speed.engine=vllm (the vLLM plugin refuses conv checkpoints: their decode state has no place there)": (
+                self.speed.enabled and self.speed.engine is SpeedEngine.vllm
+            ),
+            "finetune=lora": self.finetune.method is not FinetuneMethod.none,
+        }
+        for what, bad in unsupported.items():
+            if bad:
+                raise ConfigError(f"replacement.mode=conv does not support {what}: use replacement.mode=linear")
 
     def _judged_texts(self) -> set[str]:
         """The texts whose perplexity the run reports."""
@@ -331,6 +353,8 @@ def check_strategy(cfg: DictConfig) -> None:
         raise ConfigError("finetune.train_maps=true, but replacement=drop leaves no maps to train")
     if strategy is None:
         return
+    if cfg.replacement.mode == "conv" and strategy.chooses_modes:
+        raise ConfigError(f"selection={strategy.name} chooses linear or drop per layer itself: not replacement.mode=conv")
     granularity = cfg.replacement.granularity
     if granularity not in strategy.granularities:
         raise ConfigError(_granularity_refusal(granularity, f"selection={strategy.name}"))

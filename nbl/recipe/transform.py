@@ -12,6 +12,8 @@ import torch
 from nbl.calib.layerwise import refit_propagated
 from nbl.calib.passes import step_store
 from nbl.calib.sequential import linearize_sequentially
+from nbl.calib.shifted import calibrate_shifted, statistics_bytes
+from nbl.core.adapters import get_adapter
 from nbl.core.checkpoint import save_linearized
 from nbl.core.surgery import linearize, replaced_layers, replaced_mlps
 from nbl.finetune import LoraSettings, lora_finetune
@@ -58,6 +60,8 @@ def _replace_attention(state: RunState) -> tuple[list[int], list[dict[str, Any]]
     if modes is not None:  # a plan: each layer its own mode
         for mode in ("linear", "drop"):
             linearize(model, stats, [i for i in chosen if modes[i] == mode], mode=mode, ridge=ridge)
+    elif rep.mode == "conv":  # one_pass (the schema refuses the refits)
+        _replace_by_conv(state, chosen)
     elif cfg.calibration.mode == "one_pass":
         linearize(model, stats, chosen, mode=rep.mode, ridge=ridge)
     elif cfg.calibration.mode == "propagated":  # the chosen layers, each map fitted on the replaced model's inputs
@@ -67,6 +71,23 @@ def _replace_attention(state: RunState) -> tuple[list[int], list[dict[str, Any]]
     else:
         return _replace_sequentially(state, chosen)
     return chosen, None
+
+
+def _replace_by_conv(state: RunState, chosen: list[int]) -> None:
+    """Convolution maps for the chosen layers: their shifted-input statistics in one more pass over the calibration
+    windows (not cached: they depend on the selection), then the fits."""
+    cfg, start = state.cfg, time.perf_counter()
+    width = cfg.replacement.width
+    stats = calibrate_shifted(state.model, state.windows.calibration(), chosen, width,
+                              gram_dtype=cfg.calibration.gram_dtype)  # fmt: skip
+    linearize(state.model, stats, chosen, mode="conv", ridge=state.ridges["attention"])
+    d = get_adapter(state.model).hidden_size(state.config)
+    state.results["calibration"]["conv_pass"] = {
+        "width": width,
+        "seconds": time.perf_counter() - start,
+        "statistics_bytes": len(chosen) * statistics_bytes(d, width),  # float64 sums, held during the pass
+    }
+    log.info("conv maps (width %d): %d layers fitted in %.0f s", width, len(chosen), time.perf_counter() - start)
 
 
 def _replace_sequentially(state: RunState, chosen: list[int]) -> tuple[list[int], list[dict[str, Any]]]:

@@ -79,10 +79,12 @@ class SelectionInputs:
         return part
 
     def probe(self) -> Probe:
-        """Damage measured on the held-out windows, sub-blocks replaced as the run replaces them."""
+        """Damage measured on the held-out windows, sub-blocks replaced as the run replaces them (conv maps: by the
+        one-token maps, whose statistics every layer has; the chosen layers' conv maps are fitted afterwards)."""
         cfg, part = self.cfg, self.part
-        return Probe(self.model, self.stats[part], self.heldout(), cfg.replacement.mode, self.ridges[part],
-                     cfg.selection.measure, part)  # fmt: skip
+        mode = "linear" if cfg.replacement.mode == "conv" else cfg.replacement.mode
+        return Probe(self.model, self.stats[part], self.heldout(), mode, self.ridges[part], cfg.selection.measure,
+                     part)  # fmt: skip
 
 
 class Strategy:

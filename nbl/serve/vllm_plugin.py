@@ -59,6 +59,13 @@ def check_checkpoint(config: Any, folder: str | Path | None = None) -> dict[str,
     n = config.num_hidden_layers
     plan = {part: {int(i): m for i, m in meta.get(key, {}).items()}
             for part, key in (("attention", "replaced_layers"), ("mlp", "replaced_mlps"))}  # fmt: skip
+    conv = sorted(i for i, m in plan["attention"].items() if m == "conv")
+    if conv:
+        raise CheckpointError(
+            f"layers {conv} replace attention by convolution maps (replacement.mode=conv), whose decode state (the "
+            "last T - 1 hidden vectors of each sequence) vLLM's model runner has no place for: serve a checkpoint "
+            "made with replacement.mode=linear, or run this one with nbl.load_linearized in transformers"
+        )
     for part, modes in plan.items():
         bad = {i: m for i, m in modes.items() if not 0 <= i < n or m not in MODES}
         if bad:

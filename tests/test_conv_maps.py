@@ -1,0 +1,168 @@
+"""Convolution maps (replacement.mode=conv): the fit against numpy, the surgery against the unmodified model,
+cached generation against uncached, left padding, checkpoints in a fresh process, and the vLLM refusal."""
+
+import copy
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+import nbl
+from nbl.calib.shifted import calibrate_shifted, statistics_bytes
+from nbl.core.surgery import ConvMap, shifted_features
+from tests.conftest import make_tiny, token_batches
+
+
+def _attention_pairs(model, layer: int, batches) -> tuple[np.ndarray, np.ndarray]:
+    """(x, Attn(LN1(x))) of ``layer`` for every token, (B*S, d) float64, collected independently of nbl."""
+    xs, outs = [], []
+    block = model.model.layers[layer]
+    h1 = block.input_layernorm.register_forward_pre_hook(lambda m, a: xs.append(a[0].detach()))
+    h2 = block.self_attn.register_forward_hook(lambda m, a, o: outs.append(o[0].detach()))
+    with torch.no_grad():
+        for b in batches:
+            model(b)
+    h1.remove()
+    h2.remove()
+    return xs, outs
+
+
+def _numpy_features(x: np.ndarray, width: int) -> np.ndarray:
+    """(B, S, d) -> (B, S, width d) by explicit loops: x_t, x_(t-1), ... with zeros before the start."""
+    b, s, d = x.shape
+    out = np.zeros((b, s, width * d))
+    for t in range(s):
+        for j in range(width):
+            if t - j >= 0:
+                out[:, t, j * d : (j + 1) * d] = x[:, t - j]
+    return out
+
+
+@pytest.mark.parametrize("width", [2, 3])
+def test_conv_map_is_the_least_squares_fit_of_the_shifted_inputs(width):
+    model = make_tiny("llama")
+    batches = token_batches(n_batches=6)
+    stats = calibrate_shifted(model, batches, [2], width, progress=False)
+    w, b = nbl.fit_lmmse(stats[2])
+    xs, outs = _attention_pairs(model, 2, batches)
+    f = np.concatenate([_numpy_features(x.double().numpy(), width) for x in xs]).reshape(-1, width * 64)
+    a = np.concatenate([o.double().numpy() for o in outs]).reshape(-1, 64)
+    design = np.hstack([f, np.ones((len(f), 1))])
+    coef, *_ = np.linalg.lstsq(design, a, rcond=None)
+    np.testing.assert_allclose(w.numpy(), coef[:-1].T, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(b.numpy(), coef[-1], rtol=1e-6, atol=1e-6)
+    assert stats[2].d_in == width * 64 and statistics_bytes(64, width) == 8 * sum(
+        t.numel() for name, t in stats[2].state_dict().items() if name.startswith("sum")
+    )
+
+
+def test_replaced_layer_is_the_original_with_the_convolution_as_attention_output():
+    base = make_tiny("llama")
+    stats = calibrate_shifted(base, token_batches(), [1], 2, progress=False)
+    replaced = copy.deepcopy(base)
+    nbl.linearize(replaced, stats, [1], mode="conv")
+    conv = replaced.model.layers[1].attn_linear
+    assert isinstance(conv, ConvMap) and conv.width == 2 and nbl.replaced_layers(replaced) == {1: "conv"}
+    ids = torch.randint(3, 256, (2, 16), generator=torch.Generator().manual_seed(5))
+    seen = {}
+    block = base.model.layers[1]
+
+    def run_with(fn):
+        h1 = block.register_forward_pre_hook(lambda m, a, k: seen.__setitem__("x", a[0] if a else k["hidden_states"]),
+                                             with_kwargs=True)  # fmt: skip
+        h2 = block.self_attn.register_forward_hook(lambda m, a, o: (fn(seen["x"]), *o[1:]))
+        with torch.no_grad():
+            logits = base(ids).logits
+        h1.remove()
+        h2.remove()
+        return logits
+
+    with torch.no_grad():
+        expected = replaced(ids).logits
+    conv_out = run_with(lambda x: torch.nn.functional.linear(shifted_features(x, 2), conv.weight, conv.bias))
+    # mutation check: the map without its previous-token half is a clearly different model
+    one_token = run_with(lambda x: torch.nn.functional.linear(x, conv.weight[:, :64], conv.bias))
+    torch.testing.assert_close(conv_out, expected, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(one_token, expected, rtol=0.0, atol=1e-3)
+
+
+@pytest.mark.parametrize("layers", [[0], [3], [0, 1, 2, 3]], ids=["first", "last", "all"])
+@pytest.mark.parametrize("width", [2, 3])
+def test_cached_generation_equals_uncached(family, layers, width):
+    model = make_tiny(family)
+    stats = calibrate_shifted(model, token_batches(n_batches=3), layers, width, progress=False)
+    nbl.linearize(model, stats, layers, mode="conv")
+    prompt = torch.randint(3, 256, (2, 7), generator=torch.Generator().manual_seed(1))
+    kwargs = {"max_new_tokens": 12, "do_sample": False, "pad_token_id": 0}
+    cached = model.generate(prompt, use_cache=True, **kwargs)
+    uncached = model.generate(prompt, use_cache=False, **kwargs)
+    assert cached.shape == (2, 19)
+    assert torch.equal(cached, uncached)
+    # the decode state is what makes it exact: a cache whose state is wiped before each step differs
+    with torch.no_grad():
+        out = model(prompt, use_cache=True)
+        cache = out.past_key_values
+        step = out.logits[:, -1:].argmax(-1)
+        exact = model(step, past_key_values=copy.deepcopy(cache), use_cache=True).logits
+        cache.__dict__.pop("_nbl_conv_state")
+        stateless = model(step, past_key_values=cache, use_cache=True).logits
+    assert not torch.allclose(exact, stateless, atol=1e-4)
+
+
+def test_left_padded_row_sees_zeros_before_its_start():
+    model = make_tiny("llama")
+    stats = calibrate_shifted(model, token_batches(n_batches=3), [0, 2], 2, progress=False)
+    nbl.linearize(model, stats, [0, 2], mode="conv")
+    short = torch.randint(3, 256, (1, 5), generator=torch.Generator().manual_seed(2))
+    long = torch.randint(3, 256, (1, 9), generator=torch.Generator().manual_seed(3))
+    ids = torch.cat([torch.cat([torch.zeros(1, 4, dtype=torch.long), short], 1), long])
+    mask = torch.cat([torch.cat([torch.zeros(1, 4), torch.ones(1, 5)], 1), torch.ones(1, 9)]).long()
+    kwargs = {"max_new_tokens": 6, "do_sample": False, "pad_token_id": 0}
+    padded = model.generate(ids, attention_mask=mask, **kwargs)
+    alone = model.generate(short, **kwargs)
+    assert torch.equal(padded[0, 4:], alone[0])
+
+
+def test_checkpoint_reloads_in_a_fresh_process(tmp_path):
+    model = make_tiny("qwen2")
+    stats = calibrate_shifted(model, token_batches(n_batches=3), [1, 2], 3, progress=False)
+    nbl.linearize(model, stats, [1, 2], mode="conv")
+    folder = nbl.save_linearized(model, tmp_path / "ckpt")
+    ids = torch.randint(3, 256, (1, 12), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        expected = model(ids).logits
+    torch.save(ids, tmp_path / "ids.pt")
+    code = (
+        "import torch, nbl, sys\n"
+        f"m = nbl.load_linearized({str(folder)!r})\n"
+        f"ids = torch.load({str(tmp_path / 'ids.pt')!r})\n"
+        "assert nbl.replaced_layers(m) == {1: 'conv', 2: 'conv'}, nbl.replaced_layers(m)\n"
+        "assert m.model.layers[1].attn_linear.width == 3\n"
+        "with torch.no_grad():\n"
+        f"    torch.save(m(ids).logits, {str(tmp_path / 'out.pt')!r})\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
+    torch.testing.assert_close(torch.load(tmp_path / "out.pt"), expected, rtol=0, atol=0)
+
+
+def test_vllm_refuses_a_conv_checkpoint_with_the_reason(tmp_path):
+    from nbl.serve.vllm_plugin import CheckpointError, check_checkpoint
+
+    model = make_tiny("llama")
+    stats = calibrate_shifted(model, token_batches(n_batches=3), [1], 2, progress=False)
+    nbl.linearize(model, stats, [1], mode="conv")
+    folder = nbl.save_linearized(model, tmp_path / "ckpt")
+    from transformers import AutoConfig
+
+    with pytest.raises(CheckpointError, match=r"convolution maps.*decode state"):
+        check_checkpoint(AutoConfig.from_pretrained(folder), folder)
+
+
+def test_linear_statistics_cannot_make_a_conv_map():
+    model = make_tiny("llama")
+    stats = nbl.calibrate(model, token_batches(n_batches=3), progress=False)
+    with pytest.raises(ValueError, match="another map"):
+        nbl.linearize(model, stats, [1], mode="conv")
+    assert nbl.replaced_layers(model) == {}
