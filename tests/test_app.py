@@ -1,6 +1,7 @@
 """The Hydra app end to end: config composition, the real entry point, sweeps, fail-fast checks, W&B."""
 
 import json
+import math
 import os
 import re
 import subprocess
@@ -182,6 +183,7 @@ def test_launcher_configs(launcher, target):
         (["replacement=conv", "speed=vllm"], "the vLLM plugin refuses conv checkpoints"),
         (["replacement=conv", "finetune=lora"], "mode=conv does not support finetune=lora"),
         (["replacement=conv", "selection=plan"], "selection=plan chooses linear or drop per layer itself"),
+        (["+replacement.validate=true"], "replacement.validate=true is read by replacement.mode=conv only"),
     ],
 )
 def test_bad_input_fails_before_loading_weights(overrides, message, monkeypatch):
@@ -512,3 +514,14 @@ def test_conv_maps_run_end_to_end_and_say_what_they_cost(tmp_path, nbl_cache):
     assert results["summary_row"]["method"] == "cca+conv3"
     meta = json.loads((Path(results["checkpoint"]) / "nbl.json").read_text())
     assert meta["conv_widths"] == {str(i): 3 for i in results["replaced_layers"]}
+
+
+def test_recommended_replacement_keeps_the_maps_that_do_better_on_heldout_text(tmp_path, nbl_cache):
+    proc = _run(tmp_path, "experiment=smoke", "replacement=recommended", f"hydra.run.dir={tmp_path / 'run'}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (results,) = _results(tmp_path / "run")
+    conv = results["calibration"]["conv_pass"]
+    losses = conv["heldout_loss"]
+    assert set(losses) == {"conv", "linear"} and all(math.isfinite(v) and v > 0 for v in losses.values())
+    assert conv["kept"] == min(losses, key=losses.get)
+    assert set(results["replaced_modes"].values()) == {conv["kept"]}

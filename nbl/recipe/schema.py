@@ -127,6 +127,7 @@ class ReplacementSchema:
     ridge: Any = 0.0  # a number >= 0, or "auto": per layer, the grid value with the least held-out error
     granularity: Granularity = Granularity.attention  # what one replaced unit is (nbl.core.surgery)
     width: int = 2  # mode=conv: the map sees the last `width` inputs (nbl.core.surgery.ConvMap)
+    validate: bool = False  # mode=conv: keep the one-token maps where the conv maps do worse on held-out windows
 
     def check(self) -> None:
         _positive("replacement.width", self.width, minimum=2)
@@ -272,6 +273,8 @@ class ExperimentSchema:
         """Convolution maps replace attention sub-blocks, fitted in one extra pass on the unmodified model, and keep
         a decode state that vLLM and LoRA's adapters have no place for."""
         if self.replacement.mode is not Mode.conv:
+            if self.replacement.validate:
+                raise ConfigError("replacement.validate=true is read by replacement.mode=conv only")
             return
         unsupported = {
             f"replacement.granularity={self.replacement.granularity.value}": self.replacement.granularity
@@ -339,7 +342,7 @@ def check_strategy(cfg: DictConfig) -> None:
     """What the chosen strategy cannot do with ``cfg`` (its granularities, calibration modes and own settings), and
     settings that only some strategies read, set where none reads them."""
     strategy = None if cfg.layers is not None else get_strategy(cfg.selection.strategy)  # explicit: none runs
-    heldout_read = cfg.replacement.ridge == "auto" or (
+    heldout_read = cfg.replacement.ridge == "auto" or cfg.replacement.validate or (
         strategy is not None and (strategy.heldout_windows or strategy.heldout_statistics)
     )
     if cfg.selection.heldout_source is not None and not heldout_read:

@@ -82,7 +82,11 @@ class RunState:
     @property
     def needs_heldout_windows(self) -> bool:
         strategy = self.strategy
-        return self.needs_heldout_statistics or (strategy is not None and strategy.heldout_windows)
+        return (
+            self.needs_heldout_statistics
+            or (strategy is not None and strategy.heldout_windows)
+            or self.cfg.replacement.validate
+        )
 
     @property
     def wants_eval(self) -> bool:

@@ -4,6 +4,7 @@ healing, the checkpoint, quantization."""
 from __future__ import annotations
 
 import logging
+import math
 import time
 from typing import Any
 
@@ -17,10 +18,12 @@ from nbl.core.adapters import get_adapter
 from nbl.core.checkpoint import save_linearized
 from nbl.core.surgery import linearize, replaced_layers, replaced_mlps
 from nbl.finetune import LoraSettings, lora_finetune
+from nbl.measure.evaluation import perplexity
 from nbl.quantization import quantize_model
 from nbl.recipe.keys import sequential_step_fields
 from nbl.recipe.state import RunState
 from nbl.report import plot_loss_curve
+from nbl.select.damage import layers_restored
 from nbl.select.registry import RankingStrategy
 
 log = logging.getLogger(__name__)
@@ -75,19 +78,29 @@ def _replace_attention(state: RunState) -> tuple[list[int], list[dict[str, Any]]
 
 def _replace_by_conv(state: RunState, chosen: list[int]) -> None:
     """Convolution maps for the chosen layers: their shifted-input statistics in one more pass over the calibration
-    windows (not cached: they depend on the selection), then the fits."""
-    cfg, start = state.cfg, time.perf_counter()
-    width = cfg.replacement.width
-    stats = calibrate_shifted(state.model, state.windows.calibration(), chosen, width,
-                              gram_dtype=cfg.calibration.gram_dtype)  # fmt: skip
-    linearize(state.model, stats, chosen, mode="conv", ridge=state.ridges["attention"])
-    d = get_adapter(state.model).hidden_size(state.config)
-    state.results["calibration"]["conv_pass"] = {
+    windows (not cached: they depend on the selection), then the fits. With ``replacement.validate``, the one-token
+    maps replace the conv maps when those do worse on the held-out windows (all chosen layers replaced together)."""
+    cfg, model, start = state.cfg, state.model, time.perf_counter()
+    width, ridge = cfg.replacement.width, state.ridges["attention"]
+    stats = calibrate_shifted(model, state.windows.calibration(), chosen, width, gram_dtype=cfg.calibration.gram_dtype)
+    section: dict[str, Any] = {
         "width": width,
-        "seconds": time.perf_counter() - start,
-        "statistics_bytes": len(chosen) * statistics_bytes(d, width),  # float64 sums, held during the pass
-    }
-    log.info("conv maps (width %d): %d layers fitted in %.0f s", width, len(chosen), time.perf_counter() - start)
+        "statistics_bytes": len(chosen) * statistics_bytes(get_adapter(model).hidden_size(state.config), width),
+    }  # float64 sums, held during the pass
+    if cfg.replacement.validate:
+        heldout = torch.cat(state.windows.heldout())
+        losses = {}
+        for mode, fits in (("linear", state.stats["attention"]), ("conv", stats)):
+            with layers_restored(model, chosen):
+                linearize(model, fits, chosen, mode=mode, ridge=ridge)
+                losses[mode] = math.log(perplexity(model, heldout))
+        section.update(heldout_loss=losses, kept="conv" if losses["conv"] <= losses["linear"] else "linear")
+        log.info("held-out loss: conv %.4f, linear %.4f: %s maps kept", losses["conv"], losses["linear"], section["kept"])
+    mode = section.get("kept", "conv")
+    linearize(model, stats if mode == "conv" else state.stats["attention"], chosen, mode=mode, ridge=ridge)
+    section["seconds"] = time.perf_counter() - start
+    state.results["calibration"]["conv_pass"] = section
+    log.info("conv maps (width %d): %d layers in %.0f s", width, len(chosen), section["seconds"])
 
 
 def _replace_sequentially(state: RunState, chosen: list[int]) -> tuple[list[int], list[dict[str, Any]]]:
