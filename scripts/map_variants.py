@@ -9,6 +9,8 @@ joint second moments (the features' covariance blocks are sub-blocks of the larg
 - x: f_t = x_t (the paper's map);
 - prev: f_t = [x_t, x_(t-1)] (x_(-1) = 0), a causal convolution of width 2; conv3: width 3;
 - mean: f_t = [x_t, mean_(s<=t) x_s] (the running mean of the stream: a decode state of one vector and a count);
+- "rank d/2", "rank d/4", ...: the map cut to rank r by reduced-rank regression (``nbl.core.linalg.reduce_rank``):
+  two thin factors, 2 r (d + f) FLOPs per token for f input features instead of 2 d f;
 - "+sink": the first position of a sequence is computed exactly and the maps are fitted on the others (or, to
   see what the fit alone gains, on all positions). With one
   key, attention returns that key's value: a_0 = W_o expand(W_v LN1(x_0)), one d x d product per layer that only
@@ -17,7 +19,8 @@ joint second moments (the features' covariance blocks are sub-blocks of the larg
 
 The layers are the ones `selection=recommended` chose at each k (docs/results.md, "Validated selection"), so the
 maps alone differ; perplexity on the Wikipedia stand-in and SciQ (16 x 512 tokens each, the windows the app uses).
-Writes map_variants.json and map_variants.md.
+Writes map_variants.json (runs already in it are kept and not redone) and map_variants.md, where each map's cost
+per replaced layer stands beside it.
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from nbl.core.linalg import fit_lmmse
+from nbl.core.linalg import fit_lmmse, reduce_rank
 from nbl.core.stats import CovarianceAccumulator
 from nbl.data import lambada_passages, load_texts, token_sequences
 from nbl.measure.evaluation import perplexity
@@ -45,15 +48,21 @@ LAYERS = {
     16: [5, 6, 7, 8, 9, 15, 17, 18, 19, 22, 24, 25, 26, 27, 28, 29],
 }
 BLOCKS = ("x", "prev", "prev2", "mean")  # the joint feature vector, d each
-VARIANTS = {  # name -> (feature blocks, first position exact, the positions the map is fitted on)
-    "x": (("x",), False, "all"),
-    "x+sink (fit on all)": (("x",), True, "all"),
-    "x+sink": (("x",), True, "rest"),
-    "prev": (("x", "prev"), False, "all"),
-    "prev+sink": (("x", "prev"), True, "rest"),
-    "conv3+sink": (("x", "prev", "prev2"), True, "rest"),
-    "mean+sink": (("x", "mean"), True, "rest"),
-    "prev+mean+sink": (("x", "prev", "mean"), True, "rest"),
+# name -> (feature blocks, first position exact, the positions the map is fitted on, rank as a fraction of d)
+VARIANTS = {
+    "x": (("x",), False, "all", None),
+    "x+sink (fit on all)": (("x",), True, "all", None),
+    "x+sink": (("x",), True, "rest", None),
+    "prev": (("x", "prev"), False, "all", None),
+    "prev+sink": (("x", "prev"), True, "rest", None),
+    "conv3": (("x", "prev", "prev2"), False, "all", None),
+    "conv3+sink": (("x", "prev", "prev2"), True, "rest", None),
+    "mean+sink": (("x", "mean"), True, "rest", None),
+    "prev+mean+sink": (("x", "prev", "mean"), True, "rest", None),
+    "x rank d/2": (("x",), False, "all", 1 / 2),
+    "x rank d/4": (("x",), False, "all", 1 / 4),
+    "x rank d/8": (("x",), False, "all", 1 / 8),
+    "prev rank d/4": (("x", "prev"), False, "all", 1 / 4),
 }
 
 
@@ -137,6 +146,10 @@ def calibrate(model, batches: list[torch.Tensor]) -> dict[str, dict[int, Covaria
     return stats
 
 
+def original_attention(model) -> nn.Module:
+    return model.model.layers[0].self_attn
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=Path("outputs/map_variants"))
@@ -151,16 +164,31 @@ def main() -> None:
     stats = calibrate(model, list(token_sequences(tokenizer, lambada_passages(), 32, 512, seed=0).split(4)))
     calibration_s = time.perf_counter() - start
     texts = {s: token_sequences(tokenizer, load_texts(s), args.eval_sequences, 512, seed=0) for s in ("wikipedia", "sciq")}
-    results = {"base": {s: perplexity(model, ids) for s, ids in texts.items()}, "calibration_s": calibration_s, "runs": []}
+    results = {
+        "base": {s: perplexity(model, ids) for s, ids in texts.items()},
+        "calibration_s": calibration_s,
+        "hidden_size": d,
+        "attention_flops": 2 * sum(p.numel() for p in original_attention(model).parameters() if p.dim() == 2),
+        "runs": [],
+    }
+    done = args.out / "map_variants.json"
+    if done.is_file():  # measured by an earlier run of this script (same calibration and texts): kept, not redone
+        results["runs"] = json.loads(done.read_text())["runs"]
     print("base", results["base"], flush=True)
     original = list(model.model.layers)
     maps: dict[tuple[str, int], tuple[torch.Tensor, torch.Tensor]] = {}
     for k in args.ks:  # k-major: every variant at one k before the next k
         for name in args.variants:
-            blocks, sink, fit_on = VARIANTS[name]
+            if any(r["variant"] == name and r["k"] == k for r in results["runs"]):
+                continue
+            blocks, sink, fit_on, rank = VARIANTS[name]
             for i in LAYERS[k]:
                 if (name, i) not in maps:
-                    maps[name, i] = fit_lmmse(sub_accumulator(stats[fit_on][i], blocks, d))
+                    acc = sub_accumulator(stats[fit_on][i], blocks, d)
+                    maps[name, i] = fit_lmmse(acc)
+                    if rank is not None:  # evaluated as the d x d product U V: the same function
+                        u, v, b = reduce_rank(maps[name, i][0], acc, round(rank * d))
+                        maps[name, i] = (u @ v, b)
                 model.model.layers[i] = Replaced(original[i], *maps[name, i], blocks, sink)
             run = {"variant": name, "k": k, "layers": LAYERS[k], **{s: perplexity(model, ids) for s, ids in texts.items()}}
             results["runs"].append(run)
@@ -173,18 +201,37 @@ def main() -> None:
     print(table(results, args.ks, args.variants))
 
 
+def costs(name: str, d: int, attention_flops: int) -> dict[str, float]:
+    """Per replaced layer: the float64 calibration sums the fit needs (MB), the map's FLOPs per token (as a
+    fraction of the attention projections' at zero context) and its bf16 weight bytes (MB)."""
+    blocks, _, _, rank = VARIANTS[name]
+    f = len(blocks) * d
+    params = round(rank * d) * (d + f) if rank is not None else f * d  # U (d x r) and V (r x f), or W
+    return {
+        "statistics_mb": 8 * (f * f + f * d + d * d + f + d) / 1e6,
+        "flops_vs_attention": 2 * params / attention_flops,
+        "bf16_mb": 2 * (params + d) / 1e6,
+    }
+
+
 def table(results: dict, ks: list[int], variants: list[str]) -> str:
-    base = results["base"]
+    base, d, attention_flops = results["base"], results["hidden_size"], results["attention_flops"]
     lines = [
         f"Perplexity, Wikipedia stand-in / SciQ (base {base['wikipedia']:.2f} / {base['sciq']:.2f}); layers: "
-        "selection=recommended's at each k.",
+        "selection=recommended's at each k. Cost per replaced layer: the calibration sums the fit needs (float64),",
+        "the map's FLOPs per token over the attention projections' (q, k, v, o; the context-dependent part comes on",
+        "top of those), and its weights in bf16.",
         "",
-        "| map | " + " | ".join(f"k = {k}" for k in ks) + " |",
-        "|---|" + "---|" * len(ks),
+        "| map | " + " | ".join(f"k = {k}" for k in ks) + " | statistics | FLOPs / attention's | weights |",
+        "|---|" + "---|" * (len(ks) + 3),
     ]
     for name in variants:
         cells = {r["k"]: f"{r['wikipedia']:.2f} / {r['sciq']:.2f}" for r in results["runs"] if r["variant"] == name}
-        lines.append(f"| {name} | " + " | ".join(cells.get(k, "-") for k in ks) + " |")
+        c = costs(name, d, attention_flops)
+        lines.append(
+            f"| {name} | " + " | ".join(cells.get(k, "-") for k in ks)
+            + f" | {c['statistics_mb']:.1f} MB | {c['flops_vs_attention']:.2f} | {c['bf16_mb']:.2f} MB |"
+        )
     return "\n".join(lines) + "\n"
 
 

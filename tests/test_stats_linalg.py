@@ -250,3 +250,30 @@ def test_float32_gram_products_under_the_new_tf32_api(monkeypatch):
         assert acc.count == 64 and matmul.fp32_precision == "tf32"  # computed, and the user's setting restored
     finally:
         matmul.fp32_precision = saved
+
+
+@pytest.mark.parametrize("rank", [1, 3, 6])
+def test_reduced_rank_map_is_the_best_of_its_rank_on_the_fitted_tokens(rank):
+    """Against the classical closed form: the truncated SVD of W C_xx^(1/2), mapped back (numpy), and against the
+    error of the full map plus the dropped eigenvalues."""
+    from nbl.core.linalg import reduce_rank
+
+    x, a = _correlated(3000, 8, 6, noise=0.1)
+    acc = _acc(x, a)
+    w, _ = fit_lmmse(acc)
+    u, v, b = reduce_rank(w, acc, rank)
+    assert u.shape == (6, rank) and v.shape == (rank, 8)
+    xc = x - x.mean(0)
+    c_xx = xc.T @ xc / len(x)
+    evals, evecs = np.linalg.eigh(c_xx)
+    root = evecs @ np.diag(np.sqrt(evals)) @ evecs.T
+    left, s, right = np.linalg.svd(w.numpy() @ root)
+    expected = left[:, :rank] @ np.diag(s[:rank]) @ right[:rank] @ np.linalg.inv(root)
+    np.testing.assert_allclose((u @ v).numpy(), expected, atol=1e-8)
+    residual = a - x @ (u @ v).numpy().T - b.numpy()
+    full = a - x @ w.numpy().T - (a.mean(0) - w.numpy() @ x.mean(0))
+    added = (residual**2).sum(1).mean() - (full**2).sum(1).mean()
+    np.testing.assert_allclose(added, (s[rank:] ** 2).sum(), rtol=1e-6, atol=1e-10)
+    assert abs(residual.mean(0)).max() < 1e-9  # b re-centres
+    if rank == 6:
+        np.testing.assert_allclose((u @ v).numpy(), w.numpy(), atol=1e-9)
