@@ -10,6 +10,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from nbl.cache import cache_key
 from nbl.provenance import code_identity, file_digest, model_revision, weights_fingerprint
+from nbl.select.registry import probe_replacement
 
 if TYPE_CHECKING:
     from transformers import PretrainedConfig
@@ -44,7 +45,7 @@ def calibration_fields(cfg: DictConfig, config: PretrainedConfig, replaced_order
     cal.pop("mode")  # the one-pass statistics are the first step of the sequential and propagated modes
     if replaced_order:
         cal["replaced_order"] = list(replaced_order)
-        cal["replacement"] = OmegaConf.to_container(cfg.replacement, resolve=True)
+        cal["replacement"] = probe_replacement(cfg)
     if cal["source"] == "local":
         cal["sha256"] = file_digest(cal["path"])  # the content, not the name, identifies the text
     return {"model": model_fields(cfg, config), "calibration": cal, "code": code_identity()}

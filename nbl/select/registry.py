@@ -82,9 +82,16 @@ class SelectionInputs:
         """Damage measured on the held-out windows, sub-blocks replaced as the run replaces them (conv maps: by the
         one-token maps, whose statistics every layer has; the chosen layers' conv maps are fitted afterwards)."""
         cfg, part = self.cfg, self.part
-        mode = "linear" if cfg.replacement.mode == "conv" else cfg.replacement.mode
+        mode = probe_replacement(cfg)["mode"]
         return Probe(self.model, self.stats[part], self.heldout(), mode, self.ridges[part], cfg.selection.measure,
                      part)  # fmt: skip
+
+
+def probe_replacement(cfg: DictConfig) -> dict[str, Any]:
+    """The replacement settings measured damage and refitted statistics depend on (their cache keys hold these):
+    mode, ridge, granularity. Conv maps are chosen with the one-token maps, so their runs share those entries."""
+    rep = cfg.replacement
+    return {"mode": "linear" if rep.mode == "conv" else rep.mode, "ridge": rep.ridge, "granularity": rep.granularity}
 
 
 class Strategy:

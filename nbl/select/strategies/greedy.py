@@ -6,11 +6,9 @@ from __future__ import annotations
 
 import dataclasses
 
-from omegaconf import OmegaConf
-
 from nbl.cache import grown_steps
 from nbl.select.damage import GreedyStep, greedy_selection
-from nbl.select.registry import MeasuredStrategy, Selection, SelectionInputs, register
+from nbl.select.registry import MeasuredStrategy, Selection, SelectionInputs, probe_replacement, register
 
 
 @register
@@ -22,7 +20,7 @@ class Greedy(MeasuredStrategy):
 
     def select(self, inputs: SelectionInputs) -> Selection:
         cfg, part = inputs.cfg, inputs.part
-        fields = {**inputs.measured_key, "replacement": OmegaConf.to_container(cfg.replacement, resolve=True)}
+        fields = {**inputs.measured_key, "replacement": probe_replacement(cfg)}
         k = cfg.num_layers
 
         def grow(earlier: list[dict]) -> list[dict]:

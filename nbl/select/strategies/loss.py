@@ -6,19 +6,17 @@ from __future__ import annotations
 
 import logging
 
-from omegaconf import OmegaConf
-
 from nbl.cache import cached_json
 from nbl.select.damage import single_layer_damage
 from nbl.select.ranking import select_layers
-from nbl.select.registry import MeasuredStrategy, Selection, SelectionInputs, register
+from nbl.select.registry import MeasuredStrategy, Selection, SelectionInputs, probe_replacement, register
 
 log = logging.getLogger(__name__)
 
 
 def single_layer_damages(inputs: SelectionInputs) -> dict[int, float]:
     """:func:`single_layer_damage` of every layer (cached by everything it depends on but k)."""
-    fields = {**inputs.measured_key, "replacement": OmegaConf.to_container(inputs.cfg.replacement, resolve=True)}
+    fields = {**inputs.measured_key, "replacement": probe_replacement(inputs.cfg)}
 
     def compute() -> dict:
         return {str(i): v for i, v in single_layer_damage(inputs.probe()).items()}  # JSON keys are strings
