@@ -11,6 +11,7 @@ joint second moments (the features' covariance blocks are sub-blocks of the larg
 - mean: f_t = [x_t, mean_(s<=t) x_s] (the running mean of the stream: a decode state of one vector and a count);
 - "rank d/2", "rank d/4", ...: the map cut to rank r by reduced-rank regression (``nbl.core.linalg.reduce_rank``):
   two thin factors, 2 r (d + f) FLOPs per token for f input features instead of 2 d f;
+- ", ridge r": fitted with ``replacement.ridge`` r (r tr(C_ff) / f added to C_ff's diagonal);
 - "+sink": the first position of a sequence is computed exactly and the maps are fitted on the others (or, to
   see what the fit alone gains, on all positions). With one
   key, attention returns that key's value: a_0 = W_o expand(W_v LN1(x_0)), one d x d product per layer that only
@@ -48,7 +49,8 @@ LAYERS = {
     16: [5, 6, 7, 8, 9, 15, 17, 18, 19, 22, 24, 25, 26, 27, 28, 29],
 }
 BLOCKS = ("x", "prev", "prev2", "mean")  # the joint feature vector, d each
-# name -> (feature blocks, first position exact, the positions the map is fitted on, rank as a fraction of d)
+# name -> (feature blocks, first position exact, the positions the map is fitted on, rank as a fraction of d[,
+# ridge])
 VARIANTS = {
     "x": (("x",), False, "all", None),
     "x+sink (fit on all)": (("x",), True, "all", None),
@@ -63,6 +65,8 @@ VARIANTS = {
     "x rank d/4": (("x",), False, "all", 1 / 4),
     "x rank d/8": (("x",), False, "all", 1 / 8),
     "prev rank d/4": (("x", "prev"), False, "all", 1 / 4),
+    "mean, ridge 1e-3": (("x", "mean"), False, "all", None, 1e-3),
+    "prev+mean, ridge 1e-3": (("x", "prev", "mean"), False, "all", None, 1e-3),
 }
 
 
@@ -181,11 +185,11 @@ def main() -> None:
         for name in args.variants:
             if any(r["variant"] == name and r["k"] == k for r in results["runs"]):
                 continue
-            blocks, sink, fit_on, rank = VARIANTS[name]
+            blocks, sink, fit_on, rank, *ridge = VARIANTS[name]
             for i in LAYERS[k]:
                 if (name, i) not in maps:
                     acc = sub_accumulator(stats[fit_on][i], blocks, d)
-                    maps[name, i] = fit_lmmse(acc)
+                    maps[name, i] = fit_lmmse(acc, ridge=ridge[0] if ridge else 0.0)
                     if rank is not None:  # evaluated as the d x d product U V: the same function
                         u, v, b = reduce_rank(maps[name, i][0], acc, round(rank * d))
                         maps[name, i] = (u @ v, b)
@@ -204,7 +208,7 @@ def main() -> None:
 def costs(name: str, d: int, attention_flops: int) -> dict[str, float]:
     """Per replaced layer: the float64 calibration sums the fit needs (MB), the map's FLOPs per token (as a
     fraction of the attention projections' at zero context) and its bf16 weight bytes (MB)."""
-    blocks, _, _, rank = VARIANTS[name]
+    blocks, _, _, rank, *_ = VARIANTS[name]
     f = len(blocks) * d
     params = round(rank * d) * (d + f) if rank is not None else f * d  # U (d x r) and V (r x f), or W
     return {

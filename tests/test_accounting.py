@@ -83,3 +83,20 @@ def test_bytes_model_speedup_of_nbl_is_far_below_the_flop_and_launch_bound_ones(
     nbl12 = dict.fromkeys(range(12), "linear")
     # 12 maps replace 12 x (q, k, v, o) = 12 x 2.5 d^2 weights by 12 x d^2: about 4% fewer bytes per step
     assert BytesModel(MISTRAL_7B).decode_speedup(nbl12, 3072) == pytest.approx(1.05, abs=0.01)
+
+
+@pytest.mark.parametrize("width", [2, 3])
+def test_conv_maps_count_their_width_in_flops_weights_and_state(width):
+    flops = FlopModel(make_tiny("llama").config, conv_width=width)
+    assert flops.layer("conv", 10) == 6 * 64 * 128 + 2 * width * 64 * 64
+    replaced = {0: "conv", 5: "conv", 31: "linear"}
+    with torch.device("meta"):
+        from transformers import AutoModelForCausalLM
+
+        from nbl.core.surgery import apply_replacements
+
+        model = AutoModelForCausalLM.from_config(MISTRAL_7B)
+        apply_replacements(model, replaced, widths={0: width, 5: width})
+    params = sum(p.numel() for p in model.parameters()) - model.get_input_embeddings().weight.numel()
+    state = 2 * (width - 1) * 4096  # the last width - 1 hidden vectors of two conv layers
+    assert BytesModel(MISTRAL_7B, bytes_per_value=2, conv_width=width).decode(replaced, context=0) == 2 * (params + state)
