@@ -86,17 +86,20 @@ def test_bytes_model_speedup_of_nbl_is_far_below_the_flop_and_launch_bound_ones(
 
 
 @pytest.mark.parametrize("width", [2, 3])
-def test_conv_maps_count_their_width_in_flops_weights_and_state(width):
-    flops = FlopModel(make_tiny("llama").config, conv_width=width)
-    assert flops.layer("conv", 10) == 6 * 64 * 128 + 2 * width * 64 * 64
+@pytest.mark.parametrize("rank", [None, 1024])
+def test_conv_maps_count_their_shape_in_flops_weights_and_state(width, rank):
+    from transformers import AutoModelForCausalLM
+
+    from nbl.core.surgery import apply_replacements
+
+    tiny = FlopModel(make_tiny("llama").config, conv=(width, rank and 16))
+    per_token = 2 * width * 64 * 64 if rank is None else 2 * 16 * (width + 1) * 64
+    assert tiny.layer("conv", 10) == 6 * 64 * 128 + per_token
     replaced = {0: "conv", 5: "conv", 31: "linear"}
     with torch.device("meta"):
-        from transformers import AutoModelForCausalLM
-
-        from nbl.core.surgery import apply_replacements
-
         model = AutoModelForCausalLM.from_config(MISTRAL_7B)
-        apply_replacements(model, replaced, widths={0: width, 5: width})
+        apply_replacements(model, replaced, conv={0: (width, rank), 5: (width, rank)})
     params = sum(p.numel() for p in model.parameters()) - model.get_input_embeddings().weight.numel()
     state = 2 * (width - 1) * 4096  # the last width - 1 hidden vectors of two conv layers
-    assert BytesModel(MISTRAL_7B, bytes_per_value=2, conv_width=width).decode(replaced, context=0) == 2 * (params + state)
+    bytes_model = BytesModel(MISTRAL_7B, bytes_per_value=2, conv=(width, rank))
+    assert bytes_model.decode(replaced, context=0) == 2 * (params + state)

@@ -183,7 +183,12 @@ def test_launcher_configs(launcher, target):
         (["replacement=conv", "speed=vllm"], "the vLLM plugin refuses conv checkpoints"),
         (["replacement=conv", "finetune=lora"], "mode=conv does not support finetune=lora"),
         (["replacement=conv", "selection=plan"], "selection=plan chooses linear or drop per layer itself"),
-        (["+replacement.validate=true"], "replacement.validate=true is read by replacement.mode=conv only"),
+        (["+replacement.validate=true"], "replacement.validate is read by replacement.mode=conv only"),
+        (["+replacement.rank=8"], "replacement.rank is read by replacement.mode=conv only"),
+        (["replacement=conv", "replacement.rank=1.5"], "replacement.rank=1.5 must be an integer (a rank)"),
+        (["replacement=conv", "replacement.rank=0"], "replacement.rank=0 must be null"),
+        (["replacement=conv", "replacement.rank=65"], "replacement.rank=65 is above tiny-random-llama's hidden size 64"),
+        (["replacement=conv", "replacement.width=5", "calibration.num_sequences=5"], "a conv map fits 5 x 64 inputs"),
     ],
 )
 def test_bad_input_fails_before_loading_weights(overrides, message, monkeypatch):
@@ -513,7 +518,7 @@ def test_conv_maps_run_end_to_end_and_say_what_they_cost(tmp_path, nbl_cache):
     assert conv["width"] == 3 and conv["statistics_bytes"] == 2 * 8 * (192 * 192 + 192 * 64 + 64 * 64 + 192 + 64)
     assert results["summary_row"]["method"] == "cca+conv3"
     meta = json.loads((Path(results["checkpoint"]) / "nbl.json").read_text())
-    assert meta["conv_widths"] == {str(i): 3 for i in results["replaced_layers"]}
+    assert meta["conv_maps"] == {str(i): {"width": 3, "rank": None} for i in results["replaced_layers"]}
 
 
 def test_recommended_replacement_keeps_the_maps_that_do_better_on_heldout_text(tmp_path, nbl_cache):

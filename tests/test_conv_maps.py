@@ -166,3 +166,32 @@ def test_linear_statistics_cannot_make_a_conv_map():
     with pytest.raises(ValueError, match="another map"):
         nbl.linearize(model, stats, [1], mode="conv")
     assert nbl.replaced_layers(model) == {}
+
+
+@pytest.mark.parametrize("width", [2, 3])
+def test_reduced_rank_conv_map_holds_the_factors_of_the_reduced_rank_fit(width):
+    from nbl.core.linalg import reduce_rank
+
+    model = make_tiny("mistral")
+    stats = calibrate_shifted(model, token_batches(n_batches=4), [1, 3], width, progress=False)
+    nbl.linearize(model, stats, [1, 3], mode="conv", rank=16)
+    conv = model.model.layers[3].attn_linear
+    assert conv.shape == (width, 16) and not hasattr(conv, "weight")
+    u, v, b = reduce_rank(nbl.fit_lmmse(stats[3])[0], stats[3], 16)
+    torch.testing.assert_close(conv.up @ conv.down, (u @ v).float(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(conv.bias, b.float())
+    prompt = torch.randint(3, 256, (2, 7), generator=torch.Generator().manual_seed(1))
+    kwargs = {"max_new_tokens": 10, "do_sample": False, "pad_token_id": 0}
+    assert torch.equal(model.generate(prompt, use_cache=True, **kwargs), model.generate(prompt, use_cache=False, **kwargs))
+
+
+def test_reduced_rank_checkpoint_reloads(tmp_path):
+    model = make_tiny("llama")
+    stats = calibrate_shifted(model, token_batches(n_batches=3), [2], 2, progress=False)
+    nbl.linearize(model, stats, [2], mode="conv", rank=8)
+    folder = nbl.save_linearized(model, tmp_path / "ckpt")
+    loaded = nbl.load_linearized(folder)
+    assert loaded.model.layers[2].attn_linear.shape == (2, 8)
+    ids = torch.randint(3, 256, (1, 12), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids).logits, model(ids).logits, rtol=0, atol=0)

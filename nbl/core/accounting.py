@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from nbl.core.adapters import adapter_for_config
-from nbl.core.surgery import ReplacementMode, replaced_layers
+from nbl.core.surgery import ConvShape, ReplacementMode, replaced_layers
 
 if TYPE_CHECKING:
     from transformers import PretrainedConfig, PreTrainedModel
@@ -70,13 +70,19 @@ def model_kv_bytes_per_token(model: PreTrainedModel) -> int:
     return kv_cache_bytes_per_token(model.config, replaced_layers(model), next(model.parameters()).element_size())
 
 
+def conv_weights(d: int, conv: ConvShape) -> int:
+    """Multiply-adds per token (= weights) of a conv map of (width T, rank r): T d^2, or r (T + 1) d."""
+    width, rank = conv
+    return width * d * d if rank is None else rank * (width + 1) * d
+
+
 @dataclass(frozen=True)
 class FlopModel:
-    """Forward FLOPs (2 per multiply-add) of one token seeing ``context`` tokens, per component; ``conv_width``: the
-    width T of conv maps (``replacement.mode=conv``), 2 T d^2 each."""
+    """Forward FLOPs (2 per multiply-add) of one token seeing ``context`` tokens, per component; ``conv``: the
+    (width T, rank r) of conv maps (``replacement.mode=conv``): 2 T d^2 each, or 2 r (T + 1) d at rank r."""
 
     config: PretrainedConfig
-    conv_width: int = 2
+    conv: ConvShape = (2, None)
 
     def _dims(self) -> tuple[int, int, int, int, int, int]:
         c = self.config
@@ -96,8 +102,10 @@ class FlopModel:
         mlp = {None: 2 * 3 * d * ff, "linear": 2 * d * d, "drop": 0}[mlp_mode]  # gated MLP: gate, up, down
         if mode == "drop":
             return mlp
-        if mode in ("linear", "conv"):
-            return mlp + 2 * d * d * (self.conv_width if mode == "conv" else 1)
+        if mode == "linear":
+            return mlp + 2 * d * d
+        if mode == "conv":
+            return mlp + 2 * conv_weights(d, self.conv)
         projections = 2 * (d * h * hd + 2 * d * kv * hd + h * hd * d)
         scores_and_values = 2 * 2 * context * h * hd
         return mlp + projections + scores_and_values
@@ -136,7 +144,7 @@ class BytesModel:
 
     config: PretrainedConfig
     bytes_per_value: int = 2
-    conv_width: int = 2  # a conv map reads T d^2 + d weights and its state, the last T - 1 hidden vectors
+    conv: ConvShape = (2, None)  # a conv map reads its weights, its bias and its state (the last T - 1 hidden vectors)
 
     def layer_weights(self, mode: ReplacementMode | None, mlp_mode: ReplacementMode | None = None) -> int:
         c = self.config
@@ -149,7 +157,7 @@ class BytesModel:
         if mode == "linear":
             return mlp + d * d + d  # W and b
         if mode == "conv":
-            return mlp + self.conv_width * d * d + d + (self.conv_width - 1) * d  # W, b and the state
+            return mlp + conv_weights(d, self.conv) + d + (self.conv[0] - 1) * d  # W (or U, V), b and the state
         return mlp + d * h * hd + 2 * d * kv * hd + h * hd * d + d  # q, k, v, o; input norm
 
     def decode(self, replaced: Modes, context: int, mlps: Modes = _NONE) -> float:
@@ -170,13 +178,13 @@ def mid_context(prompt_len: int, new_tokens: int) -> int:
 
 
 def predicted_speedups(config: PretrainedConfig, replaced: Modes, prompt_len: int, new_tokens: int,
-                       mlps: Modes = _NONE, conv_width: int = 2) -> dict[str, float]:  # fmt: skip
+                       mlps: Modes = _NONE, conv: ConvShape = (2, None)) -> dict[str, float]:  # fmt: skip
     """Speed-ups the FLOP and bytes models predict for this replacement (``replaced``: attention modes, ``mlps``:
-    MLP modes, ``conv_width``: the width of conv maps) for a prompt of ``prompt_len`` tokens and decoding at
+    MLP modes, ``conv``: the (width, rank) of conv maps) for a prompt of ``prompt_len`` tokens and decoding at
     :func:`mid_context`."""
-    context, flops = mid_context(prompt_len, new_tokens), FlopModel(config, conv_width)
+    context, flops = mid_context(prompt_len, new_tokens), FlopModel(config, conv)
     return {
         "prefill_speedup": flops.prefill_speedup(replaced, prompt_len, mlps),
         "decode_speedup": flops.decode_speedup(replaced, context, mlps),
-        "decode_bytes_speedup": BytesModel(config, conv_width=conv_width).decode_speedup(replaced, context, mlps),
+        "decode_bytes_speedup": BytesModel(config, conv=conv).decode_speedup(replaced, context, mlps),
     }

@@ -18,7 +18,7 @@ from safetensors.torch import load_model, save_file
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
 
 from nbl.core.adapters import adapter_for_config
-from nbl.core.surgery import apply_replacements, conv_widths, replaced_layers, replaced_mlps
+from nbl.core.surgery import apply_replacements, conv_shapes, replaced_layers, replaced_mlps
 
 NBL_FILE = "nbl.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -41,9 +41,9 @@ def save_linearized(model: PreTrainedModel, path: str | Path, tokenizer: PreTrai
         "replaced_layers": {str(i): mode for i, mode in sorted(replaced_layers(model).items())},  # attention
         "replaced_mlps": {str(i): mode for i, mode in sorted(replaced_mlps(model).items())},  # a block: "drop" here
     }
-    widths = conv_widths(model)
-    if widths:  # conv maps (attention): their widths, which the weights' shapes alone would leave implicit
-        meta["conv_widths"] = {str(i): w for i, w in sorted(widths.items())}
+    conv = conv_shapes(model)
+    if conv:  # conv maps (attention): their width and rank
+        meta["conv_maps"] = {str(i): {"width": w, "rank": r} for i, (w, r) in sorted(conv.items())}
     config = copy.deepcopy(model.config)  # the model's own config stays as it is
     config.architectures, config.nbl = [serving_architecture(config.model_type)], meta
     config.save_pretrained(folder)
@@ -78,8 +78,8 @@ def load_linearized(
     with _weights_not_initialised():  # every weight is loaded below (strictly): initialising them is wasted time
         model = AutoModelForCausalLM.from_config(config, dtype=dtype or config.dtype or torch.float32)
     model.tie_weights()  # skipping initialisation skips the tying too: a tied head is stored once, as one tensor
-    widths = {int(i): int(w) for i, w in meta.get("conv_widths", {}).items()}
-    apply_replacements(model, {int(i): mode for i, mode in meta["replaced_layers"].items()}, widths=widths)
+    conv = {int(i): (int(m["width"]), m["rank"]) for i, m in meta.get("conv_maps", {}).items()}
+    apply_replacements(model, {int(i): mode for i, mode in meta["replaced_layers"].items()}, conv=conv)
     apply_replacements(model, {int(i): mode for i, mode in meta.get("replaced_mlps", {}).items()}, part="mlp")
     missing, unexpected = load_model(model, str(folder / WEIGHTS_FILE), strict=False)
     tied = {"lm_head.weight"} if getattr(config, "tie_word_embeddings", False) else set()

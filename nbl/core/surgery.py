@@ -22,13 +22,14 @@ import torch
 from torch import nn
 
 from nbl.core.adapters import get_adapter
-from nbl.core.linalg import Ridge, fit_lmmse, ridge_of
+from nbl.core.linalg import Ridge, fit_lmmse, reduce_rank, ridge_of
 from nbl.core.stats import CovarianceAccumulator
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
 
 ReplacementMode = Literal["linear", "drop", "conv"]
+ConvShape = tuple[int, "int | None"]  # a conv map's (width, rank): rank None is full rank
 MODES: tuple[str, ...] = ("linear", "drop", "conv")
 Part = Literal["attention", "mlp", "block"]
 PARTS: tuple[str, ...] = ("attention", "mlp", "block")
@@ -57,15 +58,52 @@ class ConvMap(nn.Module):
     call, so decoding one token at a time gives exactly the full-sequence result. At a sequence's start,
     ``positions`` (the model's ``position_ids``) locate each row's first token, and the inputs before it (left
     padding) count as zeros, in the result and in the state.
+
+    With a ``rank`` r, W = U V is stored and applied as its two factors (``up``: d x r, ``down``: r x T d):
+    2 r (T + 1) d FLOPs per token instead of 2 T d^2 (:func:`~nbl.core.linalg.reduce_rank` fits them).
     """
 
-    def __init__(self, d: int, width: int, device: torch.device | None = None, dtype: torch.dtype | None = None):
+    def __init__(
+        self,
+        d: int,
+        width: int,
+        rank: int | None = None,
+        device: torch.device | None = None,
+        dtype: torch.dtype | None = None,
+    ):
         super().__init__()
         if width < 2:
             raise ValueError(f"a convolution map needs width >= 2 (width 1 is mode='linear'), got {width}")
+        if rank is not None and not 0 < rank <= d:
+            raise ValueError(f"rank must be in 1..{d}, got {rank}")
         self.width = width
-        self.weight = nn.Parameter(torch.empty(d, width * d, device=device, dtype=dtype))
+        if rank is None:
+            self.weight = nn.Parameter(torch.empty(d, width * d, device=device, dtype=dtype))
+        else:
+            self.down = nn.Parameter(torch.empty(rank, width * d, device=device, dtype=dtype))
+            self.up = nn.Parameter(torch.empty(d, rank, device=device, dtype=dtype))
         self.bias = nn.Parameter(torch.empty(d, device=device, dtype=dtype))
+
+    @property
+    def rank(self) -> int | None:
+        return self.down.shape[0] if hasattr(self, "down") else None
+
+    @property
+    def shape(self) -> ConvShape:
+        return self.width, self.rank
+
+    def load_fit(self, w: torch.Tensor, b: torch.Tensor, up: torch.Tensor | None = None) -> None:
+        """Copy a fitted map in: W (d x T d) and b, or, with ``up``, the factors U = ``up`` and V = ``w``."""
+        if (up is None) != (self.rank is None):
+            raise ValueError(f"a map of rank {self.rank} needs {'no ' if self.rank is None else ''}factors")
+        for param, value in ((self.weight, w),) if up is None else ((self.down, w), (self.up, up)):
+            param.copy_(value.to(param))
+        self.bias.copy_(b.to(self.bias))
+
+    def _project(self, features: torch.Tensor) -> torch.Tensor:
+        if self.rank is None:
+            return nn.functional.linear(features, self.weight, self.bias)
+        return nn.functional.linear(nn.functional.linear(features, self.down), self.up, self.bias)
 
     def forward(
         self, x: torch.Tensor, past: torch.Tensor | None = None, positions: torch.Tensor | None = None
@@ -77,7 +115,7 @@ class ConvMap(nn.Module):
             index = torch.arange(-t, steps, device=x.device)
             window = window * (index >= start).unsqueeze(-1).to(x.dtype)
         shifted = [window[:, t - j : t - j + steps] for j in range(self.width)]  # x_t, x_(t-1), ...
-        return nn.functional.linear(torch.cat(shifted, dim=-1), self.weight, self.bias), window[:, -t:]
+        return self._project(torch.cat(shifted, dim=-1)), window[:, -t:]
 
 
 def shifted_features(x: torch.Tensor, width: int) -> torch.Tensor:
@@ -177,10 +215,16 @@ def replaced_mlps(model: PreTrainedModel) -> dict[int, ReplacementMode]:
     return {i: m.mode for i, layer in enumerate(adapter.layers(model)) if isinstance(m := adapter.mlp(layer), MlpMap)}
 
 
-def conv_widths(model: PreTrainedModel) -> dict[int, int]:
-    """Layer index -> width of each attention replaced by a :class:`ConvMap`."""
+def conv_shapes(model: PreTrainedModel) -> dict[int, ConvShape]:
+    """Layer index -> (width, rank) of each attention replaced by a :class:`ConvMap`."""
     layers = get_adapter(model).layers(model)
-    return {i: m.width for i, layer in enumerate(layers) if isinstance(m := getattr(layer, "attn_linear", None), ConvMap)}
+    return {i: m.shape for i, layer in enumerate(layers) if isinstance(m := getattr(layer, "attn_linear", None), ConvMap)}
+
+
+def first_conv_shape(model: PreTrainedModel) -> ConvShape:
+    """The (width, rank) of the model's conv maps (a run fits all of them alike; (2, None) when it has none): what
+    the FLOP and bytes models count them as."""
+    return next(iter(conv_shapes(model).values()), (2, None))
 
 
 def live_layers(model: PreTrainedModel, part: Part) -> list[int]:
@@ -305,24 +349,24 @@ def new_linear(model: PreTrainedModel, index: int, d: int) -> nn.Linear:
     return nn.Linear(d, d, bias=True, **_placement(model, index))
 
 
-def new_conv(model: PreTrainedModel, index: int, d: int, width: int) -> ConvMap:
-    """An empty convolution map of ``width`` for layer ``index``, placed like :func:`new_linear`."""
-    return ConvMap(d, width, **_placement(model, index))
+def new_conv(model: PreTrainedModel, index: int, d: int, shape: ConvShape) -> ConvMap:
+    """An empty convolution map of ``shape`` (width, rank) for layer ``index``, placed like :func:`new_linear`."""
+    return ConvMap(d, *shape, **_placement(model, index))
 
 
 def apply_replacements(
     model: PreTrainedModel,
     modes: Mapping[int, ReplacementMode],
     part: Part = "attention",
-    widths: Mapping[int, int] | None = None,
+    conv: Mapping[int, ConvShape] | None = None,
 ) -> None:
-    """Structural surgery with freshly initialised maps (used to rebuild saved checkpoints); ``widths``: the
-    width of each conv map."""
+    """Structural surgery with freshly initialised maps (used to rebuild saved checkpoints); ``conv``: the
+    (width, rank) of each conv map."""
     indices = validate_layers(model, modes, part)
     bad = {i: modes[i] for i in indices if modes[i] not in MODES or (modes[i] == "conv" and part != "attention")}
     if bad:
         raise ValueError(f"unknown replacement modes {bad} for part {part}; use one of {MODES} (conv: attention)")
-    missing = [i for i in indices if modes[i] == "conv" and (widths is None or i not in widths)]
+    missing = [i for i in indices if modes[i] == "conv" and (conv is None or i not in conv)]
     if missing:
         raise ValueError(f"conv maps of layers {missing} have no width")
     if part != "mlp":
@@ -332,7 +376,7 @@ def apply_replacements(
         if modes[i] == "linear":
             new: nn.Linear | ConvMap | None = new_linear(model, i, d)
         else:
-            new = new_conv(model, i, d, widths[i]) if modes[i] == "conv" else None  # type: ignore[index]
+            new = new_conv(model, i, d, conv[i]) if modes[i] == "conv" else None  # type: ignore[index]
         _replace(model, i, part, new)
     assign_cache_slots(model)
 
@@ -346,13 +390,14 @@ def linearize(
     ridge: Ridge = 0.0,
     part: Part = "attention",
     maps: Mapping[int, tuple[torch.Tensor, torch.Tensor]] | None = None,
+    rank: int | None = None,
 ) -> dict[int, ReplacementMode]:
     """Replace ``part`` (LN1 + attention, LN2 + MLP, or the whole block) of each listed layer in place;
     returns the replaced layers and modes.
 
     ``stats`` maps a layer index to its calibration accumulator for that part (``CalibrationResult`` works); for
     ``mode="conv"`` (attention only), the statistics of the shifted inputs (:func:`shifted_features`), whose width
-    sets the map's.
+    sets the map's, and ``rank`` (None: full) cuts it to that rank by reduced-rank regression.
     ``maps``: (W, b) already fitted on those statistics, per layer (the fit is skipped for them: whoever replaces
     the same layers many times fits each once). All or nothing: the layers, the statistics' shapes, every fitted
     map (finite) and the cache-slot layout are checked before the model is touched, so any error leaves the
@@ -378,11 +423,19 @@ def linearize(
                 f"(hidden size {d}) needs {expected}: they were computed on another model or for another map"
             )
         w, b = maps[i] if maps is not None and i in maps else fit_lmmse(acc, ridge=ridge_of(ridge, i))
-        linear = new_conv(model, i, d, width) if mode == "conv" else new_linear(model, i, d)
-        linear.weight.copy_(w.to(linear.weight))
-        linear.bias.copy_(b.to(linear.bias))
-        if not (torch.isfinite(linear.weight).all() and torch.isfinite(linear.bias).all()):
-            raise ValueError(f"the map of layer {i} overflows {linear.weight.dtype}: try a ridge > 0")
+        if mode == "conv":
+            linear = new_conv(model, i, d, (width, rank))
+            if rank is None:
+                linear.load_fit(w, b)
+            else:
+                up, down, b = reduce_rank(w, acc, rank)
+                linear.load_fit(down, b, up=up)
+        else:
+            linear = new_linear(model, i, d)
+            linear.weight.copy_(w.to(linear.weight))
+            linear.bias.copy_(b.to(linear.bias))
+        if not all(torch.isfinite(p).all() for p in linear.parameters()):
+            raise ValueError(f"the map of layer {i} overflows {linear.bias.dtype}: try a ridge > 0")
         linears[i] = linear
     if part != "mlp":
         slot_plan(model, set(indices) | set(replaced_layers(model)))

@@ -14,7 +14,7 @@ from omegaconf import DictConfig, OmegaConf
 from nbl.cache import cached_json
 from nbl.core.accounting import predicted_speedups
 from nbl.core.checkpoint import save_linearized
-from nbl.core.surgery import conv_widths, replaced_layers, replaced_mlps
+from nbl.core.surgery import first_conv_shape, replaced_layers, replaced_mlps
 from nbl.data import load_texts, token_sequences
 from nbl.measure.evaluation import average_headline, perplexity, run_lm_eval
 from nbl.measure.speed import decode_memory, decode_timer, interleaved, prefill, random_prompt, timed
@@ -65,7 +65,7 @@ def measure_speed(base: PreTrainedModel, replaced: PreTrainedModel, speed_cfg: D
     n_decode = speed_cfg.batch_size * speed_cfg.new_tokens
     predicted = predicted_speedups(
         base.config, replaced_layers(replaced), speed_cfg.prompt_len, speed_cfg.new_tokens, replaced_mlps(replaced),
-        max(conv_widths(replaced).values(), default=2),
+        first_conv_shape(replaced),
     )
     memory = {name: decode_memory(m, prompt, speed_cfg.new_tokens) for name, m in (("base", base), ("nbl", replaced))}
     return {

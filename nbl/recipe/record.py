@@ -9,7 +9,7 @@ from omegaconf import OmegaConf
 
 from nbl.cache import atomic_write_text
 from nbl.core.accounting import kv_cache_bytes_per_token, model_kv_bytes_per_token, parameter_report, predicted_speedups
-from nbl.core.surgery import replaced_layers, replaced_mlps
+from nbl.core.surgery import first_conv_shape, replaced_layers, replaced_mlps
 from nbl.measure.evaluation import headline
 from nbl.provenance import model_revision, provenance
 from nbl.recipe.state import RunState, now
@@ -50,7 +50,7 @@ def record(state: RunState) -> None:
             },
         },
         predicted=predicted_speedups(
-            state.config, replaced, cfg.speed.prompt_len, cfg.speed.new_tokens, mlps, cfg.replacement.width
+            state.config, replaced, cfg.speed.prompt_len, cfg.speed.new_tokens, mlps, first_conv_shape(model)
         ),
         params=params,
         config=OmegaConf.to_container(cfg, resolve=True),

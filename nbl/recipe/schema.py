@@ -128,9 +128,16 @@ class ReplacementSchema:
     granularity: Granularity = Granularity.attention  # what one replaced unit is (nbl.core.surgery)
     width: int = 2  # mode=conv: the map sees the last `width` inputs (nbl.core.surgery.ConvMap)
     validate: bool = False  # mode=conv: keep the one-token maps where the conv maps do worse on held-out windows
+    rank: Any = None  # mode=conv: None (full), an int r, or a fraction of the hidden size (0.25: d / 4)
 
     def check(self) -> None:
         _positive("replacement.width", self.width, minimum=2)
+        if self.rank is not None:
+            rank = self.rank
+            if isinstance(rank, bool) or not isinstance(rank, int | float) or not (rank > 0 and math.isfinite(rank)):
+                raise ConfigError(f"replacement.rank={rank!r} must be null, an integer >= 1 or a fraction in (0, 1]")
+            if isinstance(rank, float) and rank > 1:
+                raise ConfigError(f"replacement.rank={rank} must be an integer (a rank) or a fraction in (0, 1]")
         if self.ridge == "auto":
             return
         if isinstance(self.ridge, bool) or not isinstance(self.ridge, int | float):
@@ -273,8 +280,9 @@ class ExperimentSchema:
         """Convolution maps replace attention sub-blocks, fitted in one extra pass on the unmodified model, and keep
         a decode state that vLLM and LoRA's adapters have no place for."""
         if self.replacement.mode is not Mode.conv:
-            if self.replacement.validate:
-                raise ConfigError("replacement.validate=true is read by replacement.mode=conv only")
+            for key, unread in (("validate", self.replacement.validate), ("rank", self.replacement.rank is not None)):
+                if unread:
+                    raise ConfigError(f"replacement.{key} is read by replacement.mode=conv only")
             return
         unsupported = {
             f"replacement.granularity={self.replacement.granularity.value}": self.replacement.granularity

@@ -81,26 +81,37 @@ def _replace_by_conv(state: RunState, chosen: list[int]) -> None:
     windows (not cached: they depend on the selection), then the fits. With ``replacement.validate``, the one-token
     maps replace the conv maps when those do worse on the held-out windows (all chosen layers replaced together)."""
     cfg, model, start = state.cfg, state.model, time.perf_counter()
-    width, ridge = cfg.replacement.width, state.ridges["attention"]
+    width, ridge, d = cfg.replacement.width, state.ridges["attention"], get_adapter(model).hidden_size(state.config)
+    rank = conv_rank(cfg.replacement.rank, d)
     stats = calibrate_shifted(model, state.windows.calibration(), chosen, width, gram_dtype=cfg.calibration.gram_dtype)
     section: dict[str, Any] = {
         "width": width,
-        "statistics_bytes": len(chosen) * statistics_bytes(get_adapter(model).hidden_size(state.config), width),
-    }  # float64 sums, held during the pass
+        "rank": rank,
+        "statistics_bytes": len(chosen) * statistics_bytes(d, width),  # float64 sums, held during the pass
+    }
     if cfg.replacement.validate:
         heldout = torch.cat(state.windows.heldout())
         losses = {}
         for mode, fits in (("linear", state.stats["attention"]), ("conv", stats)):
             with layers_restored(model, chosen):
-                linearize(model, fits, chosen, mode=mode, ridge=ridge)
+                linearize(model, fits, chosen, mode=mode, ridge=ridge, rank=rank if mode == "conv" else None)
                 losses[mode] = math.log(perplexity(model, heldout))
         section.update(heldout_loss=losses, kept="conv" if losses["conv"] <= losses["linear"] else "linear")
         log.info("held-out loss: conv %.4f, linear %.4f: %s maps kept", losses["conv"], losses["linear"], section["kept"])
-    mode = section.get("kept", "conv")
-    linearize(model, stats if mode == "conv" else state.stats["attention"], chosen, mode=mode, ridge=ridge)
+    if section.get("kept", "conv") == "conv":
+        linearize(model, stats, chosen, mode="conv", ridge=ridge, rank=rank)
+    else:
+        linearize(model, state.stats["attention"], chosen, mode="linear", ridge=ridge)
     section["seconds"] = time.perf_counter() - start
     state.results["calibration"]["conv_pass"] = section
-    log.info("conv maps (width %d): %d layers in %.0f s", width, len(chosen), section["seconds"])
+    log.info("conv maps (width %d, rank %s): %d layers in %.0f s", width, rank, len(chosen), section["seconds"])
+
+
+def conv_rank(rank: int | float | None, d: int) -> int | None:
+    """``replacement.rank`` as a rank: None (full), an integer, or a fraction of the hidden size d (at least 1)."""
+    if rank is None or (isinstance(rank, float) and rank == 1.0):
+        return None
+    return rank if isinstance(rank, int) else max(1, round(rank * d))  # validation refused ranks above d
 
 
 def _replace_sequentially(state: RunState, chosen: list[int]) -> tuple[list[int], list[dict[str, Any]]]:

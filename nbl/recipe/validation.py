@@ -132,7 +132,15 @@ def _check_layers(cfg: DictConfig, arch: SimpleNamespace) -> None:
         if refusal is not None:
             raise ConfigError(refusal)
     d = adapter.hidden_size(arch)
+    rank = cfg.replacement.rank
+    if cfg.replacement.mode == "conv" and isinstance(rank, int) and rank > d:
+        raise ConfigError(f"replacement.rank={rank} is above {cfg.model.name}'s hidden size {d}")
     tokens = cfg.calibration.num_sequences * cfg.calibration.seq_len
+    if cfg.replacement.mode == "conv" and tokens <= cfg.replacement.width * d:
+        raise ConfigError(
+            f"replacement.width={cfg.replacement.width}: a conv map fits {cfg.replacement.width} x {d} inputs and needs "
+            f"more calibration tokens than that (calibration.num_sequences x calibration.seq_len = {tokens})"
+        )
     if tokens <= d:
         raise ConfigError(
             f"calibration.num_sequences x calibration.seq_len = {tokens} tokens; hidden size {d} needs more "
