@@ -127,10 +127,12 @@ _CONV_STATE = "_nbl_conv_state"  # attribute of transformers' cache object: laye
 
 
 class LinearizedDecoderLayer(nn.Module):
-    """A decoder layer whose attention sub-block ``h + Attn(LN1(h))`` became ``h + (W h + b)`` or ``h``.
+    """A decoder layer whose attention sub-block ``h + Attn(LN1(h))`` became ``h + (W h + b)``, ``h``, or a
+    :class:`ConvMap` of the last T inputs.
 
     It keeps the original MLP and post-attention norm under their original names, so checkpoint keys
-    of the untouched parts do not change. It mixes no information across tokens: no KV cache, no mask.
+    of the untouched parts do not change. No KV cache, no mask: a linear map mixes no information across
+    tokens, a conv map only the last T inputs (kept as its decode state).
     """
 
     def __init__(
