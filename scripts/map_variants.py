@@ -160,8 +160,12 @@ def main() -> None:
     parser.add_argument("--eval-sequences", type=int, default=16)
     parser.add_argument("--ks", type=int, nargs="+", default=sorted(LAYERS))
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    parser.add_argument("--table", action="store_true", help="only rewrite map_variants.md from the JSON")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
+    if args.table:
+        write_table(args.out, json.loads((args.out / "map_variants.json").read_text()))
+        return
     model, tokenizer = load_smollm2()
     d = model.config.hidden_size
     start = time.perf_counter()
@@ -201,8 +205,15 @@ def main() -> None:
                 model.model.layers[i] = original[i]
             (args.out / "map_variants.json").write_text(json.dumps(results, indent=2) + "\n")
     (args.out / "map_variants.json").write_text(json.dumps(results, indent=2) + "\n")
-    (args.out / "map_variants.md").write_text(table(results, args.ks, args.variants))
-    print(table(results, args.ks, args.variants))
+    write_table(args.out, results)
+
+
+def write_table(out: Path, results: dict) -> None:
+    """Every map and k the JSON holds (this run's and earlier runs'), ks ascending."""
+    ks = sorted({r["k"] for r in results["runs"]})
+    variants = list(dict.fromkeys(r["variant"] for r in results["runs"]))
+    (out / "map_variants.md").write_text(table(results, ks, variants))
+    print(table(results, ks, variants))
 
 
 def costs(name: str, d: int, attention_flops: int) -> dict[str, float]:
@@ -218,6 +229,10 @@ def costs(name: str, d: int, attention_flops: int) -> dict[str, float]:
     }
 
 
+def _ppl(value: float) -> str:
+    return f"{value:.2f}" if value < 1e4 else f"{value:.1e}"
+
+
 def table(results: dict, ks: list[int], variants: list[str]) -> str:
     base, d, attention_flops = results["base"], results["hidden_size"], results["attention_flops"]
     lines = [
@@ -230,7 +245,7 @@ def table(results: dict, ks: list[int], variants: list[str]) -> str:
         "|---|" + "---|" * (len(ks) + 3),
     ]
     for name in variants:
-        cells = {r["k"]: f"{r['wikipedia']:.2f} / {r['sciq']:.2f}" for r in results["runs"] if r["variant"] == name}
+        cells = {r["k"]: f"{_ppl(r['wikipedia'])} / {_ppl(r['sciq'])}" for r in results["runs"] if r["variant"] == name}
         c = costs(name, d, attention_flops)
         lines.append(
             f"| {name} | " + " | ".join(cells.get(k, "-") for k in ks)
