@@ -419,10 +419,10 @@ def linearize(
         acc = stats[i]
         width = acc.d_in // d if mode == "conv" else 1
         if acc.d_out != d or acc.d_in != width * d or (mode == "conv" and (width < 2 or part != "attention")):
-            expected = "the attention's of shifted inputs, (T d) in" if mode == "conv" else f"{d} x {d}"
+            expected = f"{d} x (T {d}), T >= 2" if mode == "conv" else f"{d} x {d}"
             raise ValueError(
-                f"statistics of layer {i} are {acc.d_out} x {acc.d_in} for mode {mode} of part {part}; this model "
-                f"(hidden size {d}) needs {expected}: they were computed on another model or for another map"
+                f"statistics of layer {i} are {acc.d_out} x {acc.d_in} for mode {mode} of part {part}; this model's "
+                f"hidden size is {d} ({expected} needed): they were computed on another model or for another map"
             )
         w, b = maps[i] if maps is not None and i in maps else fit_lmmse(acc, ridge=ridge_of(ridge, i))
         if mode == "conv":
