@@ -20,6 +20,12 @@ def token_batches(n_batches: int = 4, batch: int = 4, seq: int = 32, vocab: int 
     return [torch.randint(3, vocab, (batch, seq), generator=g) for _ in range(n_batches)]
 
 
+def greedy_cached_and_uncached(model, prompt: torch.Tensor, new_tokens: int = 12) -> tuple[torch.Tensor, torch.Tensor]:
+    """``model``'s greedy continuation of ``prompt`` with the KV cache and without it."""
+    kwargs = {"max_new_tokens": new_tokens, "do_sample": False, "pad_token_id": 0}
+    return model.generate(prompt, use_cache=True, **kwargs), model.generate(prompt, use_cache=False, **kwargs)
+
+
 @pytest.fixture(scope="session")
 def converted_models():
     """The folder holding the converted embedded model (converted once per machine, not once per test cache)."""

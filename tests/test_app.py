@@ -14,6 +14,7 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from nbl.__main__ import CONF_DIR
+from nbl.core.surgery import MODES
 from nbl.recipe.schema import checked_config
 from nbl.recipe.validation import validate
 from nbl.select.registry import strategy_names
@@ -42,7 +43,7 @@ def test_every_group_option_composes(group):
         OmegaConf.to_container(cfg.model, resolve=True)
         assert cfg.model.source in ("embedded", "hub", "tiny")
         assert cfg.selection.strategy in strategy_names()
-        assert cfg.replacement.mode in ("linear", "drop")
+        assert cfg.replacement.mode in MODES
 
 
 @pytest.mark.parametrize(("group", "option"), [(g, o) for g in GROUPS for o in _options(g)])

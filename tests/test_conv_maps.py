@@ -12,7 +12,7 @@ import torch
 import nbl
 from nbl.calib.shifted import calibrate_shifted, statistics_bytes
 from nbl.core.surgery import ConvMap, shifted_features
-from tests.conftest import make_tiny, token_batches
+from tests.conftest import greedy_cached_and_uncached, make_tiny, token_batches
 
 
 def _attention_pairs(model, layer: int, batches) -> tuple[np.ndarray, np.ndarray]:
@@ -95,9 +95,7 @@ def test_cached_generation_equals_uncached(family, layers, width):
     stats = calibrate_shifted(model, token_batches(n_batches=3), layers, width, progress=False)
     nbl.linearize(model, stats, layers, mode="conv")
     prompt = torch.randint(3, 256, (2, 7), generator=torch.Generator().manual_seed(1))
-    kwargs = {"max_new_tokens": 12, "do_sample": False, "pad_token_id": 0}
-    cached = model.generate(prompt, use_cache=True, **kwargs)
-    uncached = model.generate(prompt, use_cache=False, **kwargs)
+    cached, uncached = greedy_cached_and_uncached(model, prompt)
     assert cached.shape == (2, 19)
     assert torch.equal(cached, uncached)
     # the decode state is what makes it exact: a cache whose state is wiped before each step differs
@@ -181,8 +179,7 @@ def test_reduced_rank_conv_map_holds_the_factors_of_the_reduced_rank_fit(width):
     torch.testing.assert_close(conv.up @ conv.down, (u @ v).float(), rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(conv.bias, b.float())
     prompt = torch.randint(3, 256, (2, 7), generator=torch.Generator().manual_seed(1))
-    kwargs = {"max_new_tokens": 10, "do_sample": False, "pad_token_id": 0}
-    assert torch.equal(model.generate(prompt, use_cache=True, **kwargs), model.generate(prompt, use_cache=False, **kwargs))
+    assert torch.equal(*greedy_cached_and_uncached(model, prompt, new_tokens=10))
 
 
 def test_reduced_rank_checkpoint_reloads(tmp_path):

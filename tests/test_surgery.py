@@ -11,7 +11,7 @@ from transformers import DynamicCache, GPT2Config, GPT2LMHeadModel
 
 import nbl
 from nbl.models import random_model, tiny_config
-from tests.conftest import make_tiny, token_batches
+from tests.conftest import greedy_cached_and_uncached, make_tiny, token_batches
 
 
 def _logit_error(model, reference, batches) -> float:
@@ -47,9 +47,7 @@ def test_cached_generation_equals_uncached(family, layers, mode):
     stats = nbl.calibrate(model, token_batches(n_batches=2), progress=False)
     nbl.linearize(model, stats, layers, mode=mode)
     prompt = torch.randint(3, 256, (2, 7), generator=torch.Generator().manual_seed(1))
-    kwargs = {"max_new_tokens": 12, "do_sample": False, "pad_token_id": 0}
-    cached = model.generate(prompt, use_cache=True, **kwargs)
-    uncached = model.generate(prompt, use_cache=False, **kwargs)
+    cached, uncached = greedy_cached_and_uncached(model, prompt)
     assert cached.shape == (2, 19)
     assert torch.equal(cached, uncached)
 
