@@ -383,6 +383,30 @@ def apply_replacements(
     assign_cache_slots(model)
 
 
+def _fitted_map(
+    model: PreTrainedModel,
+    index: int,
+    acc: CovarianceAccumulator,
+    fitted: tuple[torch.Tensor, torch.Tensor],
+    conv: ConvShape | None,
+) -> nn.Linear | ConvMap:
+    """The map of layer ``index`` holding the fitted (W, b): a d x d linear map, or a conv map of ``conv``'s
+    (width, rank), cut to that rank on ``acc`` (reduced-rank regression)."""
+    (w, b), d = fitted, acc.d_out
+    if conv is None:
+        linear = new_linear(model, index, d)
+        linear.weight.copy_(w.to(linear.weight))
+        linear.bias.copy_(b.to(linear.bias))
+        return linear
+    new = new_conv(model, index, d, conv)
+    if conv[1] is None:
+        new.load_fit(w, b)
+    else:
+        up, down, b = reduce_rank(w, acc, conv[1])
+        new.load_fit(down, b, up=up)
+    return new
+
+
 @torch.no_grad()
 def linearize(
     model: PreTrainedModel,
@@ -424,18 +448,8 @@ def linearize(
                 f"statistics of layer {i} are {acc.d_out} x {acc.d_in} for mode {mode} of part {part}; this model's "
                 f"hidden size is {d} ({expected} needed): they were computed on another model or for another map"
             )
-        w, b = maps[i] if maps is not None and i in maps else fit_lmmse(acc, ridge=ridge_of(ridge, i))
-        if mode == "conv":
-            linear = new_conv(model, i, d, (width, rank))
-            if rank is None:
-                linear.load_fit(w, b)
-            else:
-                up, down, b = reduce_rank(w, acc, rank)
-                linear.load_fit(down, b, up=up)
-        else:
-            linear = new_linear(model, i, d)
-            linear.weight.copy_(w.to(linear.weight))
-            linear.bias.copy_(b.to(linear.bias))
+        fitted = maps[i] if maps is not None and i in maps else fit_lmmse(acc, ridge=ridge_of(ridge, i))
+        linear = _fitted_map(model, i, acc, fitted, (width, rank) if mode == "conv" else None)
         if not all(torch.isfinite(p).all() for p in linear.parameters()):
             raise ValueError(f"the map of layer {i} overflows {linear.bias.dtype}: try a ridge > 0")
         linears[i] = linear
