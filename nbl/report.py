@@ -105,7 +105,8 @@ def method_name(results: dict[str, Any]) -> str:
     shown = key[1]
     if key[1] == "conv":  # a conv map's width is its kind; validated conv maps may have lost to the one-token maps
         kept = results.get("calibration", {}).get("conv_pass", {}).get("kept", "conv")
-        shown = f"conv{replacement.get('width', 2)}" if kept == "conv" else "linear (conv lost on held-out)"
+        rank = "" if replacement.get("rank") is None else f" rank {replacement['rank']}"
+        shown = f"conv{replacement.get('width', 2)}{rank}" if kept == "conv" else "linear (conv lost on held-out)"
     name = PAPER_NAMES.get(key, f"{key[0]}+{shown}" + ("" if granularity == "attention" else f" ({granularity})"))
     mode = results.get("calibration", {}).get("mode")
     finetune = results.get("config", {}).get("finetune", {})
