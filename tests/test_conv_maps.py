@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import nbl
-from nbl.calib.shifted import calibrate_shifted, statistics_bytes
+from nbl.calib.hooks import calibrate, shifted_statistics_bytes
 from nbl.core.surgery import ConvMap, shifted_features
 from tests.conftest import greedy_cached_and_uncached, make_tiny, token_batches
 
@@ -44,7 +44,7 @@ def _numpy_features(x: np.ndarray, width: int) -> np.ndarray:
 def test_conv_map_is_the_least_squares_fit_of_the_shifted_inputs(width):
     model = make_tiny("llama")
     batches = token_batches(n_batches=6)
-    stats = calibrate_shifted(model, batches, [2], width, progress=False)
+    stats = calibrate(model, batches, [2], progress=False, width=width)
     w, b = nbl.fit_lmmse(stats[2])
     xs, outs = _attention_pairs(model, 2, batches)
     f = np.concatenate([_numpy_features(x.double().numpy(), width) for x in xs]).reshape(-1, width * 64)
@@ -53,14 +53,14 @@ def test_conv_map_is_the_least_squares_fit_of_the_shifted_inputs(width):
     coef, *_ = np.linalg.lstsq(design, a, rcond=None)
     np.testing.assert_allclose(w.numpy(), coef[:-1].T, rtol=1e-6, atol=1e-6)
     np.testing.assert_allclose(b.numpy(), coef[-1], rtol=1e-6, atol=1e-6)
-    assert stats[2].d_in == width * 64 and statistics_bytes(64, width) == 8 * sum(
+    assert stats[2].d_in == width * 64 and shifted_statistics_bytes(64, width) == 8 * sum(
         t.numel() for name, t in stats[2].state_dict().items() if name.startswith("sum")
     )
 
 
 def test_replaced_layer_is_the_original_with_the_convolution_as_attention_output():
     base = make_tiny("llama")
-    stats = calibrate_shifted(base, token_batches(), [1], 2, progress=False)
+    stats = calibrate(base, token_batches(), [1], progress=False, width=2)
     replaced = copy.deepcopy(base)
     nbl.linearize(replaced, stats, [1], mode="conv")
     conv = replaced.model.layers[1].attn_linear
@@ -92,7 +92,7 @@ def test_replaced_layer_is_the_original_with_the_convolution_as_attention_output
 @pytest.mark.parametrize("width", [2, 3])
 def test_cached_generation_equals_uncached(family, layers, width):
     model = make_tiny(family)
-    stats = calibrate_shifted(model, token_batches(n_batches=3), layers, width, progress=False)
+    stats = calibrate(model, token_batches(n_batches=3), layers, progress=False, width=width)
     nbl.linearize(model, stats, layers, mode="conv")
     prompt = torch.randint(3, 256, (2, 7), generator=torch.Generator().manual_seed(1))
     cached, uncached = greedy_cached_and_uncached(model, prompt)
@@ -111,7 +111,7 @@ def test_cached_generation_equals_uncached(family, layers, width):
 
 def test_left_padded_row_sees_zeros_before_its_start():
     model = make_tiny("llama")
-    stats = calibrate_shifted(model, token_batches(n_batches=3), [0, 2], 2, progress=False)
+    stats = calibrate(model, token_batches(n_batches=3), [0, 2], progress=False, width=2)
     nbl.linearize(model, stats, [0, 2], mode="conv")
     short = torch.randint(3, 256, (1, 5), generator=torch.Generator().manual_seed(2))
     long = torch.randint(3, 256, (1, 9), generator=torch.Generator().manual_seed(3))
@@ -125,7 +125,7 @@ def test_left_padded_row_sees_zeros_before_its_start():
 
 def test_checkpoint_reloads_in_a_fresh_process(tmp_path):
     model = make_tiny("qwen2")
-    stats = calibrate_shifted(model, token_batches(n_batches=3), [1, 2], 3, progress=False)
+    stats = calibrate(model, token_batches(n_batches=3), [1, 2], progress=False, width=3)
     nbl.linearize(model, stats, [1, 2], mode="conv")
     folder = nbl.save_linearized(model, tmp_path / "ckpt")
     ids = torch.randint(3, 256, (1, 12), generator=torch.Generator().manual_seed(4))
@@ -149,7 +149,7 @@ def test_vllm_refuses_a_conv_checkpoint_with_the_reason(tmp_path):
     from nbl.serve.vllm_plugin import CheckpointError, check_checkpoint
 
     model = make_tiny("llama")
-    stats = calibrate_shifted(model, token_batches(n_batches=3), [1], 2, progress=False)
+    stats = calibrate(model, token_batches(n_batches=3), [1], progress=False, width=2)
     nbl.linearize(model, stats, [1], mode="conv")
     folder = nbl.save_linearized(model, tmp_path / "ckpt")
     from transformers import AutoConfig
@@ -171,7 +171,7 @@ def test_reduced_rank_conv_map_holds_the_factors_of_the_reduced_rank_fit(width):
     from nbl.core.linalg import reduce_rank
 
     model = make_tiny("mistral")
-    stats = calibrate_shifted(model, token_batches(n_batches=4), [1, 3], width, progress=False)
+    stats = calibrate(model, token_batches(n_batches=4), [1, 3], progress=False, width=width)
     nbl.linearize(model, stats, [1, 3], mode="conv", rank=16)
     conv = model.model.layers[3].attn_linear
     assert conv.shape == (width, 16) and not hasattr(conv, "weight")
@@ -184,7 +184,7 @@ def test_reduced_rank_conv_map_holds_the_factors_of_the_reduced_rank_fit(width):
 
 def test_reduced_rank_checkpoint_reloads(tmp_path):
     model = make_tiny("llama")
-    stats = calibrate_shifted(model, token_batches(n_batches=3), [2], 2, progress=False)
+    stats = calibrate(model, token_batches(n_batches=3), [2], progress=False, width=2)
     nbl.linearize(model, stats, [2], mode="conv", rank=8)
     folder = nbl.save_linearized(model, tmp_path / "ckpt")
     loaded = nbl.load_linearized(folder)
@@ -192,3 +192,30 @@ def test_reduced_rank_checkpoint_reloads(tmp_path):
     ids = torch.randint(3, 256, (1, 12), generator=torch.Generator().manual_seed(4))
     with torch.no_grad():
         torch.testing.assert_close(loaded(ids).logits, model(ids).logits, rtol=0, atol=0)
+
+
+def test_shifted_statistics_count_left_padding_as_zeros():
+    """A left-padded row gives the statistics of the same tokens alone: before a sequence starts the shifted
+    inputs are zeros, as the conv map sees them at inference (rotary attention depends on relative positions
+    only, so the real tokens' x and outputs agree up to rounding)."""
+    from nbl.calib.hooks import calibrate_parts
+
+    model = make_tiny("llama")
+    ids = torch.randint(3, 256, (1, 40), generator=torch.Generator().manual_seed(2))
+    padded = {"input_ids": torch.cat([torch.full((1, 5), 7), ids], 1),  # not the embedding's zero padding row
+              "attention_mask": torch.cat([torch.zeros(1, 5, dtype=torch.long), torch.ones_like(ids)], 1)}  # fmt: skip
+    alone, shifted = (calibrate_parts(model, [batch], ("attention",), [1], progress=False, check_tokens=False, width=2)
+                      ["attention"][1] for batch in (ids, padded))  # fmt: skip
+    assert shifted.count == alone.count == 40
+    for name, value in alone.state_dict().items():
+        torch.testing.assert_close(shifted.state_dict()[name], value, rtol=1e-4, atol=1e-4, msg=name)
+
+
+def test_shifted_statistics_refuse_too_few_tokens_and_other_parts():
+    from nbl.calib.hooks import calibrate_parts
+
+    model = make_tiny("llama")  # d = 64: a width-2 map has 128 inputs
+    with pytest.raises(ValueError, match="120 real tokens for a width-2 map of 128 inputs"):
+        calibrate(model, token_batches(n_batches=1, batch=4, seq=30), [1], progress=False, width=2)
+    with pytest.raises(ValueError, match="attention part only"):
+        calibrate_parts(model, token_batches(n_batches=1), ("mlp",), [1], progress=False, width=2)

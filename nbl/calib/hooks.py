@@ -11,7 +11,7 @@ from tqdm.auto import tqdm
 
 from nbl.calib.result import CalibrationResult
 from nbl.core.adapters import get_adapter
-from nbl.core.surgery import PARTS, Part, execution_device, live_layers
+from nbl.core.surgery import PARTS, Part, execution_device, live_layers, shifted_features
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
@@ -24,16 +24,19 @@ class SubBlockTap:
 
     Per part, of layer i: attention (x, Attn(LN1(x))) with x the layer input; mlp (h, MLP(LN2(h))) with h the
     residual stream after the attention; block (x, layer output - x). ``results`` holds one
-    :class:`CalibrationResult` per part; each is fed for the layers it holds.
+    :class:`CalibrationResult` per part; each is fed for the layers it holds. With ``width`` T > 1 the input fed
+    is [x_t, ..., x_(t-T+1)] (:func:`shifted_features`; padding counts as zeros, as a conv map sees it at
+    inference); the cosine stays that of x itself.
 
     x is taken where LN1 reads it, inside the layer: a dispatched model's hooks (accelerate, ``device_map``) move
     a layer's input onto its device on the way in, so what the layer's own pre-hook sees can sit on the previous
     layer's device.
     """
 
-    def __init__(self, model: PreTrainedModel, results: Mapping[Part, CalibrationResult]) -> None:
+    def __init__(self, model: PreTrainedModel, results: Mapping[Part, CalibrationResult], width: int = 1) -> None:
         self.model = model
         self.results = results
+        self.width = width
         self.mask: torch.Tensor | None = None
         self._inputs: dict[tuple[str, int], torch.Tensor] = {}
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
@@ -77,7 +80,10 @@ class SubBlockTap:
             a = out - x if part == "block" else out  # a block's "output" is what it adds to the stream
             mask = self.mask.to(x.device) if self.mask is not None else None
             result = self.results[part]
-            result.accumulators[i].update(x, a, mask)
+            features = x
+            if self.width > 1:
+                features = shifted_features(x if mask is None else x * mask.unsqueeze(-1).to(x.dtype), self.width)
+            result.accumulators[i].update(features, a, mask)
             cos = torch.nn.functional.cosine_similarity(x.float(), (x + a).float(), dim=-1)
             if mask is not None:
                 cos = cos[mask.bool()]
@@ -106,14 +112,15 @@ def calibrate(
     progress: bool = True,
     gram_dtype: str = "float64",
     part: Part = "attention",
+    width: int = 1,
 ) -> CalibrationResult:
     """One pass over ``batches``; statistics of ``part`` in every layer that still has it (or only ``layers``).
 
     The LM head is skipped (only the backbone runs); padding tokens (attention_mask == 0) are not
     counted. Memory is O(L d^2) whatever the number of tokens. ``gram_dtype``: see
-    :class:`~nbl.core.stats.CovarianceAccumulator`.
+    :class:`~nbl.core.stats.CovarianceAccumulator`; ``width``: see :func:`calibrate_parts`.
     """
-    return calibrate_parts(model, batches, (part,), layers, progress, gram_dtype)[part]
+    return calibrate_parts(model, batches, (part,), layers, progress, gram_dtype, width=width)[part]
 
 
 @torch.no_grad()
@@ -125,11 +132,13 @@ def calibrate_parts(
     progress: bool = True,
     gram_dtype: str = "float64",
     check_tokens: bool = True,
+    width: int = 1,
 ) -> dict[Part, CalibrationResult]:
     """:func:`calibrate` for several parts in the same pass: 3 d^2 + 2 d float64 sums per (layer, part), so
-    every granularity at once holds three times the attention-only statistics. ``check_tokens``: refuse fewer
-    than d tokens (off for one shard of a sharded pass, whose total is checked, and for held-out statistics,
-    which no map inverts)."""
+    every granularity at once holds three times the attention-only statistics. ``check_tokens``: refuse as many
+    tokens as inputs or fewer (off for one shard of a sharded pass, whose total is checked, and for held-out
+    statistics, which no map inverts). ``width`` T > 1: the attention's output against its last T inputs, the
+    statistics of a conv map ((T d)^2 + 2 T d^2 + (T + 1) d sums a layer: :func:`shifted_statistics_bytes`)."""
     adapter = get_adapter(model)
     n = len(adapter.layers(model))
     d = adapter.hidden_size(model.config)
@@ -137,6 +146,8 @@ def calibrate_parts(
     for part in dict.fromkeys(parts):
         if part not in PARTS:
             raise ValueError(f"unknown part {part!r}; use one of {PARTS}")
+        if width > 1 and part != "attention":
+            raise ValueError(f"shifted inputs (width {width}) are gathered for the attention part only, not {part}")
         live = live_layers(model, part)
         if layers is None:
             chosen = live
@@ -147,15 +158,15 @@ def calibrate_parts(
                     raise IndexError(f"layer {i} out of range for {n} layers")
                 if i not in live:
                     raise ValueError(f"layer {i} has no {part} left to calibrate")
-        results[part] = CalibrationResult.empty(chosen, d, gram_dtype)
+        results[part] = CalibrationResult.empty(chosen, d, gram_dtype, width)
     device = execution_device(model.get_input_embeddings())  # dispatched models: weights may sit on "meta"
     backbone = adapter.backbone(model)
     was_training = model.training
     model.eval()
     total = len(batches) if hasattr(batches, "__len__") else None
-    names = "+".join(results)
+    names = "+".join(results) + (f", width {width}" if width > 1 else "")
     try:
-        with SubBlockTap(model, results) as tap:
+        with SubBlockTap(model, results, width) as tap:
             for b, batch in enumerate(tqdm(batches, total=total, desc=f"calibrating ({names})", disable=not progress)):
                 input_ids, mask = unpack_batch(batch, device)
                 tap.mask = mask
@@ -166,16 +177,25 @@ def calibrate_parts(
         model.train(was_training)
     for result in results.values():
         if check_tokens:
-            check_token_count(result, d)
+            check_token_count(result, d, width)
     return results
 
 
-def check_token_count(result: CalibrationResult, d: int) -> None:
-    """Refuse statistics over too few tokens: with n <= d tokens C_xx is singular and every layer looks linear."""
-    if result.num_tokens <= d:
+def shifted_statistics_bytes(d: int, width: int) -> int:
+    """float64 bytes of one layer's sums for a width-``width`` conv map (what ``calibrate_parts(width=...)`` holds)."""
+    f = width * d
+    return 8 * (f * f + f * d + d * d + f + d)
+
+
+def check_token_count(result: CalibrationResult, d: int, width: int = 1) -> None:
+    """Refuse statistics over too few tokens: with n <= T d tokens the covariance of the T d inputs is singular
+    and every layer looks linear."""
+    inputs = width * d
+    if result.num_tokens <= inputs:
+        what = f"hidden size {d}" if width == 1 else f"a width-{width} map of {inputs} inputs"
         raise ValueError(
-            f"calibration saw {result.num_tokens} real tokens for hidden size {d}: the covariance of x needs "
-            f"more than {d} tokens to have full rank (otherwise every layer looks perfectly linear); "
+            f"calibration saw {result.num_tokens} real tokens for {what}: the covariance of the inputs needs "
+            f"more than {inputs} tokens to have full rank (otherwise every layer looks perfectly linear); "
             "use more or longer calibration sequences"
         )
 

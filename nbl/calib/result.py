@@ -24,10 +24,12 @@ class CalibrationResult(Mapping[int, CovarianceAccumulator]):
         self.cosine_sums = cosine_sums
 
     @classmethod
-    def empty(cls, layers: Iterable[int], d: int, gram_dtype: str = "float64") -> CalibrationResult:
-        """Zero statistics for ``layers`` of hidden size d."""
+    def empty(cls, layers: Iterable[int], d: int, gram_dtype: str = "float64", width: int = 1) -> CalibrationResult:
+        """Zero statistics for ``layers`` of hidden size d; inputs of ``width`` d features (a conv map's shifted
+        inputs: :func:`nbl.core.surgery.shifted_features`)."""
         layers = list(layers)
-        return cls({i: CovarianceAccumulator(d, d, gram_dtype=gram_dtype) for i in layers}, dict.fromkeys(layers, 0.0))
+        accumulators = {i: CovarianceAccumulator(width * d, d, gram_dtype=gram_dtype) for i in layers}
+        return cls(accumulators, dict.fromkeys(layers, 0.0))
 
     def to(self, device: torch.device | str) -> CalibrationResult:
         """The same statistics with every sum on ``device`` (score and fit where the model computes).

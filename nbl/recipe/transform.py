@@ -10,10 +10,10 @@ from typing import Any
 
 import torch
 
+from nbl.calib.hooks import calibrate, shifted_statistics_bytes
 from nbl.calib.layerwise import refit_propagated
 from nbl.calib.passes import step_store
 from nbl.calib.sequential import linearize_sequentially
-from nbl.calib.shifted import calibrate_shifted, statistics_bytes
 from nbl.core.adapters import get_adapter
 from nbl.core.checkpoint import save_linearized
 from nbl.core.surgery import linearize, replaced_layers, replaced_mlps
@@ -83,11 +83,11 @@ def _replace_by_conv(state: RunState, chosen: list[int]) -> None:
     cfg, model, start = state.cfg, state.model, time.perf_counter()
     width, ridge, d = cfg.replacement.width, state.ridges["attention"], get_adapter(model).hidden_size(state.config)
     rank = conv_rank(cfg.replacement.rank, d)
-    stats = calibrate_shifted(model, state.windows.calibration(), chosen, width, gram_dtype=cfg.calibration.gram_dtype)
+    stats = calibrate(model, state.windows.calibration(), chosen, gram_dtype=cfg.calibration.gram_dtype, width=width)
     section: dict[str, Any] = {
         "width": width,
         "rank": rank,
-        "statistics_bytes": len(chosen) * statistics_bytes(d, width),  # float64 sums, held during the pass
+        "statistics_bytes": len(chosen) * shifted_statistics_bytes(d, width),  # float64 sums, held during the pass
     }
     if cfg.replacement.validate:
         heldout = torch.cat(state.windows.heldout())
