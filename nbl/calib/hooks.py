@@ -10,7 +10,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from nbl.calib.result import CalibrationResult
-from nbl.core.adapters import get_adapter
+from nbl.core.adapters import DecoderAdapter, get_adapter
 from nbl.core.surgery import PARTS, Part, execution_device, live_layers, shifted_features
 
 if TYPE_CHECKING:
@@ -47,13 +47,7 @@ class SubBlockTap:
         try:
             for part, result in self.results.items():
                 for i in result.accumulators:
-                    layer = decoder_layers[i]
-                    if part == "attention":
-                        entry, exit_ = adapter.input_norm(layer), adapter.attention(layer)
-                    elif part == "mlp":
-                        entry, exit_ = adapter.post_attention_norm(layer), adapter.mlp(layer)
-                    else:
-                        entry, exit_ = adapter.input_norm(layer), layer
+                    entry, exit_ = part_modules(adapter, decoder_layers[i], part)
                     self._handles.append(entry.register_forward_pre_hook(self._save_input(part, i), with_kwargs=True))
                     self._handles.append(exit_.register_forward_hook(self._accumulate(part, i)))
         except BaseException:
@@ -90,6 +84,16 @@ class SubBlockTap:
             result.cosine_sums[i] += float(cos.double().sum())
 
         return hook
+
+
+def part_modules(adapter: DecoderAdapter, layer: nn.Module, part: Part) -> tuple[nn.Module, nn.Module]:
+    """(entry, exit) of a decoder layer's part: the module whose first argument is the part's input x (read
+    before its norm) and the module whose output is the part's output (a whole layer's: x plus what it adds)."""
+    if part == "attention":
+        return adapter.input_norm(layer), adapter.attention(layer)
+    if part == "mlp":
+        return adapter.post_attention_norm(layer), adapter.mlp(layer)
+    return adapter.input_norm(layer), layer
 
 
 def unpack_batch(batch: Batch, device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:

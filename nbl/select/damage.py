@@ -70,16 +70,20 @@ class Probe:
     progress: bool = True
     fitted: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict, repr=False, compare=False)
 
+    def maps(self, layers: Iterable[int]) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+        """Each layer's LMMSE map (W, b), fitted once and kept."""
+        dtype = next(self.model.parameters()).dtype
+        for i in layers:
+            if i not in self.fitted:
+                w, b = fit_lmmse(self.stats[i], ridge=ridge_of(self.ridge, i))
+                self.fitted[i] = (w.to(dtype), b.to(dtype))
+        return self.fitted
+
     def replace(self, layers: Iterable[int], mode: ReplacementMode | None = None) -> None:
         """Replace ``layers``' part in the model (inside :func:`layers_restored`), as the probe says or as ``mode``."""
         layers, mode = list(layers), mode or self.mode
-        if mode == "linear":
-            dtype = next(self.model.parameters()).dtype
-            for i in layers:
-                if i not in self.fitted:
-                    w, b = fit_lmmse(self.stats[i], ridge=ridge_of(self.ridge, i))
-                    self.fitted[i] = (w.to(dtype), b.to(dtype))
-        linearize(self.model, self.stats, layers, mode=mode, ridge=self.ridge, part=self.part, maps=self.fitted)
+        maps = self.maps(layers) if mode == "linear" else self.fitted
+        linearize(self.model, self.stats, layers, mode=mode, ridge=self.ridge, part=self.part, maps=maps)
 
 
 @torch.no_grad()
