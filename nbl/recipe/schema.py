@@ -48,6 +48,7 @@ QuantScheme = _choices("QuantScheme", SCHEMES)
 Strategy = _choices("Strategy", strategy_names())  # the registered strategies (nbl.select.strategies)
 CCATargetName = _choices("CCATargetName", ("residual", "attention"))
 Measure = _choices("Measure", ("loss", "kl"))
+DamageSource = _choices("DamageSource", ("measured", "estimated"))
 PlanTarget = _choices("PlanTarget", TARGETS)
 LoggerMode = _choices("LoggerMode", ("auto", "online", "offline", "disabled"))
 FinetuneMethod = _choices("FinetuneMethod", ("none", "lora"))
@@ -117,6 +118,7 @@ class SelectionSchema:
     holdout_sequences: int = 8  # loss, greedy, lmmse, ridge=auto: held-out windows of the calibration text
     heldout_source: str | None = None  # their text (a TEXT_SOURCES name); None: the calibration text's next windows
     measure: Measure = Measure.loss  # loss, greedy: damage as loss increase, or as KL from the original model
+    damage: DamageSource = DamageSource.measured  # loss, validated: single-layer damages measured, or estimated
     target: PlanTarget = PlanTarget.prefill  # plan: the predicted quantity to reach (nbl.select.plan.target_metric)
     target_value: float | None = None  # plan: reach at least this (a speed-up, or a fraction removed)
 

@@ -106,9 +106,9 @@ def _measure_from(model: PreTrainedModel, start: int, carrier: Carrier, hidden: 
 
 
 @dataclass
-class _Unreplaced:
+class Unreplaced:
     """What damage is measured against, on the model as it is: every layer's inputs on the held-out batches, the
-    reference distributions (kl), and the measure itself."""
+    reference distributions (kl), and the measure itself (``base``)."""
 
     carrier: Carrier
     inputs: list[list[torch.Tensor]]  # per layer, every batch's hidden states at its input
@@ -117,7 +117,7 @@ class _Unreplaced:
 
     @classmethod
     def measure(cls, model: PreTrainedModel, heldout: list[torch.Tensor], measure: Measure,
-                reference: Reference | None = None) -> _Unreplaced:  # fmt: skip
+                reference: Reference | None = None) -> Unreplaced:  # fmt: skip
         carrier, inputs = layer_inputs(model, heldout, _device(model))
         if measure == "kl" and reference is None:
             reference = _reference(model, carrier, inputs[0])
@@ -137,13 +137,14 @@ def single_layer_damage(
     candidates: Iterable[int] | None = None,
     desc: str = "single-layer damage",
     reference: Reference | None = None,
+    unreplaced: Unreplaced | None = None,
 ) -> dict[int, float]:
     """Layer -> increase of the damage measure on the held-out batches when that layer's part alone is replaced in
     the model as it is. Lower = safer to replace. ``candidates``: the layers to try (default: every layer in the
     statistics that still has the part); ``reference`` (kl): the distributions KL is measured from (default: the
-    model's as it is)."""
+    model's as it is); ``unreplaced``: the model as it is, measured already on the probe's batches."""
     model, heldout = probe.model, probe.heldout
-    unreplaced = _Unreplaced.measure(model, heldout, probe.measure, reference)
+    unreplaced = unreplaced or Unreplaced.measure(model, heldout, probe.measure, reference)
     live = [i for i in live_layers(model, probe.part) if i in probe.stats]
     todo = live if candidates is None else [i for i in candidates if i in live]
     damage = {}
@@ -207,11 +208,13 @@ def greedy_selection(
 
 
 @torch.no_grad()
-def validate_sets(probe: Probe, proposals: Mapping[str, Sequence[int]]) -> list[Candidate]:
+def validate_sets(
+    probe: Probe, proposals: Mapping[str, Sequence[int]], unreplaced: Unreplaced | None = None
+) -> list[Candidate]:
     """Each proposed set of layers replaced together, its damage on the held-out batches; a set proposed by several
-    rules is measured once. Cost: one forward of the held-out tokens, plus per distinct set the layers from its
-    lowest one to the top."""
-    unreplaced = _Unreplaced.measure(probe.model, probe.heldout, probe.measure)
+    rules is measured once. Cost: one forward of the held-out tokens (none when ``unreplaced``, the model as it is
+    measured on the probe's batches, is given), plus per distinct set the layers from its lowest one to the top."""
+    unreplaced = unreplaced or Unreplaced.measure(probe.model, probe.heldout, probe.measure)
     measured: dict[tuple[int, ...], Candidate] = {}
     for rule, layers in proposals.items():
         key = tuple(sorted(layers))

@@ -101,6 +101,7 @@ class Strategy:
     heldout_windows: ClassVar[bool] = False  # runs the model on held-out windows of text
     heldout_statistics: ClassVar[bool] = False  # needs statistics of held-out windows
     chooses_modes: ClassVar[bool] = False  # chooses linear or drop per layer itself (replacement.mode unused)
+    estimates_damage: ClassVar[bool] = False  # reads selection.damage (its single-layer damages may be estimated)
     granularities: ClassVar[tuple[str, ...]] = GRANULARITIES
     calibration_modes: ClassVar[tuple[str, ...]] = CALIBRATION_MODES
     mode_refusal: ClassVar[str] = "selection={name} does not support calibration.mode={mode}"
@@ -113,6 +114,12 @@ class Strategy:
         """Why ``cfg`` cannot run with this strategy (checked before anything loads), or None."""
         if cfg.calibration.mode not in self.calibration_modes:
             return self.mode_refusal.format(name=self.name, mode=cfg.calibration.mode)
+        if cfg.selection.damage == "estimated":
+            if not self.estimates_damage:
+                readers = " and ".join(sorted(n for n in strategy_names() if STRATEGIES[n].estimates_damage))
+                return f"selection.damage=estimated is read by selection={readers} only, not {self.name}"
+            if cfg.selection.measure != "loss":
+                return "selection.damage=estimated expands the next-token loss: use selection.measure=loss"
         return None
 
     def model_refusal(self, cfg: DictConfig, config: Any) -> str | None:
@@ -188,8 +195,11 @@ class MeasuredStrategy(Strategy):
     def announce_cost(self, cfg: DictConfig, n_layers: int) -> None:
         """Warn when measuring costs more than one calibration pass per 4 layers chosen."""
         k, sel = cfg.num_layers, cfg.selection
-        steps, candidates = self.steps_and_candidates(k, n_layers)
-        passes = cost_in_passes(n_layers, candidates, steps, sel.holdout_sequences, cfg.calibration.num_sequences)
+        if sel.damage == "estimated":  # one forward and one backward to the activations: about three forwards
+            passes = 3 * sel.holdout_sequences / cfg.calibration.num_sequences
+        else:
+            steps, candidates = self.steps_and_candidates(k, n_layers)
+            passes = cost_in_passes(n_layers, candidates, steps, sel.holdout_sequences, cfg.calibration.num_sequences)
         if passes > k / 4:
             log.warning(
                 "selection=%s costs about %.1f calibration passes (%d held-out windows), more than one per 4 layers "
