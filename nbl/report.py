@@ -99,6 +99,8 @@ def method_name(results: dict[str, Any]) -> str:
     if sel.get("layers_from") != "explicit" and sel["strategy"] == "plan":  # modes chosen per layer
         return f"plan {sel.get('target')}>={sel.get('target_value')}"
     chosen_by = "explicit" if sel.get("layers_from") == "explicit" else sel["strategy"]
+    if chosen_by != "explicit" and sel.get("damage") == "estimated":  # the damages estimated, not measured
+        chosen_by += " (estimated)"
     granularity = results["replacement"].get("granularity", "attention")
     replacement = results["replacement"]
     key = (chosen_by, replacement["mode"], granularity)

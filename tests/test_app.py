@@ -155,6 +155,9 @@ def test_launcher_configs(launcher, target):
             "granularity=joint does not support selection=validated",
         ),
         (["selection=loss", "selection.holdout_sequences=0"], "selection.holdout_sequences=0 must be >= 1"),
+        (["selection=validated", "selection.damage=estimated", "selection.measure=kl"], "expands the next-token loss"),
+        (["+selection.damage=estimated"], "selection.damage=estimated is read by selection=loss and validated only"),
+        (["selection=loss", "selection.damage=guessed"], "selection.damage: Invalid value 'guessed'"),
         (["replacement.mode=prune"], "replacement.mode"),
         (["replacement.ridge=-1"], "replacement.ridge=-1 must be >= 0.0"),
         (["replacement.ridge=bogus"], "replacement.ridge='bogus' must be a number >= 0 or auto"),
@@ -531,3 +534,27 @@ def test_recommended_replacement_keeps_the_maps_that_do_better_on_heldout_text(t
     assert set(losses) == {"conv", "linear"} and all(math.isfinite(v) and v > 0 for v in losses.values())
     assert conv["kept"] == min(losses, key=losses.get)
     assert set(results["replaced_modes"].values()) == {conv["kept"]}
+
+
+def test_estimated_damage_is_proposed_validated_and_cached_without_k(tmp_path, monkeypatch, nbl_cache):
+    import nbl.select.strategies.loss as loss_strategy
+    from nbl.recipe.run import run_experiment
+    from nbl.recipe.state import RunContext
+
+    passes = []
+    real = loss_strategy.taylor_terms
+    monkeypatch.setattr(loss_strategy, "taylor_terms", lambda *a, **k: passes.append(1) or real(*a, **k))
+    runs = {}
+    for k in (2, 3):
+        cfg = _compose("experiment=smoke", "selection=validated", "selection.damage=estimated", f"num_layers={k}",
+                       "speed=none")  # fmt: skip
+        runs[k] = run_experiment(cfg, RunContext(tmp_path / f"run{k}"))
+    assert len(passes) == 1  # the second k found the estimate in the cache
+    for k, results in runs.items():
+        estimate = {int(i): v for i, v in results["scores"]["loss_estimate"].items()}
+        assert sorted(estimate) == [0, 1, 2, 3] and "loss" not in results["scores"]
+        proposed = next(c for c in results["validation"] if "loss_estimate" in c["rules"])
+        assert proposed["layers"] == sorted(sorted(estimate, key=lambda i: (estimate[i], i))[:k])
+        best = min(results["validation"], key=lambda c: c["damage"])
+        assert results["replaced_layers"] == best["layers"]
+    assert len(list((tmp_path / "cache" / "damage_estimate").glob("*.json"))) == 1

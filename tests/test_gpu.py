@@ -70,3 +70,21 @@ def test_peak_memory_counts_the_model_alone():
     del other
     assert alone > model_bytes(model)
     assert beside == pytest.approx(alone, rel=0.05)
+
+
+def test_damage_estimate_on_gpu_equals_the_cpu_one():
+    """selection.damage=estimated runs a backward pass: the same terms on a GPU (bf16 models: float32 logits)."""
+    from nbl.select.damage import Probe
+    from nbl.select.estimate import taylor_terms
+
+    model = make_tiny("llama")
+    stats = nbl.calibrate(model, token_batches(n_batches=2), progress=False)
+    heldout = token_batches(n_batches=1, seed=4)
+    cpu, _ = taylor_terms(Probe(model, stats, heldout, progress=False))
+    gpu_model = copy.deepcopy(model).to("cuda")
+    gpu, unreplaced = taylor_terms(Probe(gpu_model, stats.to("cuda"), heldout, progress=False))
+    assert unreplaced.inputs[0][0].device.type == "cuda"
+    for i, t in cpu.items():
+        assert gpu[i].damage == pytest.approx(t.damage, rel=1e-3, abs=1e-6)
+    bf16, _ = taylor_terms(Probe(gpu_model.to(torch.bfloat16), stats.to("cuda"), heldout, progress=False))
+    assert all(np.isfinite(t.damage) for t in bf16.values())

@@ -156,6 +156,12 @@ def test_explicit_layers_and_sequential_mode_are_named_for_what_ran():
     sequential["calibration"]["mode"] = "sequential"
     assert method_name(sequential) == "explicit+linear seq"
     assert method_name(_run("cca", "linear", 2, 0.6)) == "Attn NBL"
+    estimated = _run("validated", "linear", 2, 0.6)
+    assert method_name(estimated) == "validated+linear"
+    estimated["selection"]["damage"] = "estimated"
+    assert method_name(estimated) == "validated (estimated)+linear"
+    explicit["selection"]["damage"] = "estimated"  # explicit layers: nothing was estimated
+    assert method_name(explicit) == "explicit+linear"
 
 
 def test_missing_sweep_jobs_are_listed(tmp_path):

@@ -130,5 +130,5 @@ def _forward_backward(model: torch.nn.Module, ids: torch.Tensor) -> tuple[dict, 
     finally:
         for handle in handles:
             handle.remove()
-    states["loss"] = float(loss)
+    states["loss"] = float(loss.detach())
     return states, grads
