@@ -78,8 +78,7 @@ def measured_fields(cfg: DictConfig, config: PretrainedConfig) -> dict[str, Any]
 def sequential_step_fields(cfg: DictConfig, config: PretrainedConfig, done: list[int]) -> dict[str, Any]:
     """One sequential step: the partially replaced model (``done``: the layers replaced so far) and how it chooses."""
     selection = OmegaConf.to_container(cfg.selection, resolve=True)
-    if selection.get("damage") == "measured":  # added later: at its default, the key entries were written under
-        del selection["damage"]
+    selection.pop("damage", None)  # read by loss and validated only, which refuse sequential mode: never in a step
     choice = {"selection": selection, "explicit": cfg.layers}
     return {**calibration_fields(cfg, config, done), "choice": choice}
 
