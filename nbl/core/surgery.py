@@ -22,11 +22,13 @@ import torch
 from torch import nn
 
 from nbl.core.adapters import get_adapter
+from nbl.core.decode_state import ConvSlot, ReplacedSlot, padding_of, slot_of
 from nbl.core.linalg import Ridge, fit_lmmse, reduce_rank, ridge_of
 from nbl.core.stats import CovarianceAccumulator
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
+    from transformers.cache_utils import Cache
 
 ReplacementMode = Literal["linear", "drop", "conv"]
 ConvShape = tuple[int, "int | None"]  # a conv map's (width, rank): rank None is full rank
@@ -54,10 +56,8 @@ class ConvMap(nn.Module):
     """``a_t = W [x_t, x_(t-1), ..., x_(t-T+1)] + b``: a causal convolution of width T over the residual stream,
     zeros before a sequence starts (as in :func:`shifted_features`, which its statistics are gathered on).
 
-    ``forward`` takes the T - 1 inputs before ``x`` (None at a sequence's start) and returns them for the next
-    call, so decoding one token at a time gives exactly the full-sequence result. At a sequence's start,
-    ``positions`` (the model's ``position_ids``) locate each row's first token, and the inputs before it (left
-    padding) count as zeros, in the result and in the state.
+    ``forward`` takes the T - 1 inputs before a step's together with the step's, so decoding one token at a time
+    (the earlier inputs kept in a :class:`~nbl.core.decode_state.ConvSlot`) gives exactly the full-sequence result.
 
     With a ``rank`` r, W = U V is stored and applied as its two factors (``up``: d x r, ``down``: r x T d):
     2 r (T + 1) d FLOPs per token instead of 2 T d^2 (:func:`~nbl.core.linalg.reduce_rank` fits them).
@@ -105,25 +105,18 @@ class ConvMap(nn.Module):
             return nn.functional.linear(features, self.weight, self.bias)
         return nn.functional.linear(nn.functional.linear(features, self.down), self.up, self.bias)
 
-    def forward(
-        self, x: torch.Tensor, past: torch.Tensor | None = None, positions: torch.Tensor | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        t, steps = self.width - 1, x.shape[1]
-        window = torch.cat([x.new_zeros(x.shape[0], t, x.shape[-1]) if past is None else past.to(x), x], dim=1)
-        if past is None and positions is not None:  # a left-padded row starts at its position 0: zero what lies before
-            start = (steps - 1) - positions.to(x.device)[:, -1:].expand(x.shape[0], 1)  # the padding before it
-            index = torch.arange(-t, steps, device=x.device)
-            window = window * (index >= start).unsqueeze(-1).to(x.dtype)
+    def forward(self, window: torch.Tensor) -> torch.Tensor:
+        """``window``: (batch, T - 1 + steps, d), the T - 1 inputs before this step's, then the step's; returns the
+        map's output at the step's positions, (batch, steps, d)."""
+        t = self.width - 1
+        steps = window.shape[1] - t
         shifted = [window[:, t - j : t - j + steps] for j in range(self.width)]  # x_t, x_(t-1), ...
-        return self._project(torch.cat(shifted, dim=-1)), window[:, -t:]
+        return self._project(torch.cat(shifted, dim=-1))
 
 
 def shifted_features(x: torch.Tensor, width: int) -> torch.Tensor:
     """(B, S, d) -> (B, S, width * d): [x_t, x_(t-1), ..., x_(t-width+1)], zeros before each sequence starts."""
     return torch.cat([nn.functional.pad(x, (0, 0, j, 0))[:, : x.shape[1]] for j in range(width)], dim=-1)
-
-
-_CONV_STATE = "_nbl_conv_state"  # attribute of transformers' cache object: layer module id -> its last T - 1 inputs
 
 
 class LinearizedDecoderLayer(nn.Module):
@@ -132,7 +125,8 @@ class LinearizedDecoderLayer(nn.Module):
 
     It keeps the original MLP and post-attention norm under their original names, so checkpoint keys
     of the untouched parts do not change. No KV cache, no mask: a linear map mixes no information across
-    tokens, a conv map only the last T inputs (kept as its decode state).
+    tokens, a conv map only the last T inputs. With a cache it owns the slot ``cache_slot`` there
+    (:mod:`nbl.core.decode_state`): empty, or a conv map's last T - 1 inputs.
     """
 
     def __init__(
@@ -142,6 +136,7 @@ class LinearizedDecoderLayer(nn.Module):
         self.mlp = mlp
         self.post_attention_layernorm = post_attention_layernorm
         self.attn_linear = attn_linear
+        self.cache_slot: int | None = None  # set by assign_cache_slots
 
     _family: type[nn.Module] | None = None  # the decoder-layer class it stands in for (set per family)
 
@@ -156,28 +151,27 @@ class LinearizedDecoderLayer(nn.Module):
         return "linear" if self.attn_linear is not None else "drop"
 
     def forward(self, hidden_states: torch.Tensor, *args: object, **kwargs: Any) -> torch.Tensor:
-        if isinstance(self.attn_linear, ConvMap):
-            hidden_states = hidden_states + self._convolve(hidden_states, kwargs)
+        cache = kwargs.get("past_key_values") if kwargs.get("use_cache", True) else None
+        slot = self.slot(cache) if cache is not None and self.cache_slot is not None else None
+        conv = self.attn_linear if isinstance(self.attn_linear, ConvMap) else None
+        if conv is not None:
+            x = hidden_states
+            padding = padding_of(x)
+            if padding is not None:  # padding enters the convolution as zeros (the statistics count it so)
+                x = x * padding
+            if isinstance(slot, ConvSlot):
+                window = slot.extend(x)
+            else:
+                window = torch.cat([x.new_zeros(x.shape[0], conv.width - 1, x.shape[-1]), x], dim=1)
+            hidden_states = hidden_states + conv(window)
         elif self.attn_linear is not None:
             hidden_states = hidden_states + self.attn_linear(hidden_states)
         return hidden_states + self.mlp(self.post_attention_layernorm(hidden_states))
 
-    def _convolve(self, hidden_states: torch.Tensor, kwargs: dict[str, Any]) -> torch.Tensor:
-        """The convolution map; with a cache (generation), its state is read from and written to the cache object,
-        so it lives and dies with the KV cache of the same sequences. Beam search and cache cropping (assisted
-        decoding) reorder or cut the KV cache only: they are not supported with these maps."""
-        cache = kwargs.get("past_key_values") if kwargs.get("use_cache", True) else None
-        states = None if cache is None else cache.__dict__.setdefault(_CONV_STATE, {})
-        past = None if states is None else states.get(id(self))
-        if past is not None and past.shape[0] != hidden_states.shape[0]:
-            raise RuntimeError(
-                f"the cache holds a convolution state for {past.shape[0]} sequences, this step has "
-                f"{hidden_states.shape[0]}: beam search and batch changes are not supported with conv maps"
-            )
-        out, state = self.attn_linear(hidden_states, past, kwargs.get("position_ids"))
-        if states is not None:
-            states[id(self)] = state
-        return out
+    def slot(self, cache: Cache) -> ReplacedSlot:
+        """This layer's slot in ``cache``, put in place if the cache has none there yet."""
+        conv = self.attn_linear
+        return slot_of(cache, self.cache_slot, (lambda: ConvSlot(conv.width)) if isinstance(conv, ConvMap) else ReplacedSlot)
 
 
 _FAMILY_CLASSES: dict[type[nn.Module], type[LinearizedDecoderLayer]] = {}
@@ -315,8 +309,9 @@ def slot_plan(model: PreTrainedModel, replaced: Iterable[int]) -> dict[int, int]
     """Layer index -> KV-cache slot for the layers that keep attention once ``replaced`` are gone.
 
     The kept layers fill slots 0..m-1 in order: transformers reads the cache length (hence positions
-    and masks) from slot 0, so with layer 0 replaced slot 0 must still be live, and unused slots stay
-    unallocated. Raises before any surgery when a slot's attention type (sliding / full) would change.
+    and masks) from slot 0, so with layer 0 replaced slot 0 must still be live; the replaced layers own the
+    slots after them (:func:`assign_cache_slots`), which hold no keys or values. Raises before any surgery
+    when a slot's attention type (sliding / full) would change.
     """
     gone = set(replaced)
     n = len(get_adapter(model).layers(model))
@@ -332,11 +327,26 @@ def slot_plan(model: PreTrainedModel, replaced: Iterable[int]) -> dict[int, int]
 
 
 def assign_cache_slots(model: PreTrainedModel) -> None:
-    """Renumber the remaining attention modules into compact KV-cache slots (see :func:`slot_plan`)."""
+    """Renumber the remaining attention modules into compact KV-cache slots (see :func:`slot_plan`); each replaced
+    layer takes one of the slots after them, in layer order (:mod:`nbl.core.decode_state`)."""
     adapter = get_adapter(model)
     layers = adapter.layers(model)
-    for index, slot in slot_plan(model, replaced_layers(model)).items():
+    kept = slot_plan(model, replaced_layers(model))
+    for index, slot in kept.items():
         adapter.attention(layers[index]).layer_idx = slot
+    replaced = [layer for layer in layers if isinstance(layer, LinearizedDecoderLayer)]
+    for slot, layer in enumerate(replaced, start=len(kept)):
+        layer.cache_slot = slot
+    from nbl.core.causal_lm import adopt
+
+    adopt(model)
+
+
+def install_cache_slots(model: PreTrainedModel, cache: Cache) -> None:
+    """Put every replaced layer's slot in ``cache`` (generation does it as soon as it makes the cache)."""
+    for layer in get_adapter(model).layers(model):
+        if isinstance(layer, LinearizedDecoderLayer) and layer.cache_slot is not None:
+            layer.slot(cache)
 
 
 def _placement(model: PreTrainedModel, index: int) -> dict[str, Any]:

@@ -5,7 +5,6 @@ Decode really passes the KV cache from step to step (one new token per forward).
 
 from __future__ import annotations
 
-import copy
 import statistics
 import time
 from collections.abc import Callable, Mapping
@@ -15,7 +14,7 @@ from typing import TYPE_CHECKING
 import torch
 from transformers import DynamicCache, StaticCache
 
-from nbl.core.surgery import replaced_layers
+from nbl.core.decode_state import state_bytes
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
@@ -89,17 +88,9 @@ def _steps(model: PreTrainedModel, out: object, token: torch.Tensor, new_tokens:
 
 
 def static_cache(model: PreTrainedModel, max_cache_len: int) -> StaticCache:
-    """A StaticCache with a slot for each layer that keeps attention and none for replaced layers.
-
-    Replaced layers never write the cache (their attention is gone and the kept layers use slots
-    0..m-1), so a cache sized from the model's own config would carry L - m unused slots; this one has m.
-    """
-    config = copy.deepcopy(model.config.get_text_config(decoder=True))
-    kept = config.num_hidden_layers - len(replaced_layers(model))
-    config.num_hidden_layers = kept
-    if getattr(config, "layer_types", None) is not None:
-        config.layer_types = config.layer_types[:kept]  # the slot plan keeps each slot's type
-    return StaticCache(config=config, max_cache_len=max_cache_len)
+    """A StaticCache for ``model``: it allocates keys and values for the kept attentions' slots only (slots are
+    allocated when first written; the replaced layers' slots hold no keys or values, :mod:`nbl.core.decode_state`)."""
+    return StaticCache(config=model.config.get_text_config(decoder=True), max_cache_len=max_cache_len)
 
 
 @torch.no_grad()
@@ -154,8 +145,8 @@ def decode_timer(model: PreTrainedModel, ids: torch.Tensor, new_tokens: int) -> 
 
 
 def cache_bytes(cache: DynamicCache) -> int:
-    """Bytes held by the keys and values of a cache (layers never written hold none)."""
-    total = 0
+    """Bytes a cache holds: keys and values (slots never written hold none), and convolution maps' inputs."""
+    total = state_bytes(cache)
     for layer in cache.layers:
         for t in (getattr(layer, "keys", None), getattr(layer, "values", None)):
             if isinstance(t, torch.Tensor):
