@@ -23,7 +23,9 @@ _API: dict[str, str] = {
     "CalibrationResult": "nbl.calib.result",
     "calibrate": "nbl.calib.hooks",
     "calibrate_parts": "nbl.calib.hooks",
+    "CheckpointError": "nbl.core.checkpoint",
     "load_linearized": "nbl.core.checkpoint",
+    "register_auto_classes": "nbl.core.causal_lm",
     "save_linearized": "nbl.core.checkpoint",
     "calibrate_layerwise": "nbl.calib.layerwise",
     "refit_propagated": "nbl.calib.layerwise",
@@ -61,7 +63,8 @@ if TYPE_CHECKING:  # what type checkers and IDEs see (re-exported names)
     from nbl.calib.result import CalibrationResult  # noqa: F401
     from nbl.core.accounting import FlopModel, kv_cache_bytes_per_token, model_kv_bytes_per_token, parameter_report  # noqa: F401
     from nbl.core.adapters import SUPPORTED_MODEL_TYPES, UnsupportedModelError, get_adapter  # noqa: F401
-    from nbl.core.checkpoint import load_linearized, save_linearized  # noqa: F401
+    from nbl.core.causal_lm import register_auto_classes  # noqa: F401
+    from nbl.core.checkpoint import CheckpointError, load_linearized, save_linearized  # noqa: F401
     from nbl.core.linalg import canonical_correlations, cca_bound, fit_lmmse  # noqa: F401
     from nbl.core.stats import CovarianceAccumulator  # noqa: F401
     from nbl.core.surgery import PARTS, LinearizedDecoderLayer, MlpMap, linearize, replaced_layers, replaced_mlps  # noqa: F401

@@ -107,14 +107,21 @@ def test_bad_checkpoints_are_refused_before_anything_loads(tmp_path, tokenizer):
     with pytest.raises(CheckpointError, match=r"not a checkpoint written by nbl\.save_linearized"):
         check_checkpoint(plain)
     for change, message in (
-        ({"format_version": 1}, "format 1: this plugin serves 2"),
-        ({"model_type": "gpt2"}, "the plugin serves llama, mistral, qwen2, qwen3"),
+        ({"format_version": 1}, r"format 1: this plugin serves \(2, 3\)"),
+        ({"model_type": "qwen2"}, "made on a 'qwen2' model, but the config is of model_type 'llama'"),
         ({"replaced_layers": {"0": "linear", "1": "linear", "3": "drop"}}, "weights do not match the declared"),
         ({"replaced_layers": {"9": "linear"}}, "layers are 0..3"),
+        ({"replaced_layers": {"one": "linear"}}, r"layer keys \['one'\] that are not layer indices"),
     ):
         config.nbl = {**json.loads((folder / "nbl.json").read_text()), **change}
         with pytest.raises(CheckpointError, match=message):
             check_checkpoint(config, folder)
+    config.nbl = json.loads((folder / "nbl.json").read_text())
+    weights = folder / "model.safetensors"
+    with open(weights, "r+b") as f:
+        f.truncate(weights.stat().st_size - 100)  # the header intact, the last tensor cut short
+    with pytest.raises(CheckpointError, match=r"model\.safetensors is truncated"):
+        check_checkpoint(config, folder)
 
 
 def _free_port() -> int:

@@ -11,15 +11,15 @@ allocates a byte of KV cache; it imports nothing from vLLM.
 
 from __future__ import annotations
 
-import json
-import struct
 from pathlib import Path
 from typing import Any
 
 from nbl.core.adapters import ADAPTERS
-from nbl.core.checkpoint import FORMAT_VERSION, serving_architecture
+from nbl.core.causal_lm import family_model_type
+from nbl.core.checkpoint import CheckpointError, declared_replacement, serving_architecture, weight_files
 
 MODES = ("linear", "drop")
+SERVED_VERSIONS = (2, 3)  # format 3 declares model_type nbl_<family>: its config class is registered below
 
 
 def register() -> None:
@@ -27,16 +27,15 @@ def register() -> None:
     vLLM builds such a model). Safe to call more than once."""
     from vllm import ModelRegistry
 
+    from nbl.core.causal_lm import register_auto_classes
+
+    register_auto_classes()  # vLLM reads a checkpoint's config through transformers' AutoConfig
     known = set(ModelRegistry.get_supported_archs())
     for adapter in ADAPTERS:
         for model_type in adapter.model_types:
             name = serving_architecture(model_type)
             if name not in known:
                 ModelRegistry.register_model(name, f"nbl.serve.vllm_model:{name}")
-
-
-class CheckpointError(ValueError):
-    """An NBL checkpoint vLLM cannot serve; raised before any weight loads."""
 
 
 def check_checkpoint(config: Any, folder: str | Path | None = None) -> dict[str, dict[int, str]]:
@@ -49,16 +48,23 @@ def check_checkpoint(config: Any, folder: str | Path | None = None) -> dict[str,
     if not isinstance(meta, dict):
         raise CheckpointError(
             "this config declares no NBL replacement (no 'nbl' entry): it is not a checkpoint written by "
-            "nbl.save_linearized (format 2); a format-1 checkpoint must be saved again"
+            "nbl.save_linearized (format 2 or later); a format-1 checkpoint must be saved again: "
+            "nbl.save_linearized(nbl.load_linearized(old), new)"
         )
-    if meta.get("format_version") != FORMAT_VERSION:
-        raise CheckpointError(f"NBL checkpoint format {meta.get('format_version')}: this plugin serves {FORMAT_VERSION}")
+    if meta.get("format_version") not in SERVED_VERSIONS:
+        raise CheckpointError(f"NBL checkpoint format {meta.get('format_version')}: this plugin serves {SERVED_VERSIONS}")
     supported = [t for a in ADAPTERS for t in a.model_types]
-    if config.model_type not in supported or meta.get("model_type") != config.model_type:
+    family = family_model_type(config.model_type)
+    if family not in supported:
         raise CheckpointError(f"model_type {config.model_type!r}: the plugin serves {', '.join(supported)}")
+    if meta.get("model_type") != family:
+        raise CheckpointError(
+            f"the replacement was made on a {meta.get('model_type')!r} model, but the config is of model_type "
+            f"{config.model_type!r}: the files come from different models"
+        )
     n = config.num_hidden_layers
-    plan = {part: {int(i): m for i, m in meta.get(key, {}).items()}
-            for part, key in (("attention", "replaced_layers"), ("mlp", "replaced_mlps"))}  # fmt: skip
+    declared = declared_replacement(meta)
+    plan = {part: declared[part] for part in ("attention", "mlp")}
     conv = sorted(i for i, m in plan["attention"].items() if m == "conv")
     if conv:
         raise CheckpointError(
@@ -78,11 +84,7 @@ def check_checkpoint(config: Any, folder: str | Path | None = None) -> dict[str,
 def _check_weights(folder: Path, plan: dict[str, dict[int, str]], n: int) -> None:
     """Every layer's weights as its replacement leaves them: a map's W and b where linear, no attention or MLP
     weights where replaced, the original ones where kept."""
-    names = set()
-    for file in sorted(folder.glob("*.safetensors")):
-        with open(file, "rb") as f:
-            (size,) = struct.unpack("<Q", f.read(8))
-            names |= set(json.loads(f.read(size))) - {"__metadata__"}
+    names = set(weight_files(folder))
     problems = [] if "model.embed_tokens.weight" in names else ["model.embed_tokens.weight missing (a tied head?)"]
     for i in range(n):
         prefix = f"model.layers.{i}."
