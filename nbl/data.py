@@ -110,37 +110,63 @@ def wikitext2(split: str = "test") -> list[str]:
     return ["\n\n".join(data["text"])]
 
 
+TEXT_SUFFIXES = (".txt", ".text", ".md")  # one document; .jsonl: one per line; .json: a list (any case)
+
+
 def local_text(path: str | Path, field: str = "text") -> list[str]:
-    """A .txt file (one document) or a .jsonl file (one document per line, in ``field``).
+    """A text file (.txt, .text, .md: one document), a .jsonl file (one JSON object per line, its ``field``) or a
+    .json file (a list of strings, or of objects with ``field``); the suffix in any case. Anything else is refused,
+    rather than calibrating on its syntax.
 
     Errors name the file (and the line of a .jsonl file) instead of surfacing a bare KeyError.
     """
     p = Path(path)
     if p.is_dir():
-        raise IsADirectoryError(f"calibration text file {p} is a directory: name a .txt or .jsonl file")
+        raise IsADirectoryError(f"calibration text file {p} is a directory: name a .txt, .jsonl or .json file")
     if not p.is_file():
         raise FileNotFoundError(f"calibration text file {p} does not exist")
+    suffix = p.suffix.lower()
+    if suffix not in (*TEXT_SUFFIXES, ".jsonl", ".json"):
+        raise ValueError(
+            f"{p}: calibration files are text ({', '.join(TEXT_SUFFIXES)}), .jsonl or .json; "
+            f"a {suffix or 'suffix-less'} file is not read"
+        )
     try:
         text = p.read_text(encoding="utf-8")
     except UnicodeDecodeError as err:
         raise ValueError(f"{p} is not UTF-8 text ({err.reason} at byte {err.start})") from None
-    if p.suffix != ".jsonl":
-        docs = [text]
+    if suffix == ".jsonl":
+        docs = [_document(p, _json_line(p, number, line), field, f"line {number}")
+                for number, line in enumerate(text.splitlines(), 1) if line.strip()]  # fmt: skip
+    elif suffix == ".json":
+        try:
+            rows = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{p}: not valid JSON ({err.msg}, line {err.lineno})") from None
+        if not isinstance(rows, list):
+            raise ValueError(f"{p}: a .json calibration file holds a list of texts or of objects with {field!r}")
+        docs = [_document(p, row, field, f"item {n}") for n, row in enumerate(rows)]
     else:
-        docs = []
-        for number, line in enumerate(text.splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise ValueError(f"{p}, line {number}: not valid JSON ({err.msg})") from None
-            if not isinstance(row, dict) or not isinstance(row.get(field), str):
-                raise ValueError(f"{p}, line {number}: expected an object with a string field {field!r}")
-            docs.append(row[field])
+        docs = [text]
     if not any(doc.strip() for doc in docs):
         raise ValueError(f"{p} holds no text")
     return docs
+
+
+def _json_line(p: Path, number: int, line: str) -> object:
+    try:
+        return json.loads(line)
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{p}, line {number}: not valid JSON ({err.msg})") from None
+
+
+def _document(p: Path, row: object, field: str, where: str) -> str:
+    """A document of a JSON file: a string, or an object's string ``field``."""
+    if isinstance(row, str) and p.suffix.lower() == ".json":
+        return row
+    if not isinstance(row, dict) or not isinstance(row.get(field), str):
+        raise ValueError(f"{p}, {where}: expected an object with a string field {field!r}")
+    return row[field]
 
 
 TEXT_SOURCES: dict[str, Callable[[], list[str]]] = {

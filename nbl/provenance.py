@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import importlib.metadata
+import json
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -88,25 +89,57 @@ def file_digest(path: str | Path) -> str:
     return digest.hexdigest()
 
 
-WEIGHT_FILES = ("*.safetensors", "*.bin", "*.pt", "*.pth")
+# what defines a local model folder: its config, its tokenizer (it makes the windows) and its weights
+MODEL_FILES = ("config.json", "tokenizer*", "special_tokens_map.json", "vocab.*", "merges.txt", "*.model",
+               "*.safetensors", "*.bin", "*.pt", "*.pth")  # fmt: skip
 
 
-def weights_fingerprint(folder: str | Path, samples: int = 16, sample_bytes: int = 1 << 16) -> str:
-    """What identifies the weights of a local model folder by their content, cheaply: config.json, and per weights
-    file its name, size, header (a safetensors header lists every tensor's dtype, shape and offsets) and
-    ``samples`` pieces of ``sample_bytes`` spread over it (1 MB a file). Two fine-tunes of one architecture have the
-    same names, sizes and headers, and differ in every sample; the path, which a swap keeps, is not used."""
+def content_digest(path: str | Path, memo: Path | None = None) -> str:
+    """sha256 of a file's whole content, remembered in ``memo`` (a JSON file) under the file's path, size, times and
+    inode: a rerun on an unchanged file does not read it again; any write to it (even one keeping the size and
+    mtime) changes its ctime, and it is hashed again."""
+    resolved = Path(path).resolve()
+    st = resolved.stat()
+    stamp = [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino]
+    entry = _memo(memo).get(str(resolved)) if memo is not None else None
+    if entry is not None and entry.get("stamp") == stamp:
+        return entry["sha256"]
+    digest = file_digest(resolved)
+    if memo is not None:
+        _remember(memo, str(resolved), {"stamp": stamp, "sha256": digest})
+    return digest
+
+
+def _memo(memo: Path) -> dict[str, Any]:
+    try:
+        entries = json.loads(memo.read_text())
+    except (OSError, ValueError):
+        return {}
+    return entries if isinstance(entries, dict) else {}
+
+
+def _remember(memo: Path, key: str, entry: dict[str, Any]) -> None:
+    """Add ``entry`` to the memo, under a lock (concurrent runs add theirs); a memo that cannot be written is only
+    a cost (the file is hashed again next time)."""
+    from nbl.cache import atomic_write_text, file_lock
+
+    try:
+        with file_lock(memo.with_name(f".{memo.name}.lock")):
+            entries = _memo(memo)
+            entries[key] = entry
+            atomic_write_text(memo, json.dumps(entries, indent=1, sort_keys=True) + "\n")
+    except OSError:
+        pass
+
+
+def folder_fingerprint(folder: str | Path, memo: Path | None = None) -> str:
+    """What identifies a local model folder by its content: the name and whole-content digest
+    (:func:`content_digest`) of each file that defines the model (:data:`MODEL_FILES`). Two fine-tunes of one
+    architecture, or a norm scaled in place inside a file of the same size, differ; the path, which a swap keeps,
+    is not used."""
     root = Path(folder)
-    digest = hashlib.sha256((root / "config.json").read_bytes() if (root / "config.json").is_file() else b"")
-    files = sorted({f for pattern in WEIGHT_FILES for f in root.glob(pattern) if f.is_file()})
+    files = sorted({f for pattern in MODEL_FILES for f in root.glob(pattern) if f.is_file()})
+    digest = hashlib.sha256()
     for path in files:
-        size = path.stat().st_size
-        digest.update(f"{path.name}:{size}".encode())
-        with open(path, "rb") as f:
-            if path.suffix == ".safetensors":
-                n = int.from_bytes(f.read(8), "little")
-                digest.update(f.read(min(n, size)))
-            for k in range(samples):
-                f.seek(max(size - sample_bytes, 0) * k // max(samples - 1, 1))
-                digest.update(f.read(sample_bytes))
+        digest.update(f"{path.name}:{content_digest(path, memo)}\n".encode())
     return digest.hexdigest()[:32]

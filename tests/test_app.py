@@ -6,6 +6,7 @@ import os
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -510,6 +511,24 @@ def test_a_folder_holding_a_run_or_a_sweep_is_refused_before_hydra_writes_into_i
     assert (sweep / "multirun.yaml").read_text() == "the earlier sweep\n" and sorted(sweep.iterdir()) == [
         sweep / "multirun.yaml"
     ]
+
+
+def test_a_second_launch_into_a_running_runs_folder_leaves_its_records_alone(tmp_path, nbl_cache):
+    """The first launch claims the folder before Hydra writes its .hydra/ files; a second launch into it while the
+    first runs is refused before Hydra writes anything."""
+    env = {**os.environ, "WANDB_SILENT": "true", "HF_HUB_OFFLINE": "1"}
+    folder = tmp_path / "shared"
+    first = subprocess.Popen([sys.executable, "-m", "nbl", "experiment=smoke", "speed=none", "seed=1",
+                              f"hydra.run.dir={folder}"], cwd=tmp_path, env=env, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.PIPE, text=True)  # fmt: skip
+    overrides = folder / ".hydra" / "overrides.yaml"
+    while not overrides.is_file() and first.poll() is None:
+        time.sleep(0.05)
+    second = _run(tmp_path, "experiment=smoke", "speed=none", "seed=2", f"hydra.run.dir={folder}")
+    assert first.wait(timeout=600) == 0, first.stderr.read()[-2000:]
+    assert second.returncode != 0 and "already holds a run" in second.stderr
+    assert "seed=1" in overrides.read_text() and "seed=2" not in overrides.read_text()
+    assert json.loads((folder / "results.json").read_text())["config"]["seed"] == 1
 
 
 def test_conv_maps_run_end_to_end_and_say_what_they_cost(tmp_path, nbl_cache):

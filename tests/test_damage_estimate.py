@@ -114,3 +114,53 @@ def test_estimate_refuses_the_kl_measure():
     stats = nbl.calibrate(model, token_batches(n_batches=3), progress=False)
     with pytest.raises(ValueError, match="measure=loss"):
         estimated_damage(Probe(model, stats, token_batches(n_batches=1), measure="kl", progress=False))
+
+
+ESTIMATE_PEAK = """
+import sys, torch, nbl
+from pathlib import Path
+from nbl.measure.speed import current_rss_bytes, peak_rss_bytes
+from nbl.models import random_model, tiny_config
+from nbl.select.damage import Probe
+from nbl.select.estimate import taylor_terms
+model = random_model(tiny_config("llama", hidden_size=256, num_layers=4, vocab_size=32000))
+g = torch.Generator().manual_seed(0)
+stats = nbl.calibrate(model, [torch.randint(3, 32000, (4, 128), generator=g)], progress=False)
+batch = int(sys.argv[1])
+heldout = [torch.randint(3, 32000, (batch, 256), generator=g) for _ in range(8 // batch)]
+start = current_rss_bytes()
+Path("/proc/self/clear_refs").write_text("5")
+taylor_terms(Probe(model, stats, heldout, progress=False), candidates=[1])
+print(peak_rss_bytes() - start)
+"""
+
+
+@pytest.mark.slow
+def test_the_estimate_pass_peak_does_not_grow_with_the_held_out_batch():
+    """8 held-out windows of 256 tokens as 8 batches of 1 or 1 batch of 8, each in a fresh process: the same peak
+    (the held-out states kept for set validation are the same in both). A whole batch's logits would be
+    8 x 256 x 32000 float32 values, 250 MB, each kept with its softmax gradient."""
+    import subprocess
+    import sys
+
+    peaks = {}
+    for batch in (1, 8):
+        proc = subprocess.run([sys.executable, "-c", ESTIMATE_PEAK, str(batch)], capture_output=True, text=True)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        peaks[batch] = int(proc.stdout.splitlines()[-1])
+    assert peaks[8] - peaks[1] < 48 * 2**20, peaks
+
+
+def test_the_estimate_loss_slices_equal_the_whole_loss(monkeypatch):
+    import nbl.select.estimate as estimate
+
+    model = make_tiny("llama")
+    ids = token_batches(n_batches=1, batch=2, seq=20)[0]
+    hidden = torch.randn(2, 19, 64, generator=torch.Generator().manual_seed(1), requires_grad=True)
+    whole = torch.nn.functional.cross_entropy(model.lm_head(hidden).flatten(0, 1), ids[:, 1:].flatten(), reduction="sum")
+    (expected,) = torch.autograd.grad(whole, hidden)
+    monkeypatch.setattr(estimate, "LOGIT_VALUES", 3 * 2 * 256)  # slices of 3 positions
+    sliced = estimate.next_token_loss(model.lm_head, hidden, ids[:, 1:])
+    (got,) = torch.autograd.grad(sliced, hidden)
+    torch.testing.assert_close(sliced, whole)
+    torch.testing.assert_close(got, expected)

@@ -18,9 +18,10 @@ import nbl.provenance as provenance
 import nbl.recipe.keys
 from nbl.__main__ import CONF_DIR
 from nbl.recipe.keys import calibration_fields, model_fields
+from nbl.recipe.launch import claim_output_dir
 from nbl.recipe.prepare import load_model, load_tokenizer, model_config
 from nbl.recipe.run import run_experiment
-from nbl.recipe.state import RunContext, claim_output_dir
+from nbl.recipe.state import RunContext
 from nbl.recipe.validation import validate
 from nbl.recipe.windows import calibration_batches
 
@@ -91,12 +92,17 @@ def test_every_run_gets_its_own_folder():
 
 
 def test_an_output_folder_is_claimed_once(tmp_path):
-    claim_output_dir(tmp_path / "run")
-    with pytest.raises(FileExistsError, match="used by another run"):
-        claim_output_dir(tmp_path / "run")
+    """Claimed at launch, the folder is this process's own when the run claims it again; another process's is
+    refused."""
+    run = claim_output_dir(tmp_path / "run")
+    assert claim_output_dir(tmp_path / "run") == run
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "nbl-run.json").write_text(json.dumps({"pid": 1, "host": "elsewhere"}))
+    with pytest.raises(FileExistsError, match=r"already holds a run \(.*nbl-run\.json: process 1 on elsewhere\)"):
+        claim_output_dir(tmp_path / "other")
     (tmp_path / "done").mkdir()
     (tmp_path / "done" / "results.json").write_text("{}")
-    with pytest.raises(FileExistsError, match=r"already holds a results\.json"):
+    with pytest.raises(FileExistsError, match=r"already holds a run \(.*results\.json\)"):
         claim_output_dir(tmp_path / "done")
 
 

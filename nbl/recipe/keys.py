@@ -9,13 +9,18 @@ from typing import TYPE_CHECKING, Any
 from omegaconf import DictConfig, OmegaConf
 
 from nbl.cache import cache_key
-from nbl.provenance import code_identity, file_digest, model_revision, weights_fingerprint
+from nbl.provenance import code_identity, content_digest, folder_fingerprint, model_revision
 from nbl.select.registry import probe_replacement
 
 if TYPE_CHECKING:
     from transformers import PretrainedConfig
 
     from nbl.core.surgery import Part
+
+
+def digest_memo(cfg: DictConfig) -> Path:
+    """Where the content digests of local files are remembered (nbl.provenance.content_digest)."""
+    return Path(cfg.cache_dir) / "digests.json"
 
 
 def model_fields(cfg: DictConfig, config: PretrainedConfig) -> dict[str, Any]:
@@ -28,7 +33,7 @@ def model_fields(cfg: DictConfig, config: PretrainedConfig) -> dict[str, Any]:
     elif cfg.model.source == "hub":
         fields["resolved_revision"] = model_revision(config)
         if Path(cfg.model.path).is_dir():  # a local folder: its path says nothing about what it holds now
-            fields["weights"] = weights_fingerprint(cfg.model.path)
+            fields["weights"] = folder_fingerprint(cfg.model.path, digest_memo(cfg))
     return fields
 
 
@@ -47,7 +52,7 @@ def calibration_fields(cfg: DictConfig, config: PretrainedConfig, replaced_order
         cal["replaced_order"] = list(replaced_order)
         cal["replacement"] = probe_replacement(cfg)
     if cal["source"] == "local":
-        cal["sha256"] = file_digest(cal["path"])  # the content, not the name, identifies the text
+        cal["sha256"] = content_digest(cal["path"], digest_memo(cfg))  # the content, not the name, identifies the text
     return {"model": model_fields(cfg, config), "calibration": cal, "code": code_identity()}
 
 

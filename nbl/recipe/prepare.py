@@ -13,7 +13,8 @@ from nbl.calib import distributed
 from nbl.calib.passes import HookPass, LayerwisePass
 from nbl.models import DTYPES, config_json, load_smollm2, random_model, smollm2_folder, tiny_config
 from nbl.recipe.keys import calibration_fields
-from nbl.recipe.state import RunState, claim_output_dir
+from nbl.recipe.launch import claim_output_dir
+from nbl.recipe.state import RunState
 from nbl.recipe.windows import Windows, finetune_batches
 
 if TYPE_CHECKING:

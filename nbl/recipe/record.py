@@ -12,7 +12,8 @@ from nbl.core.accounting import kv_cache_bytes_per_token, model_kv_bytes_per_tok
 from nbl.core.surgery import first_conv_shape, replaced_layers, replaced_mlps
 from nbl.measure.evaluation import headline
 from nbl.provenance import model_revision, provenance
-from nbl.recipe.state import RunState, now
+from nbl.recipe.launch import now
+from nbl.recipe.state import RunState
 from nbl.report import method_name, served_columns, summary_markdown
 
 # the order of results.json's sections (a reader finds what was done first, the evidence after)

@@ -2,18 +2,13 @@
 
 from __future__ import annotations
 
-import json
-import os
-import platform
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from omegaconf import DictConfig
 
 from nbl.calib.distributed import Calibrator, Shards
-from nbl.recipe.launch import RUN_MARKER
 from nbl.select.registry import GRANULARITY_PARTS, Selection, Strategy, get_strategy
 
 if TYPE_CHECKING:
@@ -97,24 +92,3 @@ class RunState:
         return Path(self.cfg.cache_dir)
 
 
-def claim_output_dir(folder: Path) -> dict[str, Any]:
-    """Make ``folder`` this run's own: refuse one that already holds another run's marker or results.
-
-    The marker is created exclusively, so two processes given the same folder cannot both write there.
-    """
-    folder.mkdir(parents=True, exist_ok=True)
-    run = {"run_id": folder.name, "pid": os.getpid(), "host": platform.node(), "started": now()}
-    if (folder / "results.json").exists():
-        raise FileExistsError(f"{folder} already holds a results.json: choose another output folder")
-    try:
-        with open(folder / RUN_MARKER, "x") as f:
-            f.write(json.dumps(run, indent=2) + "\n")
-    except FileExistsError:
-        raise FileExistsError(
-            f"{folder} is used by another run ({folder / RUN_MARKER}): choose another output folder"
-        ) from None
-    return run
-
-
-def now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")

@@ -25,7 +25,16 @@ def read_architecture(model_cfg: DictConfig, cache_dir: Path | None = None) -> S
     if model_cfg.source == "embedded":
         return architecture(config_json(smollm2_folder(cache_dir)))
     if model_cfg.source == "hub":
-        return architecture(config_json(model_cfg.path, model_cfg.revision))
+        values = config_json(model_cfg.path, model_cfg.revision)
+        if "nbl" in values or str(values.get("model_type", "")).startswith("nbl_") or (
+            Path(model_cfg.path).is_dir() and (Path(model_cfg.path) / "nbl.json").is_file()
+        ):
+            raise ConfigError(
+                f"model.path={model_cfg.path} is an NBL checkpoint (its config declares replaced layers), not a base "
+                "model: give the unmodified model it was made from; to use the checkpoint itself, load it with "
+                "nbl.load_linearized"
+            )
+        return architecture(values)
     if model_cfg.source == "tiny":  # it shares the embedded model's tokenizer, hence its vocabulary
         vocab = config_json(smollm2_folder(cache_dir))["vocab_size"]
         return architecture({"model_type": model_cfg.path, **tiny_values(model_cfg.path, vocab_size=vocab)})

@@ -124,6 +124,10 @@ class Strategy:
 
     def model_refusal(self, cfg: DictConfig, config: Any) -> str | None:
         """Why ``cfg`` cannot run on a model of this architecture (``config``), or None."""
+        if self.estimates_damage:
+            from nbl.select.estimate import estimate_refusal
+
+            return estimate_refusal(cfg, config)
         return None
 
     def select(self, inputs: SelectionInputs) -> Selection:
