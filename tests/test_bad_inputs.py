@@ -6,6 +6,7 @@ import json
 import re
 
 import pytest
+import torch
 from hydra import compose, initialize_config_dir
 from safetensors.torch import load_file, save_file
 
@@ -123,3 +124,94 @@ def test_the_estimate_peak_is_what_its_formula_says_at_8b():
     assert peak["held-out states"] == 32 * 8 * 2048 * 4096 * 2  # 4 GiB
     assert peak["layer boundaries and gradients"] == 2 * 33 * 2048 * 4096 * 2
     assert round(sum(peak.values()) / 2**30, 1) == 7.1
+
+
+def test_a_measure_nothing_reads_is_refused():
+    with pytest.raises(ConfigError, match=r"selection.measure=kl is read by selection=greedy, loss, plan, validated"):
+        validate(_compose("experiment=smoke", "+selection.measure=kl"))
+
+
+def _fake_conversion(calls: list):
+    """Stands in for the GGUF conversion: writes what a converted folder holds, small."""
+    from nbl.models import tiny_config
+
+    def convert(folder, weights=True):
+        calls.append(weights)
+        tiny_config("llama").save_pretrained(folder)
+        (folder / "tokenizer.json").write_text(json.dumps({"model": "stand-in"}))
+        if weights:
+            save_file({"w": torch.zeros(4)}, str(folder / "model.safetensors"))
+
+    return convert
+
+
+@pytest.mark.parametrize("damage", ["tokenizer.json", "model.safetensors"])
+def test_a_damaged_converted_model_is_converted_again(tmp_path, monkeypatch, caplog, damage):
+    import nbl.models
+
+    calls: list[bool] = []
+    monkeypatch.setattr(nbl.models, "_convert_smollm2", _fake_conversion(calls))
+    folder = nbl.models.smollm2_folder(tmp_path)
+    assert calls == [True] and nbl.models.smollm2_folder(tmp_path) == folder and calls == [True]
+    with open(folder / damage, "r+b") as f:
+        f.truncate(folder.joinpath(damage).stat().st_size - 3)
+    assert nbl.models.smollm2_folder(tmp_path) == folder and calls == [True, True]
+    assert nbl.models.converted_damage(folder, weights=True) is None
+    assert f"{folder} cannot be used" in caplog.text and damage in caplog.text
+
+
+def test_a_full_disk_while_converting_says_where_and_leaves_nothing(tmp_path, monkeypatch):
+    import errno
+
+    import nbl.models
+
+    def full(folder, weights=True):
+        (folder / "config.json").write_text("{")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(nbl.models, "_convert_smollm2", full)
+    with pytest.raises(OSError, match=r"could not write the converted SmolLM2 model into .* point cache_dir"):
+        nbl.models.smollm2_folder(tmp_path)
+    assert [p.name for p in (tmp_path / "models").iterdir()] == [".smollm2-135m-instruct.lock"]
+
+
+def test_a_tiny_model_converts_the_tokenizer_alone(tmp_path, monkeypatch):
+    import nbl.models
+
+    calls: list[bool] = []
+    monkeypatch.setattr(nbl.models, "_convert_smollm2", _fake_conversion(calls))
+    cfg = _compose("experiment=smoke", f"cache_dir={tmp_path}")
+    validate(cfg)
+    assert calls == [False] and not list(tmp_path.rglob("*.safetensors"))
+
+
+def test_a_run_waiting_on_a_lock_says_which_process_holds_it(tmp_path, caplog):
+    import subprocess
+    import sys
+
+    from nbl.cache import file_lock
+
+    lock = tmp_path / "stats.lock"
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time\nfrom nbl.cache import file_lock\n"
+                               f"with file_lock(__import__('pathlib').Path({str(lock)!r})):\n"
+                               "    print('held', flush=True); time.sleep(2)"], stdout=subprocess.PIPE, text=True)  # fmt: skip
+    assert holder.stdout.readline().strip() == "held"
+    with file_lock(lock):
+        pass
+    holder.wait()
+    assert f"waiting for {lock}: process {holder.pid} on " in caplog.text
+
+
+def test_speed_vllm_on_a_model_vllm_cannot_run_is_refused_before_calibration():
+    with pytest.raises(ConfigError, match=r"vLLM's CPU attention takes head sizes \[32, 64, .*tiny-random-llama has 16"):
+        validate(_compose("experiment=smoke", "speed=vllm", "device=cpu"))
+
+
+def test_an_engine_failure_keeps_its_root_cause():
+    from nbl.serve.bench import error_excerpt
+
+    output = "INFO starting\n" * 500 + "Traceback (most recent call last):\n  ValueError: the root cause\n"
+    output += "worker noise\n" * 2000 + "RuntimeError: Engine core initialization failed. See root cause above.\n"
+    kept = error_excerpt(output)
+    assert "ValueError: the root cause" in kept and kept.rstrip().endswith("See root cause above.")
+    assert len(kept) < 8200

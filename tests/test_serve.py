@@ -191,3 +191,11 @@ def test_speed_vllm_runs_in_the_app_and_reaches_results_and_the_report(tmp_path,
     assert all(speed[k] is None or speed[k] > 0 for k in ("decode_speedup", "long_decode_speedup"))
     assert "Served by vLLM: KV capacity x1.15" in (tmp_path / "run" / "summary.md").read_text()
     assert list((tmp_path / "run" / "wandb").glob("offline-run-*")), "no offline W&B run folder"
+
+
+def test_the_cpu_head_sizes_validation_checks_are_vllms():
+    from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend
+
+    from nbl.serve import CPU_HEAD_SIZES
+
+    assert tuple(CPUAttentionBackend.get_supported_head_sizes()) == CPU_HEAD_SIZES

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import copy
 import json
-import struct
 from collections.abc import Iterator, Mapping
 from contextlib import nullcontext
 from pathlib import Path
@@ -31,6 +30,7 @@ from transformers.utils.hub import convert_file_size_to_int
 from nbl.core.adapters import adapter_for_config
 from nbl.core.causal_lm import family_model_type, nbl_class, nbl_config_class, recast, register_auto_classes
 from nbl.core.surgery import apply_replacements, conv_shapes, replaced_layers, replaced_mlps
+from nbl.models import safetensors_names
 
 NBL_FILE = "nbl.json"
 WEIGHTS_FILE = "model.safetensors"  # one shard; more: model-0000i-of-0000n.safetensors and the index below
@@ -217,20 +217,10 @@ def _header(file: Path) -> list[str]:
     """The tensor names of a safetensors file, its header checked against the file's size."""
     if not file.is_file():
         raise CheckpointError(f"{file} is missing")
-    size = file.stat().st_size
-    with open(file, "rb") as f:
-        raw = f.read(8)
-        length = struct.unpack("<Q", raw)[0] if len(raw) == 8 else size
-        if length > size - 8:
-            raise CheckpointError(f"{file} is truncated or not safetensors: {size} bytes, a header of {length}")
-        try:
-            header = json.loads(f.read(length))
-            end = max((int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"), default=0)
-        except (ValueError, KeyError, TypeError, IndexError, UnicodeDecodeError, AttributeError) as err:
-            raise CheckpointError(f"{file} has a damaged safetensors header ({err})") from None
-    if 8 + length + end > size:
-        raise CheckpointError(f"{file} is truncated: its tensors end at byte {8 + length + end}, the file has {size}")
-    return [k for k in header if k != "__metadata__"]
+    try:
+        return safetensors_names(file)
+    except ValueError as err:
+        raise CheckpointError(str(err)) from None
 
 
 def _json(file: Path) -> Any:

@@ -32,7 +32,7 @@ def model_config(model_cfg: DictConfig, cache_dir: Path | None = None) -> Pretra
     if model_cfg.source == "hub":
         return AutoConfig.from_pretrained(model_cfg.path, revision=model_cfg.revision)
     if model_cfg.source == "tiny":  # it shares the embedded model's tokenizer, hence its vocabulary
-        return tiny_config(model_cfg.path, vocab_size=config_json(smollm2_folder(cache_dir))["vocab_size"])
+        return tiny_config(model_cfg.path, vocab_size=config_json(smollm2_folder(cache_dir, weights=False))["vocab_size"])
     raise ValueError(f"unknown model source {model_cfg.source!r}; use embedded, hub or tiny")
 
 
@@ -46,7 +46,7 @@ def load_tokenizer(model_cfg: DictConfig, cache_dir: Path | None = None) -> PreT
     from transformers import AutoTokenizer
 
     if model_cfg.source in ("embedded", "tiny"):
-        return AutoTokenizer.from_pretrained(smollm2_folder(cache_dir))
+        return AutoTokenizer.from_pretrained(smollm2_folder(cache_dir, weights=model_cfg.source == "embedded"))
     return AutoTokenizer.from_pretrained(model_cfg.path, revision=model_cfg.revision)
 
 

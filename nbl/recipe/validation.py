@@ -4,6 +4,7 @@ list. A bad config is refused within seconds, before transformers' model code or
 
 from __future__ import annotations
 
+import importlib.util
 import math
 import os
 from pathlib import Path
@@ -18,6 +19,7 @@ from nbl.measure.offline_tasks import OFFLINE_TASKS, is_builtin_task
 from nbl.models import architecture, config_json, smollm2_folder, tiny_values
 from nbl.recipe.schema import ConfigError, checked_config
 from nbl.select.registry import GRANULARITY_PARTS, get_strategy
+from nbl.serve import CPU_HEAD_SIZES
 
 
 def read_architecture(model_cfg: DictConfig, cache_dir: Path | None = None) -> SimpleNamespace:
@@ -36,7 +38,7 @@ def read_architecture(model_cfg: DictConfig, cache_dir: Path | None = None) -> S
             )
         return architecture(values)
     if model_cfg.source == "tiny":  # it shares the embedded model's tokenizer, hence its vocabulary
-        vocab = config_json(smollm2_folder(cache_dir))["vocab_size"]
+        vocab = config_json(smollm2_folder(cache_dir, weights=False))["vocab_size"]
         return architecture({"model_type": model_cfg.path, **tiny_values(model_cfg.path, vocab_size=vocab)})
     raise ValueError(f"unknown model source {model_cfg.source!r}; use embedded, hub or tiny")
 
@@ -52,6 +54,7 @@ def validate(cfg: DictConfig) -> tuple[DictConfig, SimpleNamespace]:
     arch = read_architecture(cfg.model, Path(cfg.cache_dir))
     _check_layers(cfg, arch)
     _check_lengths(cfg, arch)
+    _check_serving(cfg, arch)
     return cfg, arch
 
 
@@ -93,6 +96,23 @@ def _check_lengths(cfg: DictConfig, arch: SimpleNamespace) -> None:
     for key, length in lengths.items():
         if length > context:
             raise ConfigError(f"{key} = {length} is longer than {cfg.model.name}'s context ({context} tokens)")
+
+
+def _check_serving(cfg: DictConfig, arch: SimpleNamespace) -> None:
+    """speed=vllm: vLLM installed, and a model its attention can run where the run computes (before calibration,
+    not after it, in the engine)."""
+    if not (cfg.speed.enabled and cfg.speed.engine == "vllm"):
+        return
+    if importlib.util.find_spec("vllm") is None:
+        raise ConfigError("speed=vllm serves both models with vLLM, which is not installed: pip install -e '.[serve]' "
+                          "(GPU) or '.[serve-cpu]' (CPU)")  # fmt: skip
+    on_cpu = cfg.device == "cpu" or (cfg.device == "auto" and not torch.cuda.is_available())
+    head_dim = adapter_for_config(arch).head_dim(arch)
+    if on_cpu and head_dim not in CPU_HEAD_SIZES:
+        raise ConfigError(
+            f"speed=vllm on the CPU: vLLM's CPU attention takes head sizes {list(CPU_HEAD_SIZES)}, and "
+            f"{cfg.model.name} has {head_dim}"
+        )
 
 
 def _check_texts(cfg: DictConfig) -> None:

@@ -102,6 +102,7 @@ class Strategy:
     heldout_statistics: ClassVar[bool] = False  # needs statistics of held-out windows
     chooses_modes: ClassVar[bool] = False  # chooses linear or drop per layer itself (replacement.mode unused)
     estimates_damage: ClassVar[bool] = False  # reads selection.damage (its single-layer damages may be estimated)
+    reads_measure: ClassVar[bool] = False  # reads selection.measure (it measures damage on held-out windows)
     granularities: ClassVar[tuple[str, ...]] = GRANULARITIES
     calibration_modes: ClassVar[tuple[str, ...]] = CALIBRATION_MODES
     mode_refusal: ClassVar[str] = "selection={name} does not support calibration.mode={mode}"
@@ -114,6 +115,10 @@ class Strategy:
         """Why ``cfg`` cannot run with this strategy (checked before anything loads), or None."""
         if cfg.calibration.mode not in self.calibration_modes:
             return self.mode_refusal.format(name=self.name, mode=cfg.calibration.mode)
+        if cfg.selection.measure != "loss" and not self.reads_measure:
+            readers = ", ".join(sorted(n for n in strategy_names() if STRATEGIES[n].reads_measure))
+            return (f"selection.measure={cfg.selection.measure} is read by selection={readers} only, not {self.name}: "
+                    "it would be recorded as a setting that changed nothing")  # fmt: skip
         if cfg.selection.damage == "estimated":
             if not self.estimates_damage:
                 readers = " and ".join(sorted(n for n in strategy_names() if STRATEGIES[n].estimates_damage))
@@ -188,6 +193,7 @@ class MeasuredStrategy(Strategy):
     statistics, so not in sequential mode."""
 
     heldout_windows = True
+    reads_measure = True
     granularities = ("attention", "mlp", "block")
     calibration_modes = ("one_pass", "propagated")
     mode_refusal = "selection={name} runs the model itself: use calibration.mode one_pass or propagated"

@@ -58,8 +58,17 @@ def measure(checkpoints: dict[str, str | Path], settings: ServeSettings, greedy:
         proc = subprocess.run([sys.executable, "-m", "nbl.serve.bench", str(job), str(out)], env=env,
                               capture_output=True, text=True, timeout=timeout_s)  # fmt: skip
         if proc.returncode != 0:
-            raise RuntimeError(f"vLLM measurement failed:\n{proc.stderr[-4000:]}")
+            raise RuntimeError(f"vLLM measurement failed:\n{error_excerpt(proc.stderr)}")
         return json.loads(out.read_text())
+
+
+def error_excerpt(output: str, head: int = 6000, tail: int = 2000) -> str:
+    """What a failed engine's output says, kept short: from its first traceback (the root cause: vLLM's last lines
+    only say that its engine core failed) and its last lines."""
+    start = max(output.find("Traceback (most recent call last)"), 0)
+    if len(output) - start <= head + tail:
+        return output[start:]
+    return f"{output[start : start + head]}\n[... {len(output) - start - head - tail} characters ...]\n{output[-tail:]}"
 
 
 def ratio(value: float | None, base: float | None) -> float | None:
