@@ -88,7 +88,7 @@ PAPER_NAMES = {
 # config keys that vary a random draw: runs differing only in these are seeds of one row
 SEED_KEYS = ("seed", "selection.seed", "calibration.seed")
 # config sections that change no reported number
-NEUTRAL_SECTIONS = ("logger", "cache_dir", "save_checkpoint")
+NEUTRAL_SECTIONS = ("logger", "cache_dir", "save_checkpoint", "checkpoint_shard_size")
 # what the baseline row depends on (it is the same unmodified model whatever is selected or replaced)
 BASELINE_SECTIONS = ("model", "eval", "speed", "device", "seed", "quantize")
 

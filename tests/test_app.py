@@ -295,6 +295,7 @@ def test_full_run_writes_results_and_wandb_offline(tmp_path, nbl_cache):
         "eval.perplexity.seq_len=64",
         "logger=offline",
         "save_checkpoint=true",
+        "checkpoint_shard_size=20MB",
         f"hydra.run.dir={tmp_path / 'run'}",
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -317,7 +318,10 @@ def test_full_run_writes_results_and_wandb_offline(tmp_path, nbl_cache):
     assert 0.0 <= results["eval"]["piqa"]["acc"] <= 1.0 and "piqa" in results["eval_base"]
     assert results["perplexity"]["nbl"] > 1.0 and results["speed"]["prefill_speedup"] > 0
     assert (tmp_path / "run" / "summary.md").is_file() and (tmp_path / "run" / "config.yaml").is_file()
-    assert (tmp_path / "run" / "checkpoint" / "nbl.json").is_file()
+    checkpoint = tmp_path / "run" / "checkpoint"
+    assert (checkpoint / "nbl.json").is_file() and (checkpoint / "model.safetensors.index.json").is_file()
+    assert len(list(checkpoint.glob("model-*.safetensors"))) > 1  # the tiny model's 25 MB in 20 MB shards
+    assert {"generation_config.json", "tokenizer.json", "chat_template.jinja"} <= {p.name for p in checkpoint.iterdir()}
     assert list((tmp_path / "run" / "wandb").glob("offline-run-*")), "no offline W&B run folder"
 
 

@@ -244,3 +244,23 @@ def test_save_and_load_of_a_1b_model_hold_one_shard_beyond_the_model(tmp_path):
     assert load["wrong_tensors"] == [] and load["model_bytes"] == save["model_bytes"]
     assert load["peak_above_start"] <= load["model_bytes"] + load["largest_shard"] + 128 * mb, load
     assert offloaded["peak_above_start"] <= offloaded["resident_bytes"] + offloaded["largest_shard"] + 64 * mb, offloaded
+
+
+def test_lm_evals_hf_model_given_the_folder_evaluates_the_nbl_model(tmp_path, converted_models):
+    """lm-eval's ``hf`` model loads through AutoModelForCausalLM: once nbl has registered its classes, the folder
+    gives the replaced model, not the family's with random attention."""
+    from lm_eval.models.huggingface import HFLM
+    from transformers import AutoTokenizer
+
+    from nbl.models import random_model, tiny_config
+
+    tokenizer = AutoTokenizer.from_pretrained(converted_models / "smollm2-135m-instruct")
+    model = random_model(tiny_config("llama", vocab_size=len(tokenizer)))
+    nbl.linearize(model, nbl.calibrate(model, token_batches(n_batches=2, vocab=len(tokenizer)), progress=False), [0, 2])
+    folder = nbl.save_linearized(model, tmp_path / "ckpt", tokenizer)
+    nbl.register_auto_classes()
+    lm = HFLM(pretrained=str(folder), device="cpu", batch_size=1)
+    assert type(lm.model).__name__ == "NblLlamaForCausalLM" and nbl.replaced_layers(lm.model) == {0: "linear", 2: "linear"}
+    ids = torch.randint(3, len(tokenizer), (1, 12), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        torch.testing.assert_close(lm._model_call(ids), model(ids).logits, rtol=0, atol=0)

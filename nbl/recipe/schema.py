@@ -263,6 +263,7 @@ class ExperimentSchema:
     seed: int = 0
     device: str = "auto"
     save_checkpoint: bool = False
+    checkpoint_shard_size: str = "4GB"  # the checkpoint's safetensors shards: at most this each ("500MB", "4GB")
     cache_dir: str = "~/.cache/nbl"
 
     def check(self) -> None:
@@ -275,6 +276,13 @@ class ExperimentSchema:
         self._check_conv()
         if self.speed.enabled and self.speed.engine is SpeedEngine.vllm and self.quantize.scheme.value != "none":
             raise ConfigError("speed.engine=vllm serves saved checkpoints: a torchao-quantized model is not one")
+        from transformers.utils.hub import convert_file_size_to_int
+
+        try:
+            if convert_file_size_to_int(self.checkpoint_shard_size) <= 0:
+                raise ValueError
+        except ValueError:
+            raise ConfigError(f"checkpoint_shard_size={self.checkpoint_shard_size!r} is not a size: use '500MB' or '4GB'") from None
         if self.layers is not None and len(set(self.layers)) != len(self.layers):
             raise ConfigError(f"layers={self.layers} lists a layer twice")
 

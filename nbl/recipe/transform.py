@@ -158,7 +158,8 @@ def heal(state: RunState) -> None:
 def save_checkpoint(state: RunState) -> None:
     """A self-contained checkpoint (before quantization: it stays a plain linearized model)."""
     if state.cfg.save_checkpoint:
-        folder = save_linearized(state.model, state.ctx.output_dir / "checkpoint", state.tokenizer)
+        folder = save_linearized(state.model, state.ctx.output_dir / "checkpoint", state.tokenizer,
+                                 max_shard_size=state.cfg.checkpoint_shard_size)  # fmt: skip
         state.results["checkpoint"] = str(folder)
 
 

@@ -14,12 +14,12 @@ each by the outer product of the observed gradient (H_tt ~ g_t g_t^T, an empiric
     damage_i ~ (1 / N) sum_t [ g_t . d_t + 1/2 (g_t . d_t)^2 ]      (N: scored tokens)
 
 Every layer's input and gradient come out of the same pass, so the cost is one forward and one backward to the
-activations (the weights take no gradient; about three forwards in all) plus one decoder layer per candidate (about
-one forward in all), whatever the number of layers; measuring costs a forward from each layer to the top (about
-L / 2 forwards). The first-order term alone ranks badly (the LMMSE error is nearly orthogonal to g on average); the
-square is what separates a harmless change from a harmful one. The pass also yields what set validation measures
-against (every layer's inputs on the held-out windows, and the loss of the model as it is), so a validated selection
-does not run the held-out forward again.
+activations (the weights take no gradient; each layer is recomputed in the backward, which bounds the memory: about
+four forwards in all) plus one decoder layer per candidate (about one forward in all), whatever the number of
+layers; measuring costs a forward from each layer to the top (about L / 2 forwards). The first-order term alone
+ranks badly (the LMMSE error is nearly orthogonal to g on average); the square is what separates a harmless change
+from a harmful one. The pass also yields what set validation measures against (every layer's inputs on the held-out
+windows, and the loss of the model as it is), so a validated selection does not run the held-out forward again.
 """
 
 from __future__ import annotations

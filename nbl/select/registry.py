@@ -205,8 +205,8 @@ class MeasuredStrategy(Strategy):
     def announce_cost(self, cfg: DictConfig, n_layers: int) -> None:
         """Warn when measuring costs more than one calibration pass per 4 layers chosen."""
         k, sel = cfg.num_layers, cfg.selection
-        if sel.damage == "estimated":  # a forward, a backward to the activations, a layer per candidate: ~4 forwards
-            passes = 4 * sel.holdout_sequences / cfg.calibration.num_sequences
+        if sel.damage == "estimated":  # a forward, a backward with each layer recomputed, a layer per candidate
+            passes = 5 * sel.holdout_sequences / cfg.calibration.num_sequences  # about 5 forwards
         else:
             steps, candidates = self.steps_and_candidates(k, n_layers)
             passes = cost_in_passes(n_layers, candidates, steps, sel.holdout_sequences, cfg.calibration.num_sequences)
