@@ -228,7 +228,7 @@ def test_malformed_local_calibration_file_is_named(tmp_path, name, content, mess
 
 def test_a_calibration_path_that_is_a_folder_is_named(tmp_path):
     cfg = _compose("experiment=smoke", "calibration=local", f"calibration.path={tmp_path}")
-    with pytest.raises(IsADirectoryError, match=re.escape("is a directory: name a .txt or .jsonl file")):
+    with pytest.raises(IsADirectoryError, match=re.escape("is a directory: name a .txt, .jsonl or .json file")):
         validate(cfg)
 
 

@@ -37,8 +37,10 @@ def test_a_local_model_folder_edited_in_place_is_keyed_anew_and_hashed_once(tmp_
     (its digests are remembered by path, size, times and inode)."""
     import nbl.provenance
 
-    folder = tmp_path / "model"
-    make_tiny("llama").save_pretrained(folder)
+    from nbl.models import random_model, tiny_config
+
+    folder = tmp_path / "model"  # 70 MB of weights: a sample of each file would miss a norm's 1 KB
+    random_model(tiny_config("llama", hidden_size=256, vocab_size=32000)).save_pretrained(folder)
     cfg = _compose("model=llama3.1-8b", f"model.path={folder}", f"cache_dir={tmp_path / 'cache'}")
     config = nbl.models.tiny_config("llama")
     first = model_fields(cfg, config)["weights"]

@@ -62,8 +62,10 @@ PINNED: dict[str, list[str]] = {
 
 
 def _entries(cache: Path) -> list[str]:
-    """Every cache entry below ``cache``: not locks, key listings, the converted model or lm-eval's task files."""
+    """Every cache entry below ``cache``: not locks, key listings, the converted model, lm-eval's task files or the
+    memo of local files' digests."""
     found = [p.relative_to(cache) for p in cache.rglob("*") if p.suffix in (".json", ".safetensors")]
+    found = [p for p in found if p.as_posix() != "digests.json"]
     kept = [p for p in found if p.parts[0] not in ("models", "lm_eval_tasks") and not p.name.endswith(".fields.json")]
     return sorted(p.as_posix() for p in kept)
 

@@ -57,7 +57,7 @@ def test_conversion_removes_what_a_killed_conversion_left_and_renames_into_place
     stale.mkdir(parents=True)
     (stale / "model.safetensors").write_bytes(b"\0" * 4096)  # half-written weights of a dead process
 
-    def crash(folder):
+    def crash(folder, weights=True):
         (folder / "model.safetensors").write_bytes(b"\0" * 4096)
         raise RuntimeError("killed")
 
@@ -66,7 +66,7 @@ def test_conversion_removes_what_a_killed_conversion_left_and_renames_into_place
         smollm2_folder()
     assert not [p for p in (tmp_path / "models").iterdir() if p.is_dir()]  # the stale folder and its own tmp: gone
     stale.mkdir()
-    monkeypatch.setattr(nbl.models, "_convert_smollm2", lambda folder: (folder / "config.json").write_text("{}"))
+    monkeypatch.setattr(nbl.models, "_convert_smollm2", lambda folder, weights: (folder / "config.json").write_text("{}"))
     folder = smollm2_folder()
     assert (folder / "config.json").is_file() and not stale.exists()
     assert [p.name for p in (tmp_path / "models").iterdir() if p.is_dir()] == [SMOLLM2_NAME]

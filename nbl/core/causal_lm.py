@@ -152,16 +152,21 @@ def adopt(model: PreTrainedModel) -> None:
     model._nbl_conv = bool(conv_shapes(model))
 
 
-def register_auto_classes() -> None:
-    """Register every supported family's NBL config and class with transformers' AutoConfig and
-    AutoModelForCausalLM, so that ``from_pretrained`` builds NBL checkpoints right. Safe to call again."""
+def register_auto_classes(models: bool = True) -> None:
+    """Register every supported family's NBL config with transformers' AutoConfig and, unless ``models`` is false
+    (an engine that only reads the config: vLLM), its class with AutoModelForCausalLM, so that ``from_pretrained``
+    builds NBL checkpoints right. Safe to call again."""
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
     from nbl.core.adapters import ADAPTERS
 
     for adapter in ADAPTERS:
-        model_class = nbl_class(getattr(transformers, adapter.causal_lm))
-        config_class = model_class.config_class
-        transformers.AutoConfig.register(config_class.model_type, config_class, exist_ok=True)
-        transformers.AutoModelForCausalLM.register(config_class, model_class, exist_ok=True)
+        for model_type in adapter.model_types:
+            config_class = nbl_config_class(CONFIG_MAPPING[model_type])
+            transformers.AutoConfig.register(config_class.model_type, config_class, exist_ok=True)
+            if models:
+                model_class = nbl_class(getattr(transformers, adapter.causal_lm))
+                transformers.AutoModelForCausalLM.register(config_class, model_class, exist_ok=True)
 
 
 def __getattr__(name: str) -> type:

@@ -29,7 +29,7 @@ def register() -> None:
 
     from nbl.core.causal_lm import register_auto_classes
 
-    register_auto_classes()  # vLLM reads a checkpoint's config through transformers' AutoConfig
+    register_auto_classes(models=False)  # vLLM reads a checkpoint's config through transformers' AutoConfig
     known = set(ModelRegistry.get_supported_archs())
     for adapter in ADAPTERS:
         for model_type in adapter.model_types:
