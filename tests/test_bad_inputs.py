@@ -36,7 +36,6 @@ def test_a_local_model_folder_edited_in_place_is_keyed_anew_and_hashed_once(tmp_
     """A norm scaled inside a weights file of the same size changes the key; an unchanged folder is not read again
     (its digests are remembered by path, size, times and inode)."""
     import nbl.provenance
-
     from nbl.models import random_model, tiny_config
 
     folder = tmp_path / "model"  # 70 MB of weights: a sample of each file would miss a norm's 1 KB
