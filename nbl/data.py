@@ -136,7 +136,7 @@ def local_text(path: str | Path, field: str = "text") -> list[str]:
     except UnicodeDecodeError as err:
         raise ValueError(f"{p} is not UTF-8 text ({err.reason} at byte {err.start})") from None
     if suffix == ".jsonl":
-        docs = [_document(p, _json_line(p, number, line), field, f"line {number}")
+        docs = [_document(p, _json_line(p, number, line), field, f"line {number}", strings=False)
                 for number, line in enumerate(text.splitlines(), 1) if line.strip()]  # fmt: skip
     elif suffix == ".json":
         try:
@@ -145,7 +145,7 @@ def local_text(path: str | Path, field: str = "text") -> list[str]:
             raise ValueError(f"{p}: not valid JSON ({err.msg}, line {err.lineno})") from None
         if not isinstance(rows, list):
             raise ValueError(f"{p}: a .json calibration file holds a list of texts or of objects with {field!r}")
-        docs = [_document(p, row, field, f"item {n}") for n, row in enumerate(rows)]
+        docs = [_document(p, row, field, f"item {n}", strings=True) for n, row in enumerate(rows)]
     else:
         docs = [text]
     if not any(doc.strip() for doc in docs):
@@ -160,9 +160,9 @@ def _json_line(p: Path, number: int, line: str) -> object:
         raise ValueError(f"{p}, line {number}: not valid JSON ({err.msg})") from None
 
 
-def _document(p: Path, row: object, field: str, where: str) -> str:
-    """A document of a JSON file: a string, or an object's string ``field``."""
-    if isinstance(row, str) and p.suffix.lower() == ".json":
+def _document(p: Path, row: object, field: str, where: str, strings: bool) -> str:
+    """A document of a JSON file: an object's string ``field``, or (``strings``: a .json list) a string."""
+    if strings and isinstance(row, str):
         return row
     if not isinstance(row, dict) or not isinstance(row.get(field), str):
         raise ValueError(f"{p}, {where}: expected an object with a string field {field!r}")

@@ -29,6 +29,13 @@ SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_NAME = "smollm2-135m-instruct"
 
 
+def resolve_device(name: str) -> torch.device:
+    """The device a run computes on: ``auto`` is the GPU when there is one, else the CPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
 def cache_root() -> Path:
     """Where converted models and calibration statistics are cached ($NBL_CACHE, else ~/.cache/nbl)."""
     return Path(os.environ.get("NBL_CACHE", Path.home() / ".cache" / "nbl"))
@@ -101,7 +108,10 @@ def converted_damage(folder: Path, weights: bool) -> str | None:
         return f"{', '.join(missing)} missing"
     for name in files:
         try:
-            json.loads((folder / name).read_text()) if name.endswith(".json") else safetensors_names(folder / name)
+            if name.endswith(".json"):
+                json.loads((folder / name).read_text())
+            else:
+                safetensors_names(folder / name)
         except (OSError, ValueError) as err:
             return f"{name}: {type(err).__name__}: {err}"
     return None

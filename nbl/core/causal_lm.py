@@ -20,10 +20,12 @@ from __future__ import annotations
 
 import functools
 import inspect
+from types import SimpleNamespace
 from typing import TYPE_CHECKING, Any
 
 import transformers
 
+from nbl.core.adapters import ADAPTERS, adapter_for_config
 from nbl.core.decode_state import PADDING
 
 if TYPE_CHECKING:
@@ -45,6 +47,11 @@ def nbl_model_type(model_type: str) -> str:
 def family_model_type(model_type: str) -> str:
     """The family's own model_type, from a checkpoint's (``nbl_llama`` -> ``llama``) or the family's."""
     return model_type.removeprefix(PREFIX)
+
+
+def family_class(model_type: str) -> type:
+    """The family's transformers CausalLM class, from its model_type or a checkpoint's."""
+    return getattr(transformers, adapter_for_config(SimpleNamespace(model_type=family_model_type(model_type))).causal_lm)
 
 
 class NblCausalLM:
@@ -158,14 +165,12 @@ def register_auto_classes(models: bool = True) -> None:
     builds NBL checkpoints right. Safe to call again."""
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
-    from nbl.core.adapters import ADAPTERS
-
     for adapter in ADAPTERS:
         for model_type in adapter.model_types:
             config_class = nbl_config_class(CONFIG_MAPPING[model_type])
             transformers.AutoConfig.register(config_class.model_type, config_class, exist_ok=True)
             if models:
-                model_class = nbl_class(getattr(transformers, adapter.causal_lm))
+                model_class = nbl_class(family_class(model_type))
                 transformers.AutoModelForCausalLM.register(config_class, model_class, exist_ok=True)
 
 

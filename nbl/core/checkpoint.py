@@ -28,7 +28,14 @@ from transformers import AutoConfig, PreTrainedModel, PreTrainedTokenizerBase
 from transformers.utils.hub import convert_file_size_to_int
 
 from nbl.core.adapters import adapter_for_config
-from nbl.core.causal_lm import family_model_type, nbl_class, nbl_config_class, recast, register_auto_classes
+from nbl.core.causal_lm import (
+    family_class,
+    family_model_type,
+    nbl_class,
+    nbl_config_class,
+    recast,
+    register_auto_classes,
+)
 from nbl.core.surgery import apply_replacements, conv_shapes, replaced_layers, replaced_mlps
 from nbl.models import safetensors_names
 
@@ -46,7 +53,7 @@ class CheckpointError(ValueError):
 
 def serving_architecture(model_type: str) -> str:
     """The architecture name an NBL checkpoint of this family declares (vLLM's plugin and transformers' class)."""
-    return f"Nbl{adapter_for_config(SimpleNamespace(model_type=family_model_type(model_type))).causal_lm}"
+    return f"Nbl{family_class(model_type).__name__}"
 
 
 def declared_replacement(meta: Mapping[str, Any]) -> dict[str, Any]:
@@ -137,10 +144,13 @@ def write_weights(model: PreTrainedModel, folder: Path, max_shard_size: int) -> 
     """The model's tensors as safetensors shards of at most ``max_shard_size`` bytes (a tensor larger than that
     alone in its shard), with transformers' index when there are several; one shard in host memory at a time."""
     shards: list[list[tuple[str, nn.Module, str, int]]] = [[]]
+    size = 0  # of the last shard
     for entry in _stored(model):
-        if shards[-1] and sum(e[3] for e in shards[-1]) + entry[3] > max_shard_size:
+        if shards[-1] and size + entry[3] > max_shard_size:
             shards.append([])
+            size = 0
         shards[-1].append(entry)
+        size += entry[3]
     for stale in [*folder.glob("model*.safetensors"), folder / INDEX_FILE]:  # an earlier save's shards
         stale.unlink(missing_ok=True)
     n = len(shards)
@@ -154,7 +164,6 @@ def write_weights(model: PreTrainedModel, folder: Path, max_shard_size: int) -> 
             on_host = _on_host(module, [attr for _, attr in entries])
             tensors.update({name: on_host[attr] for name, attr in entries})
         save_file(tensors, str(folder / file), metadata={"format": "pt"})
-        del tensors
     if n > 1:
         index = {
             "metadata": {"total_size": sum(e[3] for s in shards for e in s)},
@@ -248,7 +257,7 @@ def load_linearized(
     config = AutoConfig.from_pretrained(folder)
     if meta.get("format_version", 0) < 3:  # the family's model_type: build the NBL class from it explicitly
         config.nbl = meta
-    cls = nbl_class(_family_model(config.model_type))
+    cls = nbl_class(family_class(config.model_type))
     offload = {"offload_folder": str(offload_folder)} if offload_folder is not None else {}
     model, info = cls.from_pretrained(
         folder, config=config, dtype=dtype or "auto", device_map=device_map or device, output_loading_info=True, **offload
@@ -260,10 +269,3 @@ def load_linearized(
         raise CheckpointError(f"the weights in {folder} do not match the model its config declares: {problems}")
     return model.eval()
 
-
-def _family_model(model_type: str) -> type[PreTrainedModel]:
-    """The family's transformers CausalLM class, from a checkpoint's model_type or the family's."""
-    import transformers
-
-    adapter = adapter_for_config(SimpleNamespace(model_type=family_model_type(model_type)))
-    return getattr(transformers, adapter.causal_lm)

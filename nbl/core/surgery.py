@@ -159,11 +159,8 @@ class LinearizedDecoderLayer(nn.Module):
             padding = padding_of(x)
             if padding is not None:  # padding enters the convolution as zeros (the statistics count it so)
                 x = x * padding
-            if isinstance(slot, ConvSlot):
-                window = slot.extend(x)
-            else:
-                window = torch.cat([x.new_zeros(x.shape[0], conv.width - 1, x.shape[-1]), x], dim=1)
-            hidden_states = hidden_states + conv(window)
+            state = slot if isinstance(slot, ConvSlot) else ConvSlot(conv.width)  # no cache: a sequence's start
+            hidden_states = hidden_states + conv(state.extend(x))
         elif self.attn_linear is not None:
             hidden_states = hidden_states + self.attn_linear(hidden_states)
         return hidden_states + self.mlp(self.post_attention_layernorm(hidden_states))

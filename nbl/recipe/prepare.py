@@ -11,7 +11,7 @@ from omegaconf import DictConfig, OmegaConf
 from nbl.cache import stats_entry
 from nbl.calib import distributed
 from nbl.calib.passes import HookPass, LayerwisePass
-from nbl.models import DTYPES, config_json, load_smollm2, random_model, smollm2_folder, tiny_config
+from nbl.models import DTYPES, config_json, load_smollm2, random_model, resolve_device, smollm2_folder, tiny_config
 from nbl.recipe.keys import calibration_fields
 from nbl.recipe.launch import claim_output_dir
 from nbl.recipe.state import RunState
@@ -34,12 +34,6 @@ def model_config(model_cfg: DictConfig, cache_dir: Path | None = None) -> Pretra
     if model_cfg.source == "tiny":  # it shares the embedded model's tokenizer, hence its vocabulary
         return tiny_config(model_cfg.path, vocab_size=config_json(smollm2_folder(cache_dir, weights=False))["vocab_size"])
     raise ValueError(f"unknown model source {model_cfg.source!r}; use embedded, hub or tiny")
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
 
 
 def load_tokenizer(model_cfg: DictConfig, cache_dir: Path | None = None) -> PreTrainedTokenizerBase:

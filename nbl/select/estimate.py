@@ -38,7 +38,7 @@ from nbl.calib.carry import Carrier
 from nbl.core.accounting import BytesModel
 from nbl.core.adapters import adapter_for_config, get_adapter
 from nbl.core.surgery import execution_device, live_layers
-from nbl.models import DTYPES
+from nbl.models import DTYPES, resolve_device
 from nbl.select.damage import Probe, Unreplaced, layers_restored
 
 if TYPE_CHECKING:
@@ -95,7 +95,7 @@ def estimate_refusal(cfg: DictConfig, config: Any) -> str | None:
 
 def device_memory(name: str) -> tuple[str, int]:
     """(what, bytes): the memory of the device a run computes on (``device=auto``: the GPU when there is one)."""
-    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name)
+    device = resolve_device(name)
     if device.type == "cuda":
         return f"{device} ({torch.cuda.get_device_name(device)})", torch.cuda.get_device_properties(device).total_memory
     return "host memory", os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
