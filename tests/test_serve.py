@@ -124,6 +124,32 @@ def test_bad_checkpoints_are_refused_before_anything_loads(tmp_path, tokenizer):
         check_checkpoint(config, folder)
 
 
+def test_a_replaceme_checkpoint_is_served_by_vllm_without_the_plugin(tmp_path, tokenizer):
+    """ReplaceMe folds its transform into an MLP: the checkpoint is the family's own with fewer layers, served by
+    vLLM with every plugin off (VLLM_PLUGINS names none) as transformers alone decodes it."""
+    from transformers import AutoModelForCausalLM
+
+    from nbl.core.block_fits import fold_transform, replaceme_transforms
+    from nbl.core.pruned import save_pruned
+
+    model = _tiny("llama")
+    g = torch.Generator().manual_seed(1)
+    batches = [torch.randint(3, 49152, (2, 64), generator=g) for _ in range(4)]
+    fold_transform(model, 0, replaceme_transforms(model, batches, [(1, 3)])[1])
+    nbl.linearize(model, nbl.calibrate(model, batches, progress=False, part="block"), [1, 2], mode="drop", part="block")
+    folder = save_pruned(model, tmp_path / "replaceme", tokenizer, replacement="replaceme")
+    prompts = [tokenizer(p).input_ids for p in ("The capital of France is", "Once upon a time, in a small town")]
+    settings = ServeSettings(repeats=0, kv_cache_gib=1, enforce_eager=True, prompt_len=64, long_prompt_len=64,
+                             batch_prompt_len=64, new_tokens=16)  # fmt: skip
+    with pytest.MonkeyPatch.context() as mp:
+        for key, value in {**IN_PROCESS, "VLLM_PLUGINS": "none-at-all"}.items():
+            mp.setenv(key, value)
+        served = measure({"replaceme": folder}, settings, greedy=prompts, greedy_tokens=16)["replaceme"]
+    plain = transformers_greedy(AutoModelForCausalLM.from_pretrained(folder).eval(), prompts, 16)
+    assert [[t for t, _ in row] for row in served["greedy"]] == [[t for t, _ in row] for row in plain]
+    assert [[t for t, _ in row] for row in plain] == [[t for t, _ in row] for row in transformers_greedy(model, prompts, 16)]
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -42,6 +42,10 @@ class DecoderAdapter:
     def mlp(self, layer: nn.Module) -> nn.Module:
         return layer.mlp
 
+    def mlp_output(self, layer: nn.Module) -> nn.Linear:
+        """The MLP's output projection (a transform of the MLP's output folds into it: ReplaceMe)."""
+        return self.mlp(layer).down_proj
+
     def set_mlp_path(self, layer: nn.Module, norm: nn.Module, mlp: nn.Module) -> None:
         """Swap the post-attention norm and the MLP (the layer computes ``h + mlp(norm(h))``)."""
         layer.post_attention_layernorm = norm

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import copy
 import json
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import nullcontext
 from pathlib import Path
 from types import SimpleNamespace
@@ -140,12 +140,19 @@ def _on_host(module: nn.Module, attrs: list[str]) -> dict[str, torch.Tensor]:
         return {attr: getattr(module, attr).detach().to("cpu").contiguous() for attr in attrs}
 
 
-def write_weights(model: PreTrainedModel, folder: Path, max_shard_size: int) -> list[Path]:
+def write_weights(model: PreTrainedModel, folder: Path, max_shard_size: int,
+                  rename: Callable[[str], str | None] | None = None) -> list[Path]:  # fmt: skip
     """The model's tensors as safetensors shards of at most ``max_shard_size`` bytes (a tensor larger than that
-    alone in its shard), with transformers' index when there are several; one shard in host memory at a time."""
+    alone in its shard), with transformers' index when there are several; one shard in host memory at a time.
+    ``rename``: each tensor's name in the file (None: not stored)."""
     shards: list[list[tuple[str, nn.Module, str, int]]] = [[]]
     size = 0  # of the last shard
     for entry in _stored(model):
+        if rename is not None:
+            name = rename(entry[0])
+            if name is None:
+                continue
+            entry = (name, *entry[1:])
         if shards[-1] and size + entry[3] > max_shard_size:
             shards.append([])
             size = 0

@@ -22,7 +22,8 @@ def select(state: RunState) -> None:
         selection = strategy.select(
             SelectionInputs(
                 cfg=cfg, config=state.config, model=state.model, stats=state.stats, heldout_stats=state.heldout_stats,
-                ridges=state.ridges, heldout=state.windows.heldout, scores=state.scores,
+                ridges=state.ridges, heldout=state.windows.heldout, calibration=state.windows.calibration,
+                scores=state.scores,
                 measured_key=measured_fields(cfg, state.config) if strategy.heldout_windows else {},
                 cache_dir=state.cache_dir,
             )

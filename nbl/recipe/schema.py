@@ -19,9 +19,9 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from nbl.core.stats import GRAM_DTYPES
-from nbl.core.surgery import MODES
 from nbl.models import DTYPES
 from nbl.quantization import SCHEMES
+from nbl.replace.registry import get_replacement, replacement_names
 from nbl.select.plan import TARGETS
 from nbl.select.registry import CALIBRATION_MODES, GRANULARITIES, get_strategy, strategy_names
 
@@ -43,11 +43,11 @@ CalibrationMethod = _choices("CalibrationMethod", ("hooks", "layerwise"))
 Windows = _choices("Windows", ("stream", "documents"))
 GramDType = _choices("GramDType", GRAM_DTYPES)
 Granularity = _choices("Granularity", GRANULARITIES)
-Mode = _choices("Mode", MODES)
+Mode = _choices("Mode", replacement_names())  # the registered replacements (nbl.replace)
 QuantScheme = _choices("QuantScheme", SCHEMES)
 Strategy = _choices("Strategy", strategy_names())  # the registered strategies (nbl.select.strategies)
 CCATargetName = _choices("CCATargetName", ("residual", "attention"))
-Measure = _choices("Measure", ("loss", "kl"))
+Measure = _choices("Measure", ("loss", "kl", "js"))
 DamageSource = _choices("DamageSource", ("measured", "estimated"))
 PlanTarget = _choices("PlanTarget", TARGETS)
 LoggerMode = _choices("LoggerMode", ("auto", "online", "offline", "disabled"))
@@ -117,7 +117,7 @@ class SelectionSchema:
     seed: int = 0
     holdout_sequences: int = 8  # loss, greedy, lmmse, ridge=auto: held-out windows of the calibration text
     heldout_source: str | None = None  # their text (a TEXT_SOURCES name); None: the calibration text's next windows
-    measure: Measure = Measure.loss  # loss, greedy: damage as loss increase, or as KL from the original model
+    measure: Measure = Measure.loss  # loss, greedy, ...: damage as loss increase, or as KL / JS from the original model
     damage: DamageSource = DamageSource.measured  # loss, validated: single-layer damages measured, or estimated
     target: PlanTarget = PlanTarget.prefill  # plan: the predicted quantity to reach (nbl.select.plan.target_metric)
     target_value: float | None = None  # plan: reach at least this (a speed-up, or a fraction removed)
@@ -372,13 +372,20 @@ def check_strategy(cfg: DictConfig) -> None:
     maps = cfg.replacement.mode == "linear" or (strategy is not None and strategy.chooses_modes)
     if cfg.finetune.method != "none" and cfg.finetune.train_maps and not maps:
         raise ConfigError("finetune.train_maps=true, but replacement=drop leaves no maps to train")
+    refusal = get_replacement(cfg.replacement.mode).refusal(cfg)
+    if refusal is not None:
+        raise ConfigError(refusal)
     if strategy is None:
         return
-    if cfg.replacement.mode == "conv" and strategy.chooses_modes:
-        raise ConfigError(f"selection={strategy.name} chooses linear or drop per layer itself: not replacement.mode=conv")
     granularity = cfg.replacement.granularity
     if granularity not in strategy.granularities:
+        if len(strategy.granularities) == 1:  # a method defined on one kind of unit (shortgpt: blocks)
+            raise ConfigError(f"selection={strategy.name} chooses {strategy.granularities[0]} units: add "
+                              f"replacement.granularity={strategy.granularities[0]} (got {granularity})")  # fmt: skip
         raise ConfigError(_granularity_refusal(granularity, f"selection={strategy.name}"))
+    if strategy.chooses_modes and cfg.replacement.mode not in ("linear", "drop"):
+        raise ConfigError(f"selection={strategy.name} chooses linear or drop per layer itself: not "
+                          f"replacement.mode={cfg.replacement.mode}")  # fmt: skip
     refusal = strategy.refusal(cfg)
     if refusal is not None:
         raise ConfigError(refusal)

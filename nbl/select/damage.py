@@ -1,9 +1,10 @@
 """Measured selection: the damage each layer's replacement does on held-out tokens, one layer at a time.
 
 Damage is measured either as the increase of the next-token loss (``measure="loss"``) or as the increase of
-the KL divergence from the unmodified model's next-token distributions (``measure="kl"``). The KL measures
-how far the model moves from what it was, on any text; the loss also rewards a map that happens to fit the
-calibration text better than the attention it replaces, which does not carry over to other text.
+the KL divergence from the unmodified model's next-token distributions (``measure="kl"``), or of the
+Jensen-Shannon divergence from them (``measure="js"``, FinerCut's measure: symmetric and bounded by log 2). The
+divergences measure how far the model moves from what it was, on any text; the loss also rewards a map that
+happens to fit the calibration text better than the attention it replaces, which does not carry over.
 
 The decoder layers' inputs on held-out tokens are computed once; replacing layer i then only needs layers
 i..L-1, the final norm and the LM head again, so scoring every layer costs about L/2 forwards, not L.
@@ -28,7 +29,8 @@ from nbl.core.surgery import Part, ReplacementMode, assign_cache_slots, lineariz
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
 
-Measure = Literal["loss", "kl"]
+Measure = Literal["loss", "kl", "js"]
+DIVERGENCES = ("kl", "js")  # measured from the unmodified model's distributions
 Reference = list[tuple[torch.Tensor, float]]  # per batch: next-token probabilities p, and sum p log p
 
 
@@ -88,9 +90,10 @@ class Probe:
 
 @torch.no_grad()
 def _measure_from(model: PreTrainedModel, start: int, carrier: Carrier, hidden: list[torch.Tensor],
-                  ids: list[torch.Tensor], reference: Reference | None = None) -> float:  # fmt: skip
+                  ids: list[torch.Tensor], reference: Reference | None = None, js: bool = False) -> float:  # fmt: skip
     """Mean next-token loss when layers start..L-1 run on ``hidden`` (every batch's states at layer ``start``);
-    with ``reference`` (the unmodified model's next-token distributions), the mean KL(reference || model)."""
+    with ``reference`` (the unmodified model's next-token distributions), the mean KL(reference || model), or with
+    ``js`` the mean Jensen-Shannon divergence between them."""
     head = model.get_output_embeddings()
     total, count = 0.0, 0
     for b, batch in enumerate(ids):
@@ -98,11 +101,23 @@ def _measure_from(model: PreTrainedModel, start: int, carrier: Carrier, hidden: 
         if reference is None:
             target = batch.to(log_q.device)[:, 1:]
             total -= float(log_q.gather(-1, target.unsqueeze(-1)).sum())
+        elif js:
+            total += float(js_divergence(reference[b][0].to(log_q.device), log_q).sum())
         else:
             probs, plogp = reference[b]
             total += plogp - float((probs.to(log_q.device) * log_q).sum())  # sum p log p - sum p log q
         count += log_q.shape[0] * log_q.shape[1]
     return total / count
+
+
+def js_divergence(p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
+    """Per position, JS(p, q) = (KL(p || m) + KL(q || m)) / 2 with m = (p + q) / 2, in nats (0 <= JS <= log 2);
+    terms where a probability is 0 count 0."""
+    q = log_q.exp()
+    log_m = torch.log((p + q) / 2)
+    kl_p = torch.xlogy(p, p) - torch.where(p > 0, p * log_m, 0.0)
+    kl_q = torch.where(q > 0, q * (log_q - log_m), 0.0)
+    return (kl_p + kl_q).sum(-1) / 2
 
 
 @dataclass
@@ -114,21 +129,23 @@ class Unreplaced:
     inputs: list[list[torch.Tensor]]  # per layer, every batch's hidden states at its input
     reference: Reference | None
     base: float
+    js: bool = False
 
     @classmethod
     def measure(cls, model: PreTrainedModel, heldout: list[torch.Tensor], measure: Measure,
                 reference: Reference | None = None) -> Unreplaced:  # fmt: skip
         carrier, inputs = layer_inputs(model, heldout, _device(model))
-        if measure == "kl" and reference is None:
+        if measure in DIVERGENCES and reference is None:
             reference = _reference(model, carrier, inputs[0])
         elif measure == "loss":
             reference = None
-        return cls(carrier, inputs, reference, _measure_from(model, 0, carrier, inputs[0], heldout, reference))
+        js = measure == "js"
+        return cls(carrier, inputs, reference, _measure_from(model, 0, carrier, inputs[0], heldout, reference, js), js)
 
     def damage(self, model: PreTrainedModel, start: int, heldout: list[torch.Tensor]) -> float:
         """The increase of the measure when the model as it is now runs from layer ``start`` (the layers below
         ``start`` must be unchanged)."""
-        return _measure_from(model, start, self.carrier, self.inputs[start], heldout, self.reference) - self.base
+        return _measure_from(model, start, self.carrier, self.inputs[start], heldout, self.reference, self.js) - self.base
 
 
 @torch.no_grad()
@@ -195,7 +212,7 @@ def greedy_selection(
     if not 0 <= k <= len(pool):
         raise ValueError(f"cannot choose k={k} layers out of {len(pool)} candidates")
     steps: list[GreedyStep] = list(start[:k])
-    reference = reference_states(probe.model, probe.heldout) if probe.measure == "kl" else None
+    reference = reference_states(probe.model, probe.heldout) if probe.measure in DIVERGENCES else None
     with layers_restored(probe.model, pool):
         probe.replace([s.layer for s in steps])
         for n in range(len(steps), k):
@@ -204,6 +221,55 @@ def greedy_selection(
             best = min(damage, key=lambda i: (damage[i], i))
             probe.replace([best])
             steps.append(GreedyStep(best, damage[best], (steps[-1].total if steps else 0.0) + damage[best]))
+    return steps
+
+
+@dataclass
+class JointStep:
+    """One step of :func:`greedy_joint_drop`: a sub-block removed."""
+
+    layer: int
+    part: str  # "attention" or "mlp"
+    damage: float  # increase of the measure this removal added, given the earlier ones
+    total: float  # the measure's increase over the unmodified model with all removals so far (the sum of damages)
+
+
+@torch.no_grad()
+def greedy_joint_drop(
+    model: PreTrainedModel,
+    stats: Mapping[Part, Mapping[int, CovarianceAccumulator]],
+    heldout: list[torch.Tensor],
+    k: int,
+    measure: Measure = "js",
+    start: Sequence[JointStep] = (),
+    progress: bool = True,
+) -> list[JointStep]:
+    """Remove k attention or MLP sub-blocks one at a time (FinerCut's rule): each step drops, of every sub-block left,
+    the one whose removal moves the model's next-token distributions least from the unmodified model's (JS by
+    default), given the earlier removals. ``start``: the first steps of an earlier run, continued. Each step costs
+    one forward of the held-out batches plus, per candidate, the layers from it to the top."""
+    units = [(i, part) for part in ("attention", "mlp") for i in stats[part]]
+    if not 0 <= k <= len(units):
+        raise ValueError(f"cannot remove k={k} sub-blocks out of {len(units)}")
+    steps: list[JointStep] = list(start[:k])
+    reference = reference_states(model, heldout) if measure in DIVERGENCES else None
+    probes = {part: Probe(model, stats[part], heldout, "drop", measure=measure, part=part, progress=progress)
+              for part in ("attention", "mlp")}  # fmt: skip
+    with layers_restored(model, sorted({i for i, _ in units})):
+        for step in steps:
+            probes[step.part].replace([step.layer])
+        while len(steps) < k:
+            done = {(s.layer, s.part) for s in steps}
+            unreplaced = Unreplaced.measure(model, heldout, measure, reference)
+            damage: dict[tuple[int, str], float] = {}
+            left = [u for u in units if u not in done]
+            for i, part in tqdm(left, desc=f"joint step {len(steps) + 1}/{k}", disable=not progress):
+                with layers_restored(model, [i]):
+                    probes[part].replace([i])
+                    damage[(i, part)] = unreplaced.damage(model, i, heldout)
+            best = min(damage, key=lambda u: (damage[u], u))
+            probes[best[1]].replace([best[0]])
+            steps.append(JointStep(best[0], best[1], damage[best], (steps[-1].total if steps else 0.0) + damage[best]))
     return steps
 
 

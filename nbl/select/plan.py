@@ -20,7 +20,7 @@ import torch
 
 from nbl.core.accounting import BytesModel, FlopModel, kv_cache_bytes_per_token
 from nbl.core.surgery import ReplacementMode
-from nbl.select.damage import Probe, layers_restored, reference_states, single_layer_damage
+from nbl.select.damage import DIVERGENCES, Probe, layers_restored, reference_states, single_layer_damage
 
 if TYPE_CHECKING:
     from transformers import PretrainedConfig
@@ -87,7 +87,7 @@ def greedy_plan(probe: Probe, metric: Metric, target: float, start: Sequence[Pla
             return list(start[: n + 1])
     steps = list(start)
     plan: dict[int, ReplacementMode] = {s.layer: s.mode for s in steps}  # type: ignore[misc]
-    reference = reference_states(probe.model, probe.heldout) if probe.measure == "kl" else None
+    reference = reference_states(probe.model, probe.heldout) if probe.measure in DIVERGENCES else None
     with layers_restored(probe.model, probe.stats):
         for s in steps:
             probe.replace([s.layer], s.mode)  # type: ignore[arg-type]

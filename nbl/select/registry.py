@@ -64,6 +64,7 @@ class SelectionInputs:
     heldout_stats: Mapping[Part, CalibrationResult]  # statistics of the held-out windows (when a run needs them)
     ridges: Mapping[Part, Ridge]
     heldout: Callable[[], list[torch.Tensor]]  # the held-out windows of token ids (built on first use)
+    calibration: Callable[[], list[torch.Tensor]]  # the calibration windows (rules that run the model on them)
     scores: Mapping[Part, Scores]  # what every run scores: the cosine, and the held-out LMMSE error when it can
     measured_key: Mapping[str, Any]  # what measured results depend on besides the strategy's own settings
     cache_dir: Path
@@ -89,9 +90,13 @@ class SelectionInputs:
 
 def probe_replacement(cfg: DictConfig) -> dict[str, Any]:
     """The replacement settings measured damage and refitted statistics depend on (their cache keys hold these):
-    mode, ridge, granularity. Conv maps are chosen with the one-token maps, so their runs share those entries."""
+    mode, ridge, granularity. The mode is how the replacement has a unit replaced while choosing (its
+    ``probe_mode``): conv maps are chosen with the one-token maps, the field's block patches with the blocks dropped,
+    so their runs share those entries."""
+    from nbl.replace.registry import get_replacement  # the replacements' registry reads this one's granularities
+
     rep = cfg.replacement
-    return {"mode": "linear" if rep.mode == "conv" else rep.mode, "ridge": rep.ridge, "granularity": rep.granularity}
+    return {"mode": get_replacement(rep.mode).probe_mode, "ridge": rep.ridge, "granularity": rep.granularity}
 
 
 class Strategy:
