@@ -30,12 +30,15 @@ for _noisy in ("torchao", "torch.utils._pytree"):
 # differ in a setting the folder name does not show, never share a folder.
 OmegaConf.register_new_resolver("nbl_uid", lambda: secrets.token_hex(3), use_cache=True, replace=True)
 # ${nbl_run:} in the folder names: what the run chooses and how many, "explicit" and the count of its layers for
-# layers=[...] (which num_layers and the strategy do not drive)
-OmegaConf.register_new_resolver(
-    "nbl_run",
-    lambda strategy, mode, k, layers: f"{strategy}-{mode}-k{k}" if layers is None else f"explicit-{mode}-k{len(layers)}",
-    replace=True,
-)
+# layers=[...] (which num_layers and the strategy do not drive), or the budget it meets instead of a count
+def _run_name(strategy: str, mode: str, k: int, layers: list | None, target: str | None = None,
+              value: float | None = None) -> str:  # fmt: skip
+    if layers is not None:
+        return f"explicit-{mode}-k{len(layers)}"
+    return f"{strategy}-{mode}-{target}{value}" if target is not None else f"{strategy}-{mode}-k{k}"
+
+
+OmegaConf.register_new_resolver("nbl_run", _run_name, replace=True)
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")

@@ -84,6 +84,14 @@ PAPER_NAMES = {
     ("cosine", "drop", "mlp"): "MLP DROP",
     ("cosine", "drop", "block"): "Block DROP",
     ("cosine", "drop", "joint"): "Joint DROP",
+    # the field's training-free methods, as published (conf/method)
+    ("shortgpt", "drop", "block"): "ShortGPT",
+    ("sleb", "drop", "block"): "SLEB",
+    ("replaceme", "replaceme", "block"): "ReplaceMe",
+    ("replaceme", "linearpatch", "block"): "LinearPatch",
+    ("shortgpt", "linearpatch", "block"): "ShortGPT + LinearPatch",
+    ("sleb", "linearpatch", "block"): "SLEB + LinearPatch",
+    ("finercut", "drop", "joint"): "FinerCut",
 }
 # config keys that vary a random draw: runs differing only in these are seeds of one row
 SEED_KEYS = ("seed", "selection.seed", "calibration.seed")

@@ -15,9 +15,9 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from nbl.__main__ import CONF_DIR
-from nbl.core.surgery import MODES
 from nbl.recipe.schema import checked_config
 from nbl.recipe.validation import validate
+from nbl.replace.registry import replacement_names
 from nbl.select.registry import strategy_names
 
 pytestmark = pytest.mark.slow
@@ -44,7 +44,7 @@ def test_every_group_option_composes(group):
         OmegaConf.to_container(cfg.model, resolve=True)
         assert cfg.model.source in ("embedded", "hub", "tiny")
         assert cfg.selection.strategy in strategy_names()
-        assert cfg.replacement.mode in MODES
+        assert cfg.replacement.mode in replacement_names()
 
 
 @pytest.mark.parametrize(("group", "option"), [(g, o) for g in GROUPS for o in _options(g)])
@@ -54,6 +54,8 @@ def test_every_group_option_passes_validation(group, option, tmp_path):
     needs = {  # what an option cannot do without: a local text's path, k within a 4-layer model
         ("calibration", "local"): [f"calibration.path={tmp_path / 'text.txt'}"],
         ("model", "tiny-random-llama"): ["num_layers=2"],
+        **{("selection", s): ["replacement.granularity=block"] for s in ("shortgpt", "sleb", "replaceme")},
+        ("selection", "finercut"): ["replacement.granularity=joint"],  # the field's rules are defined on their units
     }
     extra = needs.get((group, option), [])
     (tmp_path / "text.txt").write_text("Some calibration text. " * 20)
@@ -173,7 +175,7 @@ def test_launcher_configs(launcher, target):
         (["eval=quick", "eval.perplexity.seq_len=1"], "eval.perplexity.seq_len=1 must be >= 2"),
         (["speed.repeats=0"], "speed.repeats=0 must be >= 1"),
         (["+num_layer=3"], "num_layer"),
-        (["replacement.granularity=mlp", "selection=plan"], "granularity=mlp does not support selection=plan"),
+        (["replacement.granularity=mlp", "selection=plan"], "selection=plan chooses attention units: add replacement.granularity=attention (got mlp)"),
         (["replacement.granularity=joint", "selection=greedy"], "granularity=joint does not support selection=greedy"),
         (["replacement.granularity=block", "calibration.mode=propagated"], "does not support calibration.mode"),
         (["replacement.granularity=joint", "layers=[0]"], "does not support explicit layers"),

@@ -157,6 +157,7 @@ def test_vllm_refuses_a_conv_checkpoint_with_the_reason(tmp_path):
     folder = nbl.save_linearized(model, tmp_path / "ckpt")
     from transformers import AutoConfig
 
+    nbl.register_auto_classes()  # AutoConfig reads nbl_llama (the test passed only after another test had done this)
     with pytest.raises(CheckpointError, match=r"convolution maps.*decode state"):
         check_checkpoint(AutoConfig.from_pretrained(folder), folder)
 

@@ -6,6 +6,7 @@ import time
 
 from omegaconf import OmegaConf
 
+from nbl.core.adapters import get_adapter
 from nbl.recipe.keys import measured_fields
 from nbl.recipe.state import RunState
 from nbl.select.registry import Selection, SelectionInputs
@@ -28,6 +29,8 @@ def select(state: RunState) -> None:
                 cache_dir=state.cache_dir,
             )
         )  # fmt: skip
+        if cfg.budget.target is not None:
+            selection = _within_budget(state, selection)
     state.selection = selection
     ridge = state.ridges[state.parts[0]]
     state.results.update(
@@ -39,6 +42,31 @@ def select(state: RunState) -> None:
         validation=selection.validation,
         ridge={str(i): r for i, r in ridge.items()} if isinstance(ridge, dict) else ridge,
     )
+
+
+def _within_budget(state: RunState, selection: Selection) -> Selection:
+    """The selection cut to the budget (joint: the first of the rule's ordered steps that reach it), and what the
+    budget predicts for it in results.json."""
+    from nbl.replace.registry import get_replacement
+    from nbl.replace.standard import conv_rank
+    from nbl.select.budget import budget_metric, budget_prefix, unit_modes
+
+    cfg, config = state.cfg, state.config
+    counts_as = get_replacement(cfg.replacement.mode).counts_as
+    d = get_adapter(state.model).hidden_size(config)
+    conv = (cfg.replacement.width, conv_rank(cfg.replacement.rank, d)) if counts_as == "conv" else (2, None)
+    metric = budget_metric(config, cfg.budget.target, cfg.speed.prompt_len, conv)
+    if cfg.replacement.granularity == "joint":  # the rule ran for the most units a mix needs: cut its steps
+        ordered = [(s["layer"], s["part"]) for s in selection.steps]
+        n = budget_prefix(metric, ordered, counts_as, cfg.budget.value)
+        selection.steps = selection.steps[:n]
+        selection.layers = {p: sorted(i for i, q in ordered[:n] if q == p) for p in selection.layers}
+    units = [(i, part) for part, layers in selection.layers.items() for i in layers]
+    state.results["budget"] = {
+        "target": cfg.budget.target, "value": cfg.budget.value, "units": len(units),
+        "predicted": metric(*unit_modes(units, counts_as)),
+    }  # fmt: skip
+    return selection
 
 
 def _recorded_scores(state: RunState, selection: Selection) -> dict[str, dict[str, float]]:

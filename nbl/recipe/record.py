@@ -22,7 +22,7 @@ SECTIONS = (
     "replaced_mlp_modes", "scores", "score_used", "selection_seconds", "greedy_steps", "validation", "ridge",
     "calibration", "eval", "eval_base", "average", "average_base", "perplexity", "predicted", "finetune",
     "quantized_modules", "speed", "speed_error", "params", "config", "overrides", "provenance", "retention", "summary_row",
-    "checkpoint",
+    "checkpoint", "checkpoint_kind", "replacement_method", "budget",
 )  # fmt: skip
 
 

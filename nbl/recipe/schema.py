@@ -22,6 +22,7 @@ from nbl.core.stats import GRAM_DTYPES
 from nbl.models import DTYPES
 from nbl.quantization import SCHEMES
 from nbl.replace.registry import get_replacement, replacement_names
+from nbl.select.budget import BUDGET_TARGETS
 from nbl.select.plan import TARGETS
 from nbl.select.registry import CALIBRATION_MODES, GRANULARITIES, get_strategy, strategy_names
 
@@ -50,6 +51,7 @@ CCATargetName = _choices("CCATargetName", ("residual", "attention"))
 Measure = _choices("Measure", ("loss", "kl", "js"))
 DamageSource = _choices("DamageSource", ("measured", "estimated"))
 PlanTarget = _choices("PlanTarget", TARGETS)
+BudgetTarget = _choices("BudgetTarget", BUDGET_TARGETS)
 LoggerMode = _choices("LoggerMode", ("auto", "online", "offline", "disabled"))
 FinetuneMethod = _choices("FinetuneMethod", ("none", "lora"))
 SpeedEngine = _choices("SpeedEngine", ("transformers", "vllm"))
@@ -121,6 +123,20 @@ class SelectionSchema:
     damage: DamageSource = DamageSource.measured  # loss, validated: single-layer damages measured, or estimated
     target: PlanTarget = PlanTarget.prefill  # plan: the predicted quantity to reach (nbl.select.plan.target_metric)
     target_value: float | None = None  # plan: reach at least this (a speed-up, or a fraction removed)
+
+
+@dataclass
+class BudgetSchema:
+    target: BudgetTarget | None = None  # null: num_layers units; else as many as reach ``value`` (nbl.select.budget)
+    value: float | None = None
+
+    def check(self) -> None:
+        if (self.target is None) != (self.value is None):
+            raise ConfigError("budget.target and budget.value go together (null both to use num_layers)")
+        if self.target is not None and self.target.value == "prefill" and not self.value > 1:
+            raise ConfigError(f"budget.value={self.value} must be a prefill speed-up > 1 for budget.target=prefill")
+        if self.target is not None and self.target.value == "params" and not 0 < self.value < 1:
+            raise ConfigError(f"budget.value={self.value} must be a fraction in (0, 1) for budget.target=params")
 
 
 @dataclass
@@ -260,6 +276,7 @@ class ExperimentSchema:
     quantize: QuantizeSchema = field(default_factory=QuantizeSchema)
     num_layers: int = 8
     layers: list[int] | None = None
+    budget: BudgetSchema = field(default_factory=BudgetSchema)
     seed: int = 0
     device: str = "auto"
     save_checkpoint: bool = False
@@ -267,7 +284,7 @@ class ExperimentSchema:
     cache_dir: str = "~/.cache/nbl"
 
     def check(self) -> None:
-        for part in (self.model, self.calibration, self.replacement, self.eval, self.speed, self.finetune):
+        for part in (self.model, self.calibration, self.replacement, self.eval, self.speed, self.finetune, self.budget):
             part.check()
         _positive("num_layers", self.num_layers, minimum=0)
         _positive("selection.holdout_sequences", self.selection.holdout_sequences)
@@ -376,6 +393,8 @@ def check_strategy(cfg: DictConfig) -> None:
     if refusal is not None:
         raise ConfigError(refusal)
     if strategy is None:
+        if cfg.budget.target is not None:
+            raise ConfigError("budget chooses how many units a rule replaces: explicit layers=[...] take none")
         return
     granularity = cfg.replacement.granularity
     if granularity not in strategy.granularities:
@@ -386,9 +405,21 @@ def check_strategy(cfg: DictConfig) -> None:
     if strategy.chooses_modes and cfg.replacement.mode not in ("linear", "drop"):
         raise ConfigError(f"selection={strategy.name} chooses linear or drop per layer itself: not "
                           f"replacement.mode={cfg.replacement.mode}")  # fmt: skip
+    _check_budget(cfg, strategy)
     refusal = strategy.refusal(cfg)
     if refusal is not None:
         raise ConfigError(refusal)
+
+
+def _check_budget(cfg: DictConfig, strategy: Any) -> None:
+    """A budget replaces num_layers for rules that choose a count of units (explicit layers and plans do not)."""
+    if cfg.budget.target is None:
+        return
+    if strategy.chooses_modes:
+        raise ConfigError(f"selection={strategy.name} meets its own selection.target: budget is for rules that take k")
+    if cfg.replacement.granularity == "joint" and not strategy.ordered_steps:
+        raise ConfigError(f"budget with replacement.granularity=joint needs a rule whose steps order the sub-blocks "
+                          f"(selection=finercut), not selection={strategy.name}")  # fmt: skip
 
 
 def checked_config(cfg: DictConfig) -> DictConfig:

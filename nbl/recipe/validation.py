@@ -18,6 +18,8 @@ from nbl.data import TEXT_SOURCES, load_texts
 from nbl.measure.offline_tasks import OFFLINE_TASKS, is_builtin_task
 from nbl.models import architecture, config_json, resolve_device, smollm2_folder, tiny_values
 from nbl.recipe.schema import ConfigError, checked_config
+from nbl.replace.registry import get_replacement
+from nbl.select.budget import budget_metric, joint_bound, units_for_budget
 from nbl.select.registry import GRANULARITY_PARTS, get_strategy
 from nbl.serve import CPU_HEAD_SIZES
 
@@ -52,10 +54,31 @@ def validate(cfg: DictConfig) -> tuple[DictConfig, SimpleNamespace]:
     _check_texts(cfg)
     _check_tasks(cfg)
     arch = read_architecture(cfg.model, Path(cfg.cache_dir))
+    _resolve_budget(cfg, arch)
     _check_layers(cfg, arch)
     _check_lengths(cfg, arch)
     _check_serving(cfg, arch)
     return cfg, arch
+
+
+def _resolve_budget(cfg: DictConfig, arch: SimpleNamespace) -> None:
+    """With a budget, num_layers becomes the units the replacement needs to reach it (joint: the most any mix of
+    sub-blocks needs; the selection stage cuts the rule's ordered steps where the budget is met)."""
+    if cfg.budget.target is None:
+        return
+    from nbl.replace.standard import conv_rank
+
+    rep, n = cfg.replacement, arch.num_hidden_layers
+    counts_as = get_replacement(rep.mode).counts_as
+    conv = (rep.width, conv_rank(rep.rank, adapter_for_config(arch).hidden_size(arch))) if counts_as == "conv" else (2, None)
+    metric = budget_metric(arch, cfg.budget.target, cfg.speed.prompt_len, conv)
+    try:
+        if rep.granularity == "joint":
+            cfg.num_layers = joint_bound(metric, n, counts_as, cfg.budget.value)
+        else:
+            cfg.num_layers = units_for_budget(metric, n, rep.granularity, counts_as, cfg.budget.value)
+    except ValueError as err:
+        raise ConfigError(f"budget.target={cfg.budget.target} budget.value={cfg.budget.value}: {err}") from None
 
 
 def _check_device(name: str) -> None:

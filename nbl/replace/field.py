@@ -77,6 +77,7 @@ class ReplaceMe(_BlockRuns):
 class LinearPatch(_BlockRuns):
     name = "linearpatch"
     adds_parameters = True  # one d x d patch per run
+    counts_as = "drop"  # in a budget; its one map per run counts in the recorded predictions
     served_by = "transformers; vLLM with the nbl plugin (the patch is a linear block map)"
     publication = "LinearPatch (Chen et al. 2025), the training-free variant (Hadamard rotation + channel scales)"
 

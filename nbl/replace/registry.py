@@ -38,6 +38,7 @@ class Replacement:
     saved_as: ClassVar[str] = "nbl"  # a key of SAVED_AS
     served_by: ClassVar[str]  # which engines serve its checkpoints
     probe_mode: ClassVar[str] = "drop"  # how measured selection rules replace a unit while choosing (linear or drop)
+    counts_as: ClassVar[str] = "drop"  # what a unit counts as in a budget (nbl.select.budget): linear, conv or drop
     publication: ClassVar[str] = ""  # where the method comes from
 
     def refusal(self, cfg: DictConfig) -> str | None:

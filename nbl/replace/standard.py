@@ -44,6 +44,7 @@ class Linear(_Fitted):
     adds_parameters = True
     served_by = "transformers; vLLM with the nbl plugin"
     probe_mode = "linear"
+    counts_as = "linear"
     publication = "NBL (NeurIPS 2025): the LMMSE map of the sub-block's input"
 
 
@@ -63,6 +64,7 @@ class Conv(Replacement):
     adds_parameters = True
     served_by = "transformers only (the vLLM plugin has no place for its decode state)"
     probe_mode = "linear"  # chosen with the one-token maps, whose statistics every layer has
+    counts_as = "conv"
     publication = "this project (docs/results.md, richer closed-form maps)"
 
     def apply(self, state: RunState) -> dict[Part, list[int]]:

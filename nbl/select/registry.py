@@ -110,6 +110,7 @@ class Strategy:
     reads_measure: ClassVar[bool] = False  # reads selection.measure (it measures damage on held-out windows)
     granularities: ClassVar[tuple[str, ...]] = GRANULARITIES
     calibration_modes: ClassVar[tuple[str, ...]] = CALIBRATION_MODES
+    ordered_steps: ClassVar[bool] = False  # its steps order the units (a joint budget cuts them: nbl.select.budget)
     mode_refusal: ClassVar[str] = "selection={name} does not support calibration.mode={mode}"
 
     def score_name(self, selection: DictConfig) -> str | None:

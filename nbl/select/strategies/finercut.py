@@ -19,6 +19,7 @@ class FinerCut(MeasuredStrategy):
     name = "finercut"
     reads_measure = False  # JS divergence, as published
     granularities: ClassVar[tuple[str, ...]] = ("joint",)
+    ordered_steps = True
 
     def steps_and_candidates(self, k: int, n_layers: int) -> tuple[int, float]:
         return k, 2 * n_layers - (k - 1) / 2  # k sweeps over the sub-blocks left
