@@ -73,7 +73,7 @@ def _inputs(model, stats, heldout, k, tmp_path, strategy, calibration=()):
     return SelectionInputs(
         cfg=cfg, config=model.config, model=model, stats=stats, heldout_stats={}, ridges=dict.fromkeys(stats, 0.0),
         heldout=lambda: heldout, calibration=lambda: list(calibration), scores={}, measured_key={"test": str(tmp_path)},
-        cache_dir=tmp_path,
+        cache_dir=tmp_path, probe_settings={"mode": "drop", "ridge": 0.0, "granularity": "block"},
     )  # fmt: skip
 
 
@@ -293,3 +293,30 @@ def test_every_method_is_one_override(overrides):
 def test_misconfigured_methods_are_refused_by_name(overrides, message):
     with pytest.raises(ConfigError, match=re.escape(message)):
         checked_config(_cfg(*overrides))
+
+
+def _app(tmp_path: Path, *overrides: str) -> dict:
+    run = tmp_path / "run"
+    proc = subprocess.run(
+        [sys.executable, "-m", "nbl", "model=tiny-random-llama", "eval=none", "speed=none", "logger=disabled",
+         f"hydra.run.dir={run}", *overrides], capture_output=True, text=True,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads((run / "results.json").read_text())
+
+
+def test_replaceme_from_the_app_writes_an_ordinary_checkpoint_and_says_how_it_is_served(tmp_path, nbl_cache):
+    results = _app(tmp_path, "method=replaceme", "num_layers=2", "save_checkpoint=true")
+    assert results["checkpoint_kind"] == "ordinary" and results["replacement_method"]["adds_parameters"] is False
+    assert results["replaced_parts"] == {"block": [1, 2]} or results["replaced_parts"]["block"][0] >= 1
+    fit = results["calibration"]["replaceme"]
+    assert fit["folded_into"] == [results["replaced_parts"]["block"][0] - 1]
+    config = json.loads((Path(results["checkpoint"]) / "config.json").read_text())
+    assert config["num_hidden_layers"] == 2 and config["model_type"] == "llama"
+
+
+def test_finercut_with_a_budget_stops_at_the_first_step_that_reaches_it(tmp_path, nbl_cache):
+    results = _app(tmp_path, "method=finercut", "budget.target=prefill", "budget.value=1.2")
+    budget, steps = results["budget"], results["greedy_steps"]
+    assert budget["predicted"] >= 1.2 and budget["units"] == len(steps) == results["num_layers"]
+    assert results["predicted"]["prefill_speedup"] == pytest.approx(budget["predicted"])

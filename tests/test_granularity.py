@@ -187,7 +187,7 @@ def test_joint_selection_ranks_attention_and_mlp_sub_blocks_together():
     inputs = SelectionInputs(
         cfg=cfg, config=SimpleNamespace(num_hidden_layers=3), model=None, stats=dict.fromkeys(scores), heldout_stats={},
         ridges=dict.fromkeys(scores, 0.0), heldout=list, calibration=list, scores=scores, measured_key={},
-        cache_dir=Path("."),
+        cache_dir=Path("."), probe_settings={"mode": "linear", "ridge": 0.0, "granularity": "joint"},
     )  # fmt: skip
     chosen = get_strategy("cosine").select(inputs)
     assert chosen.layers == {"attention": [1], "mlp": [1, 2]} and chosen.score_used == "cosine"

@@ -7,7 +7,7 @@ import time
 from omegaconf import OmegaConf
 
 from nbl.core.adapters import get_adapter
-from nbl.recipe.keys import measured_fields
+from nbl.recipe.keys import measured_fields, probe_replacement
 from nbl.recipe.state import RunState
 from nbl.select.registry import Selection, SelectionInputs
 
@@ -26,7 +26,7 @@ def select(state: RunState) -> None:
                 ridges=state.ridges, heldout=state.windows.heldout, calibration=state.windows.calibration,
                 scores=state.scores,
                 measured_key=measured_fields(cfg, state.config) if strategy.heldout_windows else {},
-                cache_dir=state.cache_dir,
+                cache_dir=state.cache_dir, probe_settings=probe_replacement(cfg),
             )
         )  # fmt: skip
         if cfg.budget.target is not None:
@@ -49,21 +49,22 @@ def _within_budget(state: RunState, selection: Selection) -> Selection:
     budget predicts for it in results.json."""
     from nbl.replace.registry import get_replacement
     from nbl.replace.standard import conv_rank
-    from nbl.select.budget import budget_metric, budget_prefix, unit_modes
+    from nbl.select.budget import budget_metric, budget_prefix, budget_value, unit_modes
 
     cfg, config = state.cfg, state.config
     counts_as = get_replacement(cfg.replacement.mode).counts_as
     d = get_adapter(state.model).hidden_size(config)
     conv = (cfg.replacement.width, conv_rank(cfg.replacement.rank, d)) if counts_as == "conv" else (2, None)
     metric = budget_metric(config, cfg.budget.target, cfg.speed.prompt_len, conv)
+    value = budget_value(config, cfg.budget.target, cfg.budget.value, cfg.speed.prompt_len)
     if cfg.replacement.granularity == "joint":  # the rule ran for the most units a mix needs: cut its steps
         ordered = [(s["layer"], s["part"]) for s in selection.steps]
-        n = budget_prefix(metric, ordered, counts_as, cfg.budget.value)
+        n = budget_prefix(metric, ordered, counts_as, value)
         selection.steps = selection.steps[:n]
         selection.layers = {p: sorted(i for i, q in ordered[:n] if q == p) for p in selection.layers}
     units = [(i, part) for part, layers in selection.layers.items() for i in layers]
     state.results["budget"] = {
-        "target": cfg.budget.target, "value": cfg.budget.value, "units": len(units),
+        "target": cfg.budget.target, "value": cfg.budget.value, "speedup_to_reach": value, "units": len(units),
         "predicted": metric(*unit_modes(units, counts_as)),
     }  # fmt: skip
     return selection

@@ -10,7 +10,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from nbl.cache import cache_key
 from nbl.provenance import code_identity, content_digest, folder_fingerprint, model_revision
-from nbl.select.registry import probe_replacement
+from nbl.replace.registry import get_replacement
 
 if TYPE_CHECKING:
     from transformers import PretrainedConfig
@@ -102,3 +102,12 @@ def base_eval_fields(cfg: DictConfig, config: PretrainedConfig) -> dict[str, Any
 def task_folder(cache_dir: Path) -> Path:
     """Where offline lm-eval tasks are written: the rebuilt data depends on the code and the data package."""
     return cache_dir / "lm_eval_tasks" / cache_key(code_identity())
+
+
+def probe_replacement(cfg: DictConfig) -> dict[str, Any]:
+    """The replacement settings measured damage and refitted statistics depend on (their cache keys hold these):
+    mode, ridge, granularity. The mode is how the replacement has a unit replaced while choosing (its
+    ``probe_mode``): conv maps are chosen with the one-token maps, the field's block patches with the blocks dropped,
+    so their runs share those entries."""
+    rep = cfg.replacement
+    return {"mode": get_replacement(rep.mode).probe_mode, "ridge": rep.ridge, "granularity": rep.granularity}

@@ -135,6 +135,8 @@ class BudgetSchema:
             raise ConfigError("budget.target and budget.value go together (null both to use num_layers)")
         if self.target is not None and self.target.value == "prefill" and not self.value > 1:
             raise ConfigError(f"budget.value={self.value} must be a prefill speed-up > 1 for budget.target=prefill")
+        if self.target is not None and self.target.value == "blocks" and not (self.value >= 1 and self.value == int(self.value)):
+            raise ConfigError(f"budget.value={self.value} must be a whole number of blocks for budget.target=blocks")
         if self.target is not None and self.target.value == "params" and not 0 < self.value < 1:
             raise ConfigError(f"budget.value={self.value} must be a fraction in (0, 1) for budget.target=params")
 

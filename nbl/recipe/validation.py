@@ -19,7 +19,7 @@ from nbl.measure.offline_tasks import OFFLINE_TASKS, is_builtin_task
 from nbl.models import architecture, config_json, resolve_device, smollm2_folder, tiny_values
 from nbl.recipe.schema import ConfigError, checked_config
 from nbl.replace.registry import get_replacement
-from nbl.select.budget import budget_metric, joint_bound, units_for_budget
+from nbl.select.budget import budget_metric, budget_value, joint_bound, units_for_budget
 from nbl.select.registry import GRANULARITY_PARTS, get_strategy
 from nbl.serve import CPU_HEAD_SIZES
 
@@ -73,10 +73,11 @@ def _resolve_budget(cfg: DictConfig, arch: SimpleNamespace) -> None:
     conv = (rep.width, conv_rank(rep.rank, adapter_for_config(arch).hidden_size(arch))) if counts_as == "conv" else (2, None)
     metric = budget_metric(arch, cfg.budget.target, cfg.speed.prompt_len, conv)
     try:
+        value = budget_value(arch, cfg.budget.target, cfg.budget.value, cfg.speed.prompt_len)
         if rep.granularity == "joint":
-            cfg.num_layers = joint_bound(metric, n, counts_as, cfg.budget.value)
+            cfg.num_layers = joint_bound(metric, n, counts_as, value)
         else:
-            cfg.num_layers = units_for_budget(metric, n, rep.granularity, counts_as, cfg.budget.value)
+            cfg.num_layers = units_for_budget(metric, n, rep.granularity, counts_as, value)
     except ValueError as err:
         raise ConfigError(f"budget.target={cfg.budget.target} budget.value={cfg.budget.value}: {err}") from None
 

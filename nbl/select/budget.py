@@ -1,8 +1,10 @@
 """Equal budgets across methods: instead of k, a predicted quantity to reach (``budget.target`` / ``budget.value``),
 and the number of units each method needs to reach it.
 
-Targets: ``prefill``, the FLOP model's prefill speed-up at ``speed.prompt_len`` tokens; ``params``, the fraction of
-the decoder layers' weights removed (maps added count against it). A unit counts as its replacement counts
+Targets: ``prefill``, the FLOP model's prefill speed-up at ``speed.prompt_len`` tokens; ``blocks``, the prefill
+speed-up that removing ``value`` whole blocks predicts (a published block-removal setting, "8 of 32 blocks", as a
+speed budget for any method); ``params``, the fraction of the decoder layers' weights removed (maps added count
+against it). A unit counts as its replacement counts
 (:attr:`nbl.replace.registry.Replacement.counts_as`): a linear map, a conv map, or nothing. For attention, MLP and
 block units the count is the smallest k whose first k units reach the value; the layers of the supported families
 are alike, so which k units does not change the prediction. A joint rule (attention and MLP sub-blocks mixed) is
@@ -20,7 +22,7 @@ if TYPE_CHECKING:
 
     from nbl.core.surgery import ConvShape
 
-BUDGET_TARGETS = ("prefill", "params")
+BUDGET_TARGETS = ("prefill", "blocks", "params")
 Modes = dict[int, str]
 Unit = tuple[int, str]  # (layer, part)
 BudgetMetric = Callable[[Modes, Modes], float]  # (attention modes, MLP modes) -> the predicted quantity
@@ -41,7 +43,8 @@ def unit_modes(units: Iterable[Unit], mode: str) -> tuple[Modes, Modes]:
 
 
 def budget_metric(config: PretrainedConfig, target: str, prompt_len: int, conv: ConvShape = (2, None)) -> BudgetMetric:
-    if target == "prefill":
+    """The predicted quantity ``target`` reads (``blocks``: the prefill speed-up, as for ``prefill``)."""
+    if target in ("prefill", "blocks"):
         flops = FlopModel(config, conv)
         return lambda attention, mlps: flops.prefill_speedup(attention, prompt_len, mlps)
     if target == "params":
@@ -49,6 +52,17 @@ def budget_metric(config: PretrainedConfig, target: str, prompt_len: int, conv: 
         base = sum(weights.layer_weights(None) for _ in layers)
         return lambda attention, mlps: 1 - sum(weights.layer_weights(attention.get(i), mlps.get(i)) for i in layers) / base
     raise ValueError(f"unknown budget.target {target!r}; choose from {BUDGET_TARGETS}")
+
+
+def budget_value(config: PretrainedConfig, target: str, value: float, prompt_len: int) -> float:
+    """The value the metric must reach: ``value`` itself, or for ``blocks`` the prefill speed-up of that many blocks
+    removed."""
+    if target != "blocks":
+        return value
+    if not value == int(value) or not 1 <= value <= config.num_hidden_layers:
+        raise ValueError(f"budget.target=blocks takes a whole number of blocks in 1..{config.num_hidden_layers}, not {value}")
+    blocks = [(i, "block") for i in range(int(value))]
+    return budget_metric(config, "prefill", prompt_len)(*unit_modes(blocks, "drop"))
 
 
 def units_for_budget(metric: BudgetMetric, n_layers: int, part: str, mode: str, value: float) -> int:

@@ -67,6 +67,9 @@ class SelectionInputs:
     calibration: Callable[[], list[torch.Tensor]]  # the calibration windows (rules that run the model on them)
     scores: Mapping[Part, Scores]  # what every run scores: the cosine, and the held-out LMMSE error when it can
     measured_key: Mapping[str, Any]  # what measured results depend on besides the strategy's own settings
+    # how units are replaced while choosing, and what measured damage depends on of the replacement (mode, ridge,
+    # granularity): nbl.recipe.keys.probe_replacement
+    probe_settings: Mapping[str, Any]
     cache_dir: Path
 
     @property
@@ -83,20 +86,9 @@ class SelectionInputs:
         """Damage measured on the held-out windows, sub-blocks replaced as the run replaces them (conv maps: by the
         one-token maps, whose statistics every layer has; the chosen layers' conv maps are fitted afterwards)."""
         cfg, part = self.cfg, self.part
-        mode = probe_replacement(cfg)["mode"]
+        mode = self.probe_settings["mode"]
         return Probe(self.model, self.stats[part], self.heldout(), mode, self.ridges[part], cfg.selection.measure,
                      part)  # fmt: skip
-
-
-def probe_replacement(cfg: DictConfig) -> dict[str, Any]:
-    """The replacement settings measured damage and refitted statistics depend on (their cache keys hold these):
-    mode, ridge, granularity. The mode is how the replacement has a unit replaced while choosing (its
-    ``probe_mode``): conv maps are chosen with the one-token maps, the field's block patches with the blocks dropped,
-    so their runs share those entries."""
-    from nbl.replace.registry import get_replacement  # the replacements' registry reads this one's granularities
-
-    rep = cfg.replacement
-    return {"mode": get_replacement(rep.mode).probe_mode, "ridge": rep.ridge, "granularity": rep.granularity}
 
 
 class Strategy:

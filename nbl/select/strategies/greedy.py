@@ -8,7 +8,7 @@ import dataclasses
 
 from nbl.cache import grown_steps
 from nbl.select.damage import GreedyStep, greedy_selection
-from nbl.select.registry import MeasuredStrategy, Selection, SelectionInputs, probe_replacement, register
+from nbl.select.registry import MeasuredStrategy, Selection, SelectionInputs, register
 
 
 @register
@@ -20,7 +20,7 @@ class Greedy(MeasuredStrategy):
 
     def select(self, inputs: SelectionInputs) -> Selection:
         cfg, part = inputs.cfg, inputs.part
-        fields = {**inputs.measured_key, "replacement": probe_replacement(cfg)}
+        fields = {**inputs.measured_key, "replacement": inputs.probe_settings}
         k = cfg.num_layers
 
         def grow(earlier: list[dict]) -> list[dict]:

@@ -15,7 +15,7 @@ from nbl.cache import cached_json
 from nbl.select.damage import Unreplaced, single_layer_damage
 from nbl.select.estimate import taylor_terms
 from nbl.select.ranking import select_layers
-from nbl.select.registry import MeasuredStrategy, Selection, SelectionInputs, probe_replacement, register
+from nbl.select.registry import MeasuredStrategy, Selection, SelectionInputs, register
 
 log = logging.getLogger(__name__)
 
@@ -29,7 +29,7 @@ def single_layer_damages(inputs: SelectionInputs) -> tuple[dict[int, float], Unr
     """:func:`single_layer_damage` of every layer, or :func:`estimated_damage` with ``selection.damage=estimated``
     (cached by everything they depend on but k); and, when they were computed now, the model as it is measured on the
     held-out windows (set validation measures against it instead of running the held-out forward again)."""
-    fields = {**inputs.measured_key, "replacement": probe_replacement(inputs.cfg)}
+    fields = {**inputs.measured_key, "replacement": inputs.probe_settings}
     estimated = inputs.cfg.selection.damage == "estimated"
     computed: list[Unreplaced] = []
 
