@@ -312,6 +312,7 @@ def _method_row(g: _Group, tasks: list[str], domains: list[str]) -> dict[str, An
         "decode_x": _mean([s["decode_speedup"] for s in speed if s["decode_speedup"] is not None]),
         **served_columns(speed),
         "pred_prefill_x": _mean([v for m in members if (v := _predicted_prefill(m)) is not None]),
+        "kv_saved": _mean([v for m in members if (v := _kv_saved(m)) is not None]),
         "selection_s": _mean([m["selection_seconds"] for m in members if m.get("selection_seconds") is not None]),
         "layers": _layers(members[0]) if len(members) == 1 else "(seeds)",
         "_series": g.method,
@@ -324,6 +325,13 @@ def _layers(run: dict[str, Any]) -> str:
     if len(parts) > 1:
         return " | ".join(f"{p}: " + (" ".join(map(str, layers)) or "-") for p, layers in parts.items())
     return " ".join(map(str, run.get("replaced_layers", [])))
+
+
+def _kv_saved(run: dict[str, Any]) -> float | None:
+    """The fraction of the KV cache per token the replacement removed."""
+    params = run["params"]
+    base = params.get("kv_bytes_per_token_base")
+    return 1 - params["kv_bytes_per_token"] / base if base else None
 
 
 def _predicted_prefill(run: dict[str, Any]) -> float | None:
@@ -422,6 +430,8 @@ def _plots(rows: list[dict[str, Any]], out: Path, prefix: str = "") -> dict[str,
         ("ppl_vs_k", "k", "replaced units k (layers; joint: sub-blocks)", "perplexity", "perplexity (log scale)"),
         ("ppl_vs_predicted_speedup", "pred_prefill_x", "predicted prefill speed-up (FLOP model)", "perplexity",
          "perplexity (log scale)"),
+        ("acc_vs_predicted_speedup", "pred_prefill_x", "predicted prefill speed-up (FLOP model)", "avg",
+         "average accuracy"),
     )  # fmt: skip
     for name, x_key, xlabel, y_key, ylabel in panels:
         fig, ax = plt.subplots(figsize=(5.5, 4))
@@ -437,12 +447,26 @@ def _plots(rows: list[dict[str, Any]], out: Path, prefix: str = "") -> dict[str,
         ax.set_ylabel(ylabel)
         ax.set_title(prefix.rstrip("_"))
         ax.grid(alpha=0.3)
+        front = pareto_front([(m[x_key], m[y_key]) for ms in methods.values() for m in ms
+                              if m.get(x_key) is not None and m[y_key] is not None], y_key != "perplexity")  # fmt: skip
+        if x_key == "pred_prefill_x" and len(methods) > 1 and front:  # the best any method reaches, per speed-up
+            ax.step(*zip(*front, strict=True), where="post", color="black", alpha=0.35, lw=3, label="Pareto front")
         ax.legend(fontsize=7)
         fig.tight_layout()
         files[prefix + name] = out / f"{prefix}{name}.png"
         fig.savefig(files[prefix + name], dpi=120)
         plt.close(fig)
     return files
+
+
+def pareto_front(points: list[tuple[float, float]], higher_is_better: bool) -> list[tuple[float, float]]:
+    """The points no other point beats on both axes (faster, and better quality), by speed-up."""
+    sign = 1 if higher_is_better else -1
+    front = [
+        (x, y) for x, y in points
+        if not any(x2 >= x and sign * y2 >= sign * y and (x2, y2) != (x, y) for x2, y2 in points)
+    ]  # fmt: skip
+    return sorted(set(front))
 
 
 def plot_loss_curve(losses: list[float], path: Path, title: str) -> Path:

@@ -23,7 +23,7 @@ from nbl.select.registry import strategy_names
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parent.parent
 PPL = "eval.perplexity={source:wikipedia,seq_len:64,num_sequences:2}"
-GROUPS = ["model", "calibration", "selection", "replacement", "eval", "speed", "logger", "experiment"]
+GROUPS = ["model", "calibration", "selection", "replacement", "method", "eval", "speed", "logger", "experiment"]
 
 
 def _options(group: str) -> list[str]:

@@ -228,3 +228,11 @@ def test_granularity_healing_and_quantization_get_their_own_names_and_rows():
     assert {"Attn NBL + LoRA-4", "Attn NBL + LoRA (maps trained)-4"} <= set(rows)
     assert {"baseline", "baseline + int8_weight"} <= set(rows)  # a quantized run's base is another model
     assert rows["Joint DROP-4"]["layers"] == "attention: 1 2 | mlp: 3 9"
+
+
+def test_the_pareto_front_keeps_the_points_nothing_beats_on_speed_and_quality():
+    from nbl.report import pareto_front
+
+    points = [(1.0, 50.0), (1.05, 51.0), (1.1, 49.0), (1.1, 45.0), (1.15, 41.0), (1.2, 40.0)]
+    assert pareto_front(points, higher_is_better=True) == [(1.05, 51.0), (1.1, 49.0), (1.15, 41.0), (1.2, 40.0)]
+    assert pareto_front([(1.0, 20.0), (1.1, 25.0), (1.2, 24.0)], higher_is_better=False) == [(1.0, 20.0), (1.2, 24.0)]
