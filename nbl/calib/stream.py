@@ -33,9 +33,12 @@ def stream_pass(
     visit: Visit,
     mlps: Iterable[int] = (),
     desc: str = "stream",
+    reduce: Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor] | None = None,
 ) -> None:
     """Run the backbone over ``batches`` (no LM head); for each batch call ``visit`` with the stream at
-    ``boundaries`` and the MLP outputs of the layers ``mlps`` (each (batch, seq, d), as the model computes them)."""
+    ``boundaries`` and the MLP outputs of the layers ``mlps`` (each (batch, seq, d), as the model computes them;
+    with ``reduce``, the stream as ``reduce(states, mask)`` makes it when it is read: e.g. the last tokens alone,
+    so a pass over every boundary of a large model holds only what its visitor reads)."""
     adapter = get_adapter(model)
     layers = adapter.layers(model)
     n = len(layers)
@@ -45,10 +48,12 @@ def stream_pass(
         raise IndexError(f"boundaries and layers {bad} out of range for a model with {n} decoder layers")
     stream: dict[int, torch.Tensor] = {}
     mlp_out: dict[int, torch.Tensor] = {}
+    mask: list[torch.Tensor | None] = [None]
 
     def keep_input(b: int) -> Callable[..., None]:
         def hook(module: Any, args: tuple, kwargs: dict) -> None:
-            stream[b] = args[0] if args else kwargs["hidden_states"]
+            states = args[0] if args else kwargs["hidden_states"]
+            stream[b] = states if reduce is None else reduce(states, mask[0])
 
         return hook
 
@@ -66,9 +71,9 @@ def stream_pass(
         for i in mlp_layers:
             hooks.callback(adapter.mlp(layers[i]).register_forward_hook(keep_output(i)).remove)
         for batch in tqdm(list(batches), desc=desc):
-            ids, mask = unpack_batch(batch, device)
-            adapter.backbone(model)(input_ids=ids, attention_mask=mask, use_cache=False)
-            visit(dict(stream), dict(mlp_out), mask)
+            ids, mask[0] = unpack_batch(batch, device)
+            adapter.backbone(model)(input_ids=ids, attention_mask=mask[0], use_cache=False)
+            visit(dict(stream), dict(mlp_out), mask[0])
             stream.clear()
             mlp_out.clear()
 

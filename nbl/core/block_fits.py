@@ -59,7 +59,8 @@ def replaceme_transforms(model: PreTrainedModel, batches: Iterable[Batch], runs:
     def visit(stream: dict[int, torch.Tensor], mlp: dict[int, torch.Tensor], mask: torch.Tensor | None) -> None:
         for s, e in runs:
             m = _tokens(mlp[s - 1], mask)
-            target = _tokens(stream[e], mask) - _tokens(stream[s], mask) + m  # h_e - Y, Y = h_s - M
+            h_e, h_s = _tokens(stream[e], mask).to(m.device), _tokens(stream[s], mask).to(m.device)  # device_map
+            target = h_e - h_s + m  # h_e - Y, Y = h_s - M
             gram[s] += (m.T @ m).cpu()
             cross[s] += (m.T @ target).cpu()
 

@@ -22,13 +22,13 @@ def run_distances(model: Any, batches: list[torch.Tensor], n_layers: int, n: int
     count = [0]
 
     def visit(stream: dict[int, torch.Tensor], mlp: dict[int, torch.Tensor], mask: torch.Tensor | None) -> None:
-        last = {b: last_tokens(h, mask).double() for b, h in stream.items()}
+        last = {b: h.double().to(stream[1].device) for b, h in stream.items()}  # (batch, d) each: the last tokens
         for s in sums:
             cos = torch.nn.functional.cosine_similarity(last[s], last[s + n], dim=-1).clamp(-1, 1)
             sums[s] += float((torch.arccos(cos) / math.pi).sum())
         count[0] += next(iter(last.values())).shape[0]
 
-    stream_pass(model, batches, range(1, n_layers + 1), visit, desc="ReplaceMe distances")
+    stream_pass(model, batches, range(1, n_layers + 1), visit, desc="ReplaceMe distances", reduce=last_tokens)
     return {s: v / count[0] for s, v in sums.items()}
 
 
