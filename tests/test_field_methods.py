@@ -116,6 +116,9 @@ def test_replaceme_transform_is_the_least_squares_solution_and_folds_exactly(tmp
     expected = np.linalg.lstsq(m, target, rcond=None)[0]
     transform = replaceme_transforms(model, batches, [(s, e)])[s]
     np.testing.assert_allclose(transform.numpy(), expected, atol=1e-8)
+    alpha = 0.1 * np.trace(m.T @ m) / 64  # ridge 0.1, relative to the MLP output's scale
+    ridged = np.linalg.solve(m.T @ m + alpha * np.eye(64), m.T @ target)
+    np.testing.assert_allclose(replaceme_transforms(model, batches, [(s, e)], ridge=0.1)[s].numpy(), ridged, atol=1e-8)
 
     unfolded = _pruned_copy(model, range(s, e))  # the transform applied after the MLP, in a copy
     unfolded.model.layers[s - 1].mlp.register_forward_hook(lambda m, a, out: (out.double() @ transform).to(out.dtype))
@@ -287,6 +290,8 @@ def test_every_method_is_one_override(overrides):
         (["selection=finercut", "replacement=drop"], "replacement.granularity=joint"),
         (["selection=cca", "replacement=replaceme", "replacement.granularity=attention"], "replaces replacement.granularity=block"),
         (["replacement=replaceme", "layers=[0,1]"], "layers may not hold 0"),
+        (["replacement=linearpatch", "replacement.ridge=0.1"], "replacement.ridge=0.1: replacement.mode=linearpatch takes 0"),
+        (["replacement=replaceme", "replacement.ridge=auto"], "replacement.ridge=auto: replacement.mode=replaceme takes a number"),
         (["selection=sleb", "replacement=drop", "replacement.granularity=block", "+selection.measure=kl"], "selection.measure=kl is read by"),
     ],
 )

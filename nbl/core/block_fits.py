@@ -49,8 +49,10 @@ def check_runs(n_layers: int, runs: Sequence[Run], method: str, block_before: bo
 
 
 @torch.no_grad()
-def replaceme_transforms(model: PreTrainedModel, batches: Iterable[Batch], runs: Sequence[Run]) -> dict[int, torch.Tensor]:
-    """Per run start s: ReplaceMe's least-squares T (d x d, float64), all runs fitted in one pass."""
+def replaceme_transforms(model: PreTrainedModel, batches: Iterable[Batch], runs: Sequence[Run],
+                         ridge: float = 0.0) -> dict[int, torch.Tensor]:  # fmt: skip
+    """Per run start s: ReplaceMe's least-squares T (d x d, float64), all runs fitted in one pass; ``ridge`` adds
+    ridge * tr(M^T M) / d * I to M^T M (ReplaceMe's alpha, relative to the MLP output's scale as the maps' is)."""
     check_runs(len(get_adapter(model).layers(model)), runs, "ReplaceMe", block_before=True)
     d = get_adapter(model).hidden_size(model.config)
     gram = {s: torch.zeros(d, d, dtype=torch.float64) for s, _ in runs}
@@ -68,6 +70,7 @@ def replaceme_transforms(model: PreTrainedModel, batches: Iterable[Batch], runs:
     stream_pass(model, batches, boundaries, visit, mlps=[s - 1 for s, _ in runs], desc="ReplaceMe least squares")
     out = {}
     for s, _ in runs:
+        gram[s] += ridge * torch.trace(gram[s]) / d * torch.eye(d, dtype=torch.float64)
         solved = torch.linalg.lstsq(gram[s], cross[s], driver="gelsd")  # M^T M T = M^T (h_e - Y); rank-safe
         if not torch.isfinite(solved.solution).all():
             raise ValueError(f"ReplaceMe's transform for the run at block {s} is not finite")

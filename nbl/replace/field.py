@@ -27,9 +27,15 @@ class _BlockRuns(Replacement):
     granularities: ClassVar[tuple[str, ...]] = ("block",)
     block_before: ClassVar[bool] = False  # every run needs a block before it (to fold into)
 
+    reads_ridge: ClassVar[bool] = False
+
     def refusal(self, cfg: DictConfig) -> str | None:
         if self.block_before and cfg.layers is not None and 0 in cfg.layers:
             return f"replacement.mode={self.name} folds into the block before each removed run: layers may not hold 0"
+        ridge = cfg.replacement.ridge
+        if ridge == "auto" or (ridge != 0 and not self.reads_ridge):
+            reads = "a number (ridge=auto chooses per layer among maps it does not fit)" if self.reads_ridge else "0"
+            return f"replacement.ridge={ridge}: replacement.mode={self.name} takes {reads}"
         return super().refusal(cfg)
 
     def model_refusal(self, layers: list[int], n_layers: int) -> str | None:
@@ -52,6 +58,7 @@ class _BlockRuns(Replacement):
 class ReplaceMe(_BlockRuns):
     name = "replaceme"
     block_before = True
+    reads_ridge = True  # ReplaceMe's alpha
     adds_parameters = False
     saved_as = "ordinary"
     served_by = "any engine: an ordinary checkpoint of the family with fewer layers"
@@ -59,7 +66,8 @@ class ReplaceMe(_BlockRuns):
 
     def apply(self, state: RunState) -> dict[Part, list[int]]:
         start, found = time.perf_counter(), self._runs(state)
-        transforms = replaceme_transforms(state.model, state.windows.calibration(), found)
+        ridge = float(state.cfg.replacement.ridge)
+        transforms = replaceme_transforms(state.model, state.windows.calibration(), found, ridge)
         for s, transform in transforms.items():
             fold_transform(state.model, s - 1, transform)
         chosen = state.selection.layers["block"]
