@@ -176,3 +176,23 @@ def test_the_embedded_model_is_converted_under_the_configured_cache_dir(tmp_path
     assert read_architecture(cfg.model, nbl_cache).num_hidden_layers == 30
     assert model_config(cfg.model, nbl_cache).hidden_size == 576
     assert not list(elsewhere.iterdir())
+
+
+def test_the_code_and_git_state_are_read_when_a_run_starts(monkeypatch, tmp_path):
+    """A sweep that runs for an hour must not label its later runs with a commit made meanwhile."""
+    from nbl import provenance as prov
+    from nbl.recipe import run
+    from nbl.recipe.state import RunContext
+
+    prov.git_state.cache_clear()
+    prov.code_hash.cache_clear()
+    seen = {}
+
+    def validate_later(cfg):
+        seen.update(git=prov.git_state.cache_info().currsize, code=prov.code_hash.cache_info().currsize)
+        raise RuntimeError("stop after the start")
+
+    monkeypatch.setattr(run, "validate", validate_later)
+    with pytest.raises(RuntimeError, match="stop after the start"):
+        run.run_experiment(OmegaConf.create({}), RunContext(tmp_path))
+    assert seen == {"git": 1, "code": 1}

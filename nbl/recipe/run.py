@@ -10,12 +10,15 @@ from typing import Any
 
 from omegaconf import DictConfig
 
+from nbl.provenance import provenance
 from nbl.recipe.state import RunContext, RunState
 from nbl.recipe.validation import validate
 
 
 def run_experiment(cfg: DictConfig, ctx: RunContext) -> dict[str, Any]:
     """Run one experiment; returns what results.json holds (``{}`` on a torchrun helper rank)."""
+    provenance()  # the code hash and git state, read once as this process loads the code: edits or commits made
+    # while a sweep runs must not relabel its later runs (both are cached for the process)
     cfg, _ = validate(cfg)  # before anything heavy: a bad config costs seconds, not a model load
     from nbl.recipe import assess, choose, prepare, record, statistics, transform  # the heavy imports
 
