@@ -110,3 +110,12 @@ def test_run_folders_name_the_budget_instead_of_k():
 
     assert _run_name("cca", "linear", 8, None, "prefill", 1.15) == "cca-linear-prefill1.15"
     assert _run_name("cca", "linear", 8, None) == "cca-linear-k8" and OmegaConf.has_resolver("nbl_run")
+
+
+def test_a_budget_met_exactly_is_met_despite_rounding():
+    """3 of 30 blocks remove exactly a tenth of the decoder weights: 1 - 27/30 is 0.1 less a rounding error."""
+    config = tiny_config("llama", hidden_size=64, num_layers=30)
+    metric = budget_metric(config, "params", 128)
+    assert metric(*unit_modes([(i, "block") for i in range(3)], "drop")) < 0.1  # the rounding the tolerance absorbs
+    assert units_for_budget(metric, 30, "block", "drop", 0.1) == 3
+    assert budget_prefix(metric, [(i, "block") for i in range(5)], "drop", 0.1) == 3

@@ -23,6 +23,7 @@ if TYPE_CHECKING:
     from nbl.core.surgery import ConvShape
 
 BUDGET_TARGETS = ("prefill", "blocks", "params")
+TOLERANCE = 1e-9  # a budget met exactly (3 of 30 blocks is 0.1 of the weights) must not miss it by a rounding error
 Modes = dict[int, str]
 Unit = tuple[int, str]  # (layer, part)
 BudgetMetric = Callable[[Modes, Modes], float]  # (attention modes, MLP modes) -> the predicted quantity
@@ -70,7 +71,7 @@ def units_for_budget(metric: BudgetMetric, n_layers: int, part: str, mode: str, 
     reached = 0.0
     for k in range(n_layers + 1):
         reached = metric(*unit_modes([(i, part) for i in range(k)], mode))
-        if reached >= value:
+        if reached >= value - TOLERANCE:
             return k
     raise ValueError(f"budget {value} is out of reach for {part} units replaced by {mode}: all {n_layers} give {reached:.4f}")
 
@@ -90,6 +91,6 @@ def joint_bound(metric: BudgetMetric, n_layers: int, mode: str, value: float) ->
 def budget_prefix(metric: BudgetMetric, ordered: Sequence[Unit], mode: str, value: float) -> int:
     """The length of the shortest prefix of ``ordered`` units whose prediction reaches ``value``."""
     for n in range(len(ordered) + 1):
-        if metric(*unit_modes(ordered[:n], mode)) >= value:
+        if metric(*unit_modes(ordered[:n], mode)) >= value - TOLERANCE:
             return n
     raise ValueError(f"budget {value} is out of reach with the {len(ordered)} units chosen")
