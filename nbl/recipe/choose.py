@@ -64,8 +64,9 @@ def _within_budget(state: RunState, selection: Selection) -> Selection:
         selection.layers = {p: sorted(i for i, q in ordered[:n] if q == p) for p in selection.layers}
     units = [(i, part) for part, layers in selection.layers.items() for i in layers]
     state.results["budget"] = {
-        "target": cfg.budget.target, "value": cfg.budget.value, "speedup_to_reach": value, "units": len(units),
-        "predicted": metric(*unit_modes(units, counts_as)),
+        "target": cfg.budget.target, "value": cfg.budget.value,
+        "to_reach": value,  # what the prediction had to reach (blocks: the speed-up of that many blocks removed)
+        "units": len(units), "predicted": metric(*unit_modes(units, counts_as)),
     }  # fmt: skip
     return selection
 
