@@ -6,7 +6,6 @@ import time
 
 from omegaconf import OmegaConf
 
-from nbl.core.adapters import get_adapter
 from nbl.recipe.keys import measured_fields, probe_replacement
 from nbl.recipe.state import RunState
 from nbl.select.registry import Selection, SelectionInputs
@@ -47,16 +46,11 @@ def select(state: RunState) -> None:
 def _within_budget(state: RunState, selection: Selection) -> Selection:
     """The selection cut to the budget (joint: the first of the rule's ordered steps that reach it), and what the
     budget predicts for it in results.json."""
-    from nbl.replace.registry import get_replacement
-    from nbl.replace.standard import conv_rank
-    from nbl.select.budget import budget_metric, budget_prefix, budget_value, unit_modes
+    from nbl.recipe.validation import run_budget  # the budget num_layers was resolved with, before loading
+    from nbl.select.budget import budget_prefix, unit_modes
 
-    cfg, config = state.cfg, state.config
-    counts_as = get_replacement(cfg.replacement.mode).counts_as
-    d = get_adapter(state.model).hidden_size(config)
-    conv = (cfg.replacement.width, conv_rank(cfg.replacement.rank, d)) if counts_as == "conv" else (2, None)
-    metric = budget_metric(config, cfg.budget.target, cfg.speed.prompt_len, conv)
-    value = budget_value(config, cfg.budget.target, cfg.budget.value, cfg.speed.prompt_len)
+    cfg = state.cfg
+    metric, counts_as, value = run_budget(cfg, state.config)
     if cfg.replacement.granularity == "joint":  # the rule ran for the most units a mix needs: cut its steps
         ordered = [(s["layer"], s["part"]) for s in selection.steps]
         n = budget_prefix(metric, ordered, counts_as, value)

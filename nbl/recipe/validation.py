@@ -9,6 +9,7 @@ import math
 import os
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Any
 
 import torch
 from omegaconf import DictConfig
@@ -19,7 +20,7 @@ from nbl.measure.offline_tasks import OFFLINE_TASKS, is_builtin_task
 from nbl.models import architecture, config_json, resolve_device, smollm2_folder, tiny_values
 from nbl.recipe.schema import ConfigError, checked_config
 from nbl.replace.registry import get_replacement
-from nbl.select.budget import budget_metric, budget_value, joint_bound, units_for_budget
+from nbl.select.budget import BudgetMetric, budget_metric, budget_value, joint_bound, units_for_budget
 from nbl.select.registry import GRANULARITY_PARTS, get_strategy
 from nbl.serve import CPU_HEAD_SIZES
 
@@ -61,19 +62,26 @@ def validate(cfg: DictConfig) -> tuple[DictConfig, SimpleNamespace]:
     return cfg, arch
 
 
+def run_budget(cfg: DictConfig, config: Any) -> tuple[BudgetMetric, str, float]:
+    """The run's budget: the metric its units are counted with, what a unit counts as, and the value to reach."""
+    from nbl.replace.standard import conv_rank
+
+    rep = cfg.replacement
+    counts_as = get_replacement(rep.mode).counts_as
+    d = adapter_for_config(config).hidden_size(config)
+    conv = (rep.width, conv_rank(rep.rank, d)) if counts_as == "conv" else (2, None)
+    metric = budget_metric(config, cfg.budget.target, cfg.speed.prompt_len, conv)
+    return metric, counts_as, budget_value(config, cfg.budget.target, cfg.budget.value, cfg.speed.prompt_len)
+
+
 def _resolve_budget(cfg: DictConfig, arch: SimpleNamespace) -> None:
     """With a budget, num_layers becomes the units the replacement needs to reach it (joint: the most any mix of
     sub-blocks needs; the selection stage cuts the rule's ordered steps where the budget is met)."""
     if cfg.budget.target is None:
         return
-    from nbl.replace.standard import conv_rank
-
     rep, n = cfg.replacement, arch.num_hidden_layers
-    counts_as = get_replacement(rep.mode).counts_as
-    conv = (rep.width, conv_rank(rep.rank, adapter_for_config(arch).hidden_size(arch))) if counts_as == "conv" else (2, None)
-    metric = budget_metric(arch, cfg.budget.target, cfg.speed.prompt_len, conv)
     try:
-        value = budget_value(arch, cfg.budget.target, cfg.budget.value, cfg.speed.prompt_len)
+        metric, counts_as, value = run_budget(cfg, arch)
         if rep.granularity == "joint":
             cfg.num_layers = joint_bound(metric, n, counts_as, value)
         else:
