@@ -187,7 +187,6 @@ def test_launcher_configs(launcher, target):
         (["replacement=conv", "replacement.width=1"], "replacement.width=1 must be >= 2"),
         (["replacement=conv", "replacement.granularity=block"], "mode=conv does not support replacement.granularity"),
         (["replacement=conv", "calibration.mode=propagated"], "mode=conv does not support calibration.mode"),
-        (["replacement=conv", "speed=vllm"], "the vLLM plugin refuses conv checkpoints"),
         (["replacement=conv", "finetune=lora"], "mode=conv does not support finetune=lora"),
         (["replacement=conv", "selection=plan"], "selection=plan chooses linear or drop per layer itself"),
         (["+replacement.validate=true"], "replacement.validate is read by replacement.mode=conv only"),

@@ -148,18 +148,29 @@ def test_checkpoint_reloads_in_a_fresh_process(tmp_path):
     torch.testing.assert_close(torch.load(tmp_path / "out.pt"), expected, rtol=0, atol=0)
 
 
-def test_vllm_refuses_a_conv_checkpoint_with_the_reason(tmp_path):
+def test_a_conv_checkpoint_declares_the_hybrid_architecture_vllm_serves(tmp_path):
+    """vLLM decides from the class whether a model holds state: a conv checkpoint names the NblConv class; maps of
+    two widths (vLLM sizes one state page for every state layer) and a stale architecture are refused."""
+    from transformers import AutoConfig
+
     from nbl.serve.vllm_plugin import CheckpointError, check_checkpoint
 
     model = make_tiny("llama")
     stats = calibrate(model, token_batches(n_batches=3), [1], progress=False, width=2)
     nbl.linearize(model, stats, [1], mode="conv")
     folder = nbl.save_linearized(model, tmp_path / "ckpt")
-    from transformers import AutoConfig
-
     nbl.register_auto_classes()  # AutoConfig reads nbl_llama (the test passed only after another test had done this)
-    with pytest.raises(CheckpointError, match=r"convolution maps.*decode state"):
-        check_checkpoint(AutoConfig.from_pretrained(folder), folder)
+    config = AutoConfig.from_pretrained(folder)
+    assert config.architectures == ["NblConvLlamaForCausalLM"]
+    assert check_checkpoint(config, folder)["conv"] == {1: (2, None)}
+    config.architectures = ["NblLlamaForCausalLM"]
+    with pytest.raises(CheckpointError, match="served as NblConvLlamaForCausalLM: save it again"):
+        check_checkpoint(config, folder)
+    config.architectures = ["NblConvLlamaForCausalLM"]
+    config.nbl = {**config.nbl, "replaced_layers": {"1": "conv", "2": "conv"},
+                  "conv_maps": {"1": {"width": 2, "rank": None}, "2": {"width": 3, "rank": None}}}  # fmt: skip
+    with pytest.raises(CheckpointError, match=r"widths \[2, 3\]: vLLM gives every state layer"):
+        check_checkpoint(config)
 
 
 def test_linear_statistics_cannot_make_a_conv_map():

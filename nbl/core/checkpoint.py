@@ -51,9 +51,11 @@ class CheckpointError(ValueError):
     """A folder that is not a readable NBL checkpoint, named with the file at fault; raised before any weight loads."""
 
 
-def serving_architecture(model_type: str) -> str:
-    """The architecture name an NBL checkpoint of this family declares (vLLM's plugin and transformers' class)."""
-    return f"Nbl{family_class(model_type).__name__}"
+def serving_architecture(model_type: str, conv: bool = False) -> str:
+    """The architecture name an NBL checkpoint of this family declares: ``Nbl<Family>ForCausalLM``, or with
+    convolution maps ``NblConv<Family>ForCausalLM`` (vLLM serves those as hybrid models: the maps' state lives in its
+    cache manager, and whether a model is hybrid is a property of its class)."""
+    return f"Nbl{'Conv' if conv else ''}{family_class(model_type).__name__}"
 
 
 def declared_replacement(meta: Mapping[str, Any]) -> dict[str, Any]:
@@ -107,7 +109,8 @@ def save_linearized(
     meta = _meta(model)
     config = copy.deepcopy(model.config)  # the model's own config stays as it is
     recast(config, nbl_config_class(type(model.config)))  # model_type nbl_<family>
-    config.architectures, config.nbl = [serving_architecture(meta["model_type"])], meta
+    config.architectures = [serving_architecture(meta["model_type"], conv="conv_maps" in meta)]
+    config.nbl = meta
     config.save_pretrained(folder)
     write_weights(model, folder, convert_file_size_to_int(max_shard_size or DEFAULT_SHARD_SIZE))
     if getattr(model, "generation_config", None) is not None:

@@ -143,17 +143,18 @@ def served_speed(base: PreTrainedModel, replaced: PreTrainedModel, tokenizer: Pr
     )  # fmt: skip
     with tempfile.TemporaryDirectory(prefix="nbl-serve-") as tmp:
         folders = {name: save_linearized(m, Path(tmp) / name, tokenizer) for name, m in (("base", base), ("nbl", replaced))}
+        for m in (base, replaced):  # the engines size their memory from what is free: the app's copies leave the GPU
+            free_device(m)
         served = measure(folders, settings)
-    predicted = predicted_speedups(
-        base.config, replaced_layers(replaced), speed_cfg.prompt_len, speed_cfg.new_tokens, replaced_mlps(replaced)
-    )
+    predicted = predicted_speedups(base.config, replaced_layers(replaced), speed_cfg.prompt_len, speed_cfg.new_tokens,
+                                   replaced_mlps(replaced), conv=first_conv_shape(replaced))  # fmt: skip
     b, n = served["base"], served["nbl"]
     return {
         "engine": "vllm",
         "device": "cuda" if torch.cuda.is_available() else "cpu",
         **{f"{key}_{name}": r[key] for name, r in served.items() for key in SERVED},
         **{f"{case}_speedup": ratio(n[f"{case}_tok_s"], b[f"{case}_tok_s"])
-           for case in ("prefill", "decode", "long_decode", "throughput")},
+           for case in ("prefill", "decode", "long_decode", "throughput", "concurrent")},
         "kv_capacity_ratio": n["kv_cache_tokens"] / b["kv_cache_tokens"],
         "prefill_speedup_predicted": predicted["prefill_speedup"],
         "decode_speedup_predicted": predicted["decode_speedup"],
@@ -163,5 +164,14 @@ def served_speed(base: PreTrainedModel, replaced: PreTrainedModel, tokenizer: Pr
     }
 
 
+def free_device(model: PreTrainedModel) -> None:
+    """Move a model that is on an accelerator to host memory and release the accelerator's cached blocks."""
+    if any(p.device.type != "cpu" for p in model.parameters()):
+        model.to("cpu")
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+
 # what a served model's measurement reports, per model (nbl.serve.bench)
-SERVED = ("kv_cache_tokens", "prefill_tok_s", "decode_tok_s", "long_decode_tok_s", "throughput_tok_s")
+SERVED = ("kv_cache_tokens", "prefill_tok_s", "decode_tok_s", "long_decode_tok_s", "throughput_tok_s",
+          "concurrent_requests", "concurrent_tok_s", "prefix_cache_hits", "preemptions")  # fmt: skip

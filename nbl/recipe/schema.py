@@ -307,7 +307,7 @@ class ExperimentSchema:
 
     def _check_conv(self) -> None:
         """Convolution maps replace attention sub-blocks, fitted in one extra pass on the unmodified model, and keep
-        a decode state that vLLM and LoRA's adapters have no place for."""
+        a decode state that LoRA's adapters have no place for (vLLM holds it as a hybrid model's state)."""
         if self.replacement.mode is not Mode.conv:
             for key, unread in (("validate", self.replacement.validate), ("rank", self.replacement.rank is not None)):
                 if unread:
@@ -318,9 +318,6 @@ class ExperimentSchema:
             is not Granularity.attention,
             f"calibration.mode={self.calibration.mode.value} (its refits are one-token maps)": self.calibration.mode
             is not CalibrationMode.one_pass,
-            "speed.engine=vllm (the vLLM plugin refuses conv checkpoints: their decode state has no place there)": (
-                self.speed.enabled and self.speed.engine is SpeedEngine.vllm
-            ),
             "finetune=lora": self.finetune.method is not FinetuneMethod.none,
         }
         for what, bad in unsupported.items():

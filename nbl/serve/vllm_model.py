@@ -3,8 +3,17 @@
 ``Nbl<Family>ForCausalLM`` is vLLM's ``<Family>ForCausalLM`` built while the family's ``make_layers`` hands the
 replaced layers to NBL: kept layers are vLLM's own code (attention, paged KV cache, fused kernels); a layer whose
 attention is replaced is an :class:`AttentionReplaced` module, which registers no attention and so gets no KV
-cache; a replaced MLP swaps the kept layer's MLP for its map. Weights load through the family's own loader (the
-checkpoint names match: ``attn_linear``, ``mlp.linear``).
+cache; a replaced MLP swaps the kept layer's MLP for its map. Weights load through the family's own loader.
+
+Every map is a vLLM parallel linear, so under tensor parallelism each rank stores and computes 1 / TP of it, as of
+the attention it replaced: a d x d map is row-parallel (each rank multiplies its slice of the replicated input and
+the partial sums are all-reduced); a reduced-rank map is its two factors, the first column-parallel and the
+second row-parallel (one all-reduce, 1 / TP of both).
+
+A checkpoint with convolution maps declares ``NblConv<Family>ForCausalLM``, the same model declared hybrid: each
+:class:`ConvMap` is a state layer of vLLM's hybrid-model machinery (``MambaBase``, the state layout of vLLM's
+``ShortConv``), so its T - 1 hidden vectors per sequence are allocated, freed, preempted and prefix-cached by
+vLLM's cache manager, and it gets no KV cache.
 
 vLLM's decoder layers pass ``(hidden_states, residual)`` with the residual stream = their sum; the modules here keep
 that convention (:meth:`AttentionReplaced.forward`).
@@ -13,17 +22,36 @@ that convention (:meth:`AttentionReplaced.forward`).
 from __future__ import annotations
 
 import importlib
-from collections.abc import Callable, Iterator
+import os
+import re
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
 import torch
 from torch import nn
+from vllm.config import get_current_vllm_config
+from vllm.forward_context import get_forward_context
+from vllm.logger import init_logger
 from vllm.model_executor.layers.layernorm import RMSNorm
+from vllm.model_executor.layers.linear import ColumnParallelLinear, RowParallelLinear
+from vllm.model_executor.layers.mamba import short_conv  # noqa: F401  (registers the op vllm::short_conv)
+from vllm.model_executor.layers.mamba.abstract import MambaBase
+from vllm.model_executor.layers.mamba.mamba_utils import (
+    MambaStateCopyFuncCalculator,
+    MambaStateDtypeCalculator,
+    MambaStateShapeCalculator,
+    is_conv_state_dim_first,
+)
+from vllm.model_executor.models.interfaces import HasInnerState, IsHybrid
+from vllm.v1.attention.backends.registry import MambaAttentionBackendEnum
 
 from nbl.core.adapters import ADAPTERS
 from nbl.core.checkpoint import serving_architecture
-from nbl.serve.vllm_plugin import check_checkpoint
+from nbl.serve.partition import ENV, balanced_partition
+from nbl.serve.vllm_plugin import ServedPlan, check_checkpoint
+
+logger = init_logger(__name__)
 
 # model_type -> (vLLM module with the CausalLM class, module whose Model calls make_layers, the MLP class there,
 # whether that MLP takes a bias argument)
@@ -39,6 +67,13 @@ def _module(name: str) -> Any:
     return importlib.import_module(f"vllm.model_executor.models.{name}")
 
 
+def row_map(d_in: int, d_out: int, prefix: str, bias: bool = True, input_is_parallel: bool = False) -> nn.Module:
+    """A map's (last) factor as a row-parallel linear, in the model's dtype (``quant_config`` None: maps stay
+    unquantized beside quantized kept layers)."""
+    return RowParallelLinear(d_in, d_out, bias=bias, input_is_parallel=input_is_parallel, return_bias=False,
+                             prefix=prefix)  # fmt: skip
+
+
 class AddOnly(nn.Module):
     """Stands in for a post-attention norm whose MLP was replaced: the fused add of vLLM's RMSNorm, no norm."""
 
@@ -50,22 +85,129 @@ class AddOnly(nn.Module):
 class Map(nn.Module):
     """A replaced MLP: W h + b, or nothing (dropped)."""
 
-    def __init__(self, d: int, linear: bool) -> None:
+    def __init__(self, d: int, linear: bool, prefix: str) -> None:
         super().__init__()
-        self.linear = nn.Linear(d, d, bias=True) if linear else None
+        self.linear = row_map(d, d, f"{prefix}.linear") if linear else None
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         return self.linear(h) if self.linear is not None else torch.zeros_like(h)
 
 
+class ConvMap(MambaBase, nn.Module):
+    """``a_t = W [h_t, h_(t-1), ..., h_(t-T+1)] + b`` with its state, the last T - 1 inputs of each sequence, held
+    by vLLM as a hybrid model's short-convolution state (one page per sequence, ``(T - 1) x d`` values).
+
+    The state shape and copy rule are vLLM's ``ShortConv``'s, so prefix caching and preemption treat it alike; the
+    forward runs through vLLM's ``short_conv`` op (a graph split point that calls :meth:`forward_native` on the CPU,
+    :meth:`forward_cuda` elsewhere), so compiled and captured models run it eagerly with the batch's metadata.
+    The state is replicated across tensor-parallel ranks (T - 1 vectors of d: small); the projection is split.
+    """
+
+    def __init__(self, d: int, width: int, rank: int | None, prefix: str) -> None:
+        super().__init__()
+        self.d, self.width, self.prefix = d, width, prefix
+        if rank is None:
+            self.proj = row_map(width * d, d, f"{prefix}.proj")
+        else:  # U V: V column-parallel (each rank r / TP rows), U row-parallel over those rows
+            self.down = ColumnParallelLinear(width * d, rank, bias=False, return_bias=False, prefix=f"{prefix}.down")
+            self.up = row_map(rank, d, f"{prefix}.up", input_is_parallel=True)
+        vllm_config = get_current_vllm_config()
+        self.model_config, self.cache_config = vllm_config.model_config, vllm_config.cache_config
+        context = vllm_config.compilation_config.static_forward_context
+        if prefix in context:
+            raise ValueError(f"Duplicate layer name: {prefix}")
+        context[prefix] = self  # where vLLM binds the state pages and the op finds the layer
+        self.kv_cache = (torch.tensor([]),)
+
+    @property
+    def mamba_type(self) -> MambaAttentionBackendEnum:
+        return MambaAttentionBackendEnum.SHORT_CONV  # its metadata: state slots, prefill starts, initial states
+
+    @property
+    def is_kv_cache_tp_replicated(self) -> bool:
+        return True
+
+    def get_state_shape(self) -> tuple[tuple[int, int]]:
+        return MambaStateShapeCalculator.short_conv_state_shape(1, self.d, self.width)
+
+    def get_state_dtype(self) -> tuple[torch.dtype, ...]:
+        return MambaStateDtypeCalculator.short_conv_state_dtype(self.model_config.dtype,
+                                                                 self.cache_config.mamba_cache_dtype)  # fmt: skip
+
+    def project(self, features: torch.Tensor) -> torch.Tensor:
+        return self.proj(features) if hasattr(self, "proj") else self.up(self.down(features))
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        output = torch.empty_like(h)
+        torch.ops.vllm.short_conv(h, output, self.prefix)
+        return output
+
+    def forward_native(self, hidden_states: torch.Tensor, output: torch.Tensor) -> None:
+        metadata = get_forward_context().attn_metadata
+        metadata = metadata.get(self.prefix) if isinstance(metadata, dict) else None
+        if metadata is None:  # vLLM's profile run: only the shapes and the work matter
+            n = hidden_states.shape[0]
+            output[:n] = self.project(hidden_states.repeat(1, self.width))
+            return
+        state = self.kv_cache[0] if not is_conv_state_dim_first() else self.kv_cache[0].transpose(-1, -2)
+        tokens = metadata.num_decode_tokens + metadata.num_prefill_tokens
+        slots, starts, lengths, has_state = _requests(metadata, hidden_states.device)
+        output[:tokens] = self.project(conv_step(hidden_states[:tokens], state, slots, starts, lengths, has_state))
+
+    forward_cuda = forward_native  # plain torch: the same code on every device
+
+
+def _requests(metadata: Any, device: torch.device) -> tuple[torch.Tensor, ...]:
+    """The batch's requests, decodes (one token each) first as vLLM orders them: each one's state slot, first
+    token, token count and whether it continues from a stored state (a decode always does; a prefill when part of
+    its prompt was computed before: chunked prefill, a prefix-cache hit)."""
+    decodes, prefills = metadata.num_decode_tokens, metadata.num_prefills
+    if metadata.num_decodes != decodes:
+        raise RuntimeError("speculative decoding is not supported with NBL convolution maps")
+    slots, starts, lengths, has_state = [], [], [], []
+    if decodes:
+        slots.append(metadata.state_indices_tensor_d[:, 0])
+        starts.append(torch.arange(decodes, device=device))
+        lengths.append(torch.ones(decodes, dtype=torch.long, device=device))
+        has_state.append(torch.ones(decodes, dtype=torch.bool, device=device))
+    if prefills:
+        loc = metadata.query_start_loc_p.to(torch.long)
+        slots.append(metadata.state_indices_tensor_p)
+        starts.append(decodes + loc[:-1])
+        lengths.append(loc[1:] - loc[:-1])
+        has_state.append(metadata.has_initial_states_p)
+    return tuple(torch.cat(parts) for parts in (slots, starts, lengths, has_state))
+
+
+def conv_step(h: torch.Tensor, state: torch.Tensor, slots: torch.Tensor, starts: torch.Tensor, lengths: torch.Tensor,
+              has_state: torch.Tensor) -> torch.Tensor:  # fmt: skip
+    """The features ``[h_t, h_(t-1), ..., h_(t-T+1)]`` of every token of a batch of requests whose tokens lie one
+    after another in ``h`` (tokens, d), each request's T - 1 earlier inputs read from ``state[slot]`` ((T - 1) x d,
+    oldest first; zeros where it starts a sequence); ``state[slot]`` then holds each request's last T - 1 inputs.
+
+    Each request's tokens are laid out after its T - 1 earlier inputs in one buffer, so the j-th shift of every
+    token is one gather, whatever the request lengths (a request shorter than T - 1 reaches into its stored state).
+    """
+    t = state.shape[1]
+    n, requests = h.shape[0], torch.arange(len(slots), device=h.device)
+    rows = torch.arange(n, device=h.device) + t * (torch.repeat_interleave(requests, lengths, output_size=n) + 1)
+    earlier = (starts + t * requests)[:, None] + torch.arange(t, device=h.device)  # (requests, T - 1) rows
+    buffer = h.new_empty(n + t * len(slots), h.shape[1])
+    buffer[rows] = h
+    buffer[earlier.flatten()] = (state[slots] * has_state[:, None, None].to(h.dtype)).to(h.dtype).flatten(0, 1)
+    last = starts + lengths - 1 + t * (requests + 1)
+    state[slots] = buffer[last[:, None] - t + 1 + torch.arange(t, device=h.device)].to(state.dtype)
+    return torch.cat([buffer[rows - j] for j in range(t + 1)], dim=-1)
+
+
 class AttentionReplaced(nn.Module):
-    """A decoder layer whose attention sub-block became ``h + (W h + b)`` (or ``h``): no attention module, no KV
-    cache. Its MLP part is the family's MLP behind an RMSNorm, a replaced MLP (:class:`Map` behind
+    """A decoder layer whose attention sub-block became ``h + (W h + b)``, ``h + conv(h)`` or ``h``: no attention
+    module, no KV cache. Its MLP part is the family's MLP behind an RMSNorm, a replaced MLP (:class:`Map` behind
     :class:`AddOnly`), or nothing (a replaced block)."""
 
-    def __init__(self, d: int, attention: str, post_norm: nn.Module | None, mlp: nn.Module | None) -> None:
+    def __init__(self, attention_map: nn.Module | None, post_norm: nn.Module | None, mlp: nn.Module | None) -> None:
         super().__init__()
-        self.attn_linear = nn.Linear(d, d, bias=True) if attention == "linear" else None
+        self.attn_linear = attention_map
         if mlp is not None:
             self.post_attention_layernorm, self.mlp = post_norm, mlp
         else:
@@ -81,7 +223,15 @@ class AttentionReplaced(nn.Module):
         return self.mlp(hidden_states), residual
 
 
-def _layer_builder(vllm_config: Any, plan: dict[str, dict[int, str]], mlp_class: type[nn.Module], mlp_bias: bool
+def _attention_map(plan: ServedPlan, i: int, d: int, prefix: str) -> nn.Module | None:
+    mode = plan["attention"][i]
+    if mode == "conv":
+        width, rank = plan["conv"][i]
+        return ConvMap(d, width, rank, f"{prefix}.attn_linear")
+    return row_map(d, d, f"{prefix}.attn_linear") if mode == "linear" else None
+
+
+def _layer_builder(vllm_config: Any, plan: ServedPlan, mlp_class: type[nn.Module], mlp_bias: bool
                    ) -> Callable[[Callable[[str], nn.Module], str], nn.Module]:  # fmt: skip
     """(the family's layer factory, a layer's prefix) -> that layer, as the checkpoint's replacement says."""
     config = vllm_config.model_config.hf_config
@@ -94,17 +244,18 @@ def _layer_builder(vllm_config: Any, plan: dict[str, dict[int, str]], mlp_class:
 
     def build(family_layer: Callable[[str], nn.Module], prefix: str) -> nn.Module:
         i = int(prefix.rsplit(".", 1)[-1])
-        attention, mlp = plan["attention"].get(i), plan["mlp"].get(i)
-        if attention is None:  # vLLM's own layer, its MLP swapped for the map if that was replaced
+        mlp = plan["mlp"].get(i)
+        if i not in plan["attention"]:  # vLLM's own layer, its MLP swapped for the map if that was replaced
             layer = family_layer(prefix=prefix)
             if mlp is not None:
-                layer.post_attention_layernorm, layer.mlp = AddOnly(), Map(d, mlp == "linear")
+                layer.post_attention_layernorm, layer.mlp = AddOnly(), Map(d, mlp == "linear", f"{prefix}.mlp")
             return layer
+        attention_map = _attention_map(plan, i, d, prefix)
         if mlp == "drop":  # a replaced block (or an attention map beside a dropped MLP: the same function)
-            return AttentionReplaced(d, attention, None, None)
+            return AttentionReplaced(attention_map, None, None)
         if mlp == "linear":
-            return AttentionReplaced(d, attention, AddOnly(), Map(d, True))
-        return AttentionReplaced(d, attention, RMSNorm(d, eps=config.rms_norm_eps), family_mlp(prefix))
+            return AttentionReplaced(attention_map, AddOnly(), Map(d, True, f"{prefix}.mlp"))
+        return AttentionReplaced(attention_map, RMSNorm(d, eps=config.rms_norm_eps), family_mlp(prefix))
 
     return build
 
@@ -124,23 +275,94 @@ def _replaced_layers(module: Any, build: Callable[[Callable[[str], nn.Module], s
         module.make_layers = original
 
 
-def _nbl_class(model_type: str) -> type[nn.Module]:
+_CONV_WEIGHT = re.compile(r"(.*layers\.(\d+)\.attn_linear)\.(weight|bias|down|up)$")
+
+
+def conv_weight_names(plan: ServedPlan) -> Callable[[str], str]:
+    """A checkpoint's weight name -> the served module's: a conv map's ``W`` / ``b`` (``attn_linear.weight``,
+    ``.bias``) or factors (``.down``, ``.up``, ``.bias``) are the parameters of its parallel linears."""
+
+    def rename(name: str) -> str:
+        match = _CONV_WEIGHT.match(name)
+        if match is None or plan["attention"].get(int(match[2])) != "conv":
+            return name
+        base, layer, field = match.groups()
+        factors = plan["conv"][int(layer)][1] is not None
+        target = {"weight": "proj.weight", "down": "down.weight", "up": "up.weight",
+                  "bias": "up.bias" if factors else "proj.bias"}[field]  # fmt: skip
+        return f"{base}.{target}"
+
+    return rename
+
+
+def _hybrid_methods(family: type[nn.Module]) -> dict[str, Any]:
+    """What makes the family's class a hybrid model for vLLM: the convolution state's shape, dtype and copy rule,
+    read from the checkpoint's declared maps (one width for all: vLLM sizes one state page for every state layer)."""
+
+    def width(vllm_config: Any) -> int:
+        return check_checkpoint(vllm_config.model_config.hf_config)["conv_width"]
+
+    def get_mamba_state_shape_from_config(cls: type, vllm_config: Any) -> tuple[tuple[int, int]]:
+        return MambaStateShapeCalculator.short_conv_state_shape(1, vllm_config.model_config.hf_config.hidden_size,
+                                                                width(vllm_config))  # fmt: skip
+
+    def get_mamba_state_dtype_from_config(cls: type, vllm_config: Any) -> tuple[torch.dtype, ...]:
+        return MambaStateDtypeCalculator.short_conv_state_dtype(vllm_config.model_config.dtype,
+                                                                vllm_config.cache_config.mamba_cache_dtype)  # fmt: skip
+
+    def get_mamba_state_copy_func(cls: type) -> tuple[Any, ...]:
+        return MambaStateCopyFuncCalculator.short_conv_state_copy_func()
+
+    def load_weights(self: nn.Module, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
+        rename = conv_weight_names(check_checkpoint(self.config))
+        return family.load_weights(self, ((rename(name), w) for name, w in weights))
+
+    return {
+        "get_mamba_state_shape_from_config": classmethod(get_mamba_state_shape_from_config),
+        "get_mamba_state_dtype_from_config": classmethod(get_mamba_state_dtype_from_config),
+        "get_mamba_state_copy_func": classmethod(get_mamba_state_copy_func),
+        "load_weights": load_weights,
+    }
+
+
+def _check_partition(plan: ServedPlan, layers: int, stages: int) -> None:
+    """Under pipeline parallelism, say when vLLM's cut loses the KV saving (:mod:`nbl.serve.partition`)."""
+    kept = [i not in plan["attention"] for i in range(layers)]
+    balanced = ",".join(map(str, balanced_partition(kept, stages)))
+    if os.environ.get(ENV) != balanced:
+        logger.warning("NBL: %s=%s puts the same number of kept attention layers on every stage (each stage gets "
+                       "the KV blocks of the fullest one); the current cut is %s", ENV, balanced,
+                       os.environ.get(ENV, "vLLM's even cut"))  # fmt: skip
+
+
+def _nbl_class(model_type: str, conv: bool) -> type[nn.Module]:
     causal_module, layers_module, mlp_name, mlp_bias = FAMILIES[model_type]
     adapter = next(a for a in ADAPTERS if model_type in a.model_types)
     family = getattr(_module(causal_module), adapter.causal_lm)
 
     def __init__(self: nn.Module, *, vllm_config: Any, prefix: str = "") -> None:
         plan = check_checkpoint(vllm_config.model_config.hf_config, vllm_config.model_config.model)
+        if plan["conv"] and vllm_config.speculative_config is not None:
+            raise ValueError("NBL convolution maps do not support speculative decoding: serve without it")
+        if vllm_config.parallel_config.pipeline_parallel_size > 1:
+            _check_partition(plan, vllm_config.model_config.hf_config.num_hidden_layers,
+                             vllm_config.parallel_config.pipeline_parallel_size)  # fmt: skip
         module = _module(layers_module)
         with _replaced_layers(module, _layer_builder(vllm_config, plan, getattr(module, mlp_name), mlp_bias)):
             family.__init__(self, vllm_config=vllm_config, prefix=prefix)
 
-    name = serving_architecture(model_type)
+    name = serving_architecture(model_type, conv=conv)
     doc = f"vLLM's {adapter.causal_lm}, its replaced layers built by NBL (nbl.serve.vllm_model)."
-    return type(name, (family,), {"__init__": __init__, "__doc__": doc, "__module__": __name__})
+    namespace = {"__init__": __init__, "__doc__": doc, "__module__": __name__}
+    bases: tuple[type, ...] = (family, IsHybrid, HasInnerState) if conv else (family,)
+    return type(name, bases, {**namespace, **(_hybrid_methods(family) if conv else {})})
 
 
-NblLlamaForCausalLM = _nbl_class("llama")
-NblMistralForCausalLM = _nbl_class("mistral")
-NblQwen2ForCausalLM = _nbl_class("qwen2")
-NblQwen3ForCausalLM = _nbl_class("qwen3")
+NblLlamaForCausalLM = _nbl_class("llama", conv=False)
+NblMistralForCausalLM = _nbl_class("mistral", conv=False)
+NblQwen2ForCausalLM = _nbl_class("qwen2", conv=False)
+NblQwen3ForCausalLM = _nbl_class("qwen3", conv=False)
+NblConvLlamaForCausalLM = _nbl_class("llama", conv=True)
+NblConvMistralForCausalLM = _nbl_class("mistral", conv=True)
+NblConvQwen2ForCausalLM = _nbl_class("qwen2", conv=True)
+NblConvQwen3ForCausalLM = _nbl_class("qwen3", conv=True)
