@@ -332,3 +332,26 @@ def test_the_benchmark_never_hits_the_prefix_cache_and_fills_the_kv_budget(serve
     assert replaced["concurrent_requests"] >= 2 * base["concurrent_requests"] > 0
     assert base["concurrent_requests"] == int(base["max_concurrency"])
     assert replaced["concurrent_tok_s"] > 0 and base["concurrent_tok_s"] > 0
+
+
+def test_evaluation_through_vllm_agrees_with_transformers(served, tokenizer, tmp_path):
+    """``eval.backend=vllm``: the same lm-eval task and perplexity windows on a conv checkpoint served by vLLM
+    (lm-eval's vllm model, prompt log-probabilities) as on the model in transformers."""
+    from omegaconf import OmegaConf
+
+    from nbl.recipe.assess import evaluate_model
+
+    folders, _, _ = served
+    model = nbl.load_linearized(folders["llama-conv"])
+    settings = {"tasks": ["piqa"], "limit": 20, "batch_size": 8, "num_fewshot": {}, "offline": True, "domains": [],
+                "perplexity": {"source": "wikipedia", "seq_len": 128, "num_sequences": 4}, "kv_cache_gib": 0.25}  # fmt: skip
+    hf = evaluate_model(model, tokenizer, OmegaConf.create({**settings, "backend": "hf"}), tmp_path)
+    with pytest.MonkeyPatch.context() as mp:
+        for key, value in IN_PROCESS.items():
+            mp.setenv(key, value)
+        engine = evaluate_model(model, tokenizer, OmegaConf.create({**settings, "backend": "vllm"}), tmp_path)
+    assert engine["backend"] == "vllm" and hf["backend"] == "hf" and engine["seconds"] > 0
+    for metric in ("acc", "acc_norm"):
+        a, b = hf["tasks"]["piqa"][metric], engine["tasks"]["piqa"][metric]
+        assert abs(a - b) <= hf["tasks"]["piqa"][f"{metric}_stderr"], (metric, a, b)
+    assert engine["perplexity"] == pytest.approx(hf["perplexity"], rel=0.01)

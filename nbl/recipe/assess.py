@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import logging
 import tempfile
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -30,21 +31,50 @@ log = logging.getLogger(__name__)
 
 def evaluate_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, eval_cfg: DictConfig, cache_dir: Path
                    ) -> dict[str, Any]:  # fmt: skip
-    """lm-eval tasks and perplexity of one model."""
-    tasks = run_lm_eval(
-        model, tokenizer, list(eval_cfg.tasks), task_folder(cache_dir), offline=eval_cfg.offline,
-        limit=eval_cfg.limit, batch_size=eval_cfg.batch_size, num_fewshot=dict(eval_cfg.num_fewshot or {}),
-    )  # fmt: skip
+    """lm-eval tasks and perplexity of one model, in this process (``eval.backend=hf``) or served by vLLM."""
+    start = time.perf_counter()
+    ppl = eval_cfg.perplexity
+    windows = {
+        text: token_sequences(tokenizer, load_texts(text), ppl.num_sequences, ppl.seq_len, seed=0)
+        for text in ([ppl.source, *eval_cfg.domains] if ppl else [])
+    }  # the perplexity text, then further texts with the same window count and length
+    if eval_cfg.get("backend", "hf") == "vllm":
+        tasks, scores = served_evaluation(model, tokenizer, eval_cfg, cache_dir, windows)
+    else:
+        tasks = run_lm_eval(
+            model, tokenizer, list(eval_cfg.tasks), task_folder(cache_dir), offline=eval_cfg.offline,
+            limit=eval_cfg.limit, batch_size=eval_cfg.batch_size, num_fewshot=dict(eval_cfg.num_fewshot or {}),
+        )  # fmt: skip
+        scores = {text: perplexity(model, ids) for text, ids in windows.items()}
     out: dict[str, Any] = {"tasks": tasks, "average": average_headline(tasks)}
-    if eval_cfg.perplexity:
-        ppl = eval_cfg.perplexity
-        ids = token_sequences(tokenizer, load_texts(ppl.source), ppl.num_sequences, ppl.seq_len, seed=0)
-        out["perplexity"] = perplexity(model, ids)
+    if ppl:
+        out["perplexity"] = scores[ppl.source]
         out["perplexity_text"] = ppl.source if ppl.source != "wikipedia" else "wikipedia (WikiText-2 stand-in)"
-        for domain in eval_cfg.domains:  # further texts, same window count and length
-            ids = token_sequences(tokenizer, load_texts(domain), ppl.num_sequences, ppl.seq_len, seed=0)
-            out.setdefault("domains", {})[domain] = perplexity(model, ids)
+        for domain in eval_cfg.domains:
+            out.setdefault("domains", {})[domain] = scores[domain]
+    out["backend"], out["seconds"] = eval_cfg.get("backend", "hf"), time.perf_counter() - start
     return out
+
+
+def served_evaluation(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, eval_cfg: DictConfig,
+                      cache_dir: Path, windows: dict[str, torch.Tensor]) -> tuple[dict, dict[str, float]]:  # fmt: skip
+    """The model written as a checkpoint and evaluated by vLLM (:mod:`nbl.measure.served_eval`), the app's copy
+    off the accelerator meanwhile (the engine sizes its memory from what is free)."""
+    from nbl.measure.served_eval import evaluate_served
+
+    device = next(model.parameters()).device
+    ppl = eval_cfg.perplexity
+    settings = {"offline": eval_cfg.offline, "limit": eval_cfg.limit, "num_fewshot": dict(eval_cfg.num_fewshot or {}),
+                "dtype": str(next(model.parameters()).dtype).removeprefix("torch."), "kv_cache_gib": eval_cfg.kv_cache_gib,
+                "max_model_len": max(2048, ppl.seq_len if ppl else 0)}  # fmt: skip
+    with tempfile.TemporaryDirectory(prefix="nbl-eval-") as tmp:
+        folder = save_linearized(model, Path(tmp) / "checkpoint", tokenizer)
+        free_device(model)
+        try:
+            out = evaluate_served(folder, list(eval_cfg.tasks), task_folder(cache_dir), windows, settings)
+        finally:
+            model.to(device)
+    return out["tasks"], out["perplexity"]
 
 
 def measure_speed(base: PreTrainedModel, replaced: PreTrainedModel, speed_cfg: DictConfig) -> dict[str, Any]:

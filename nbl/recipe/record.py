@@ -20,7 +20,7 @@ from nbl.report import method_name, served_columns, summary_markdown
 SECTIONS = (
     "model", "selection", "replacement", "num_layers", "replaced_layers", "replaced_parts", "replaced_modes",
     "replaced_mlp_modes", "scores", "score_used", "selection_seconds", "greedy_steps", "validation", "ridge",
-    "calibration", "eval", "eval_base", "average", "average_base", "perplexity", "predicted", "finetune",
+    "calibration", "eval", "eval_base", "average", "average_base", "perplexity", "eval_engine", "predicted", "finetune",
     "quantized_modules", "speed", "speed_error", "params", "config", "overrides", "provenance", "retention", "summary_row",
     "checkpoint", "checkpoint_kind", "replacement_method", "budget",
 )  # fmt: skip
@@ -49,6 +49,12 @@ def record(state: RunState) -> None:
             "domains": {
                 d: {"nbl": ev.get("domains", {}).get(d), "base": base.get("domains", {}).get(d)} for d in cfg.eval.domains
             },
+        },
+        # which engine evaluated each model and its wall time (the base's from the run that cached it)
+        eval_engine={
+            name: {"backend": e.get("backend", "hf"), "seconds": e.get("seconds")}
+            for name, e in (("nbl", ev), ("base", base))
+            if e
         },
         predicted=predicted_speedups(
             state.config, replaced, cfg.speed.prompt_len, cfg.speed.new_tokens, mlps, first_conv_shape(model)

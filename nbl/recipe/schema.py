@@ -55,6 +55,7 @@ BudgetTarget = _choices("BudgetTarget", BUDGET_TARGETS)
 LoggerMode = _choices("LoggerMode", ("auto", "online", "offline", "disabled"))
 FinetuneMethod = _choices("FinetuneMethod", ("none", "lora"))
 SpeedEngine = _choices("SpeedEngine", ("transformers", "vllm"))
+EvalBackend = _choices("EvalBackend", ("hf", "vllm"))
 
 
 def _positive(key: str, value: float | None, allow_none: bool = False, minimum: float = 1) -> None:
@@ -186,8 +187,12 @@ class EvalSchema:
     evaluate_base: bool = True
     perplexity: PerplexitySchema | None = None
     domains: list[str] = field(default_factory=list)  # further texts scored like eval.perplexity (e.g. sciq)
+    backend: EvalBackend = EvalBackend.hf  # vllm: tasks and perplexity on the run's checkpoint served by vLLM
+    kv_cache_gib: float = 2  # vllm: the engine's KV budget
 
     def check(self) -> None:
+        if self.backend is EvalBackend.vllm and importlib.util.find_spec("vllm") is None:
+            raise ConfigError('eval.backend=vllm needs vLLM: pip install -e ".[serve-cpu]" (or ".[serve]" on GPUs)')
         if self.limit is not None and not self.limit > 0:
             raise ConfigError(f"eval.limit={self.limit} must be > 0 (or null for the full sets)")
         _positive("eval.batch_size", self.batch_size)
@@ -295,6 +300,8 @@ class ExperimentSchema:
         self._check_conv()
         if self.speed.enabled and self.speed.engine is SpeedEngine.vllm and self.quantize.scheme.value != "none":
             raise ConfigError("speed.engine=vllm serves saved checkpoints: a torchao-quantized model is not one")
+        if self.eval.backend is EvalBackend.vllm and self.quantize.scheme.value != "none":
+            raise ConfigError("eval.backend=vllm serves saved checkpoints: a torchao-quantized model is not one")
         from transformers.utils.hub import convert_file_size_to_int
 
         try:
