@@ -209,7 +209,7 @@ def test_speed_vllm_on_a_model_vllm_cannot_run_is_refused_before_calibration():
 
 
 def test_an_engine_failure_keeps_its_root_cause():
-    from nbl.serve.bench import error_excerpt
+    from nbl.serve.jobs import error_excerpt
 
     output = "INFO starting\n" * 500 + "Traceback (most recent call last):\n  ValueError: the root cause\n"
     output += "worker noise\n" * 2000 + "RuntimeError: Engine core initialization failed. See root cause above.\n"

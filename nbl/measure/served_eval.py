@@ -4,18 +4,13 @@ transformers path, on a saved checkpoint served by vLLM.
 Tasks run through lm-eval's own vLLM model (``lm_eval.models.vllm_causallms.VLLM``); the perplexity is
 exp(mean next-token NLL) over the same windows as :func:`nbl.measure.evaluation.perplexity`, each token's log-
 probability read from vLLM's prompt log-probabilities. The engine runs in a fresh process
-(``python -m nbl.measure.served_eval``), like the engine benchmark: vLLM starts processes of its own, and the caller
-keeps none of its state or memory. :func:`evaluate_served` starts it and reads its JSON.
+(``python -m nbl.measure.served_eval``, :mod:`nbl.serve.jobs`), like the engine benchmark: :func:`evaluate_served`
+starts it and reads its JSON.
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 import math
-import os
-import subprocess
-import sys
 import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -29,20 +24,15 @@ def evaluate_served(folder: Path, tasks: Sequence[str], task_folder: Path, windo
     """lm-eval ``tasks`` and the perplexity of each text's ``windows`` (name -> token ids, one window a row) for
     the checkpoint ``folder`` served by vLLM. ``settings``: ``offline``, ``limit``, ``num_fewshot``, ``dtype``,
     ``max_model_len``, ``kv_cache_gib``. Returns ``{"tasks": {task: metrics}, "perplexity": {name: value}}``."""
-    from nbl.serve.bench import error_excerpt
+    from nbl.serve.jobs import run_job
 
     with tempfile.TemporaryDirectory(prefix="nbl-served-eval-") as tmp:
-        job, out = Path(tmp) / "job.json", Path(tmp) / "out.json"
         ids = Path(tmp) / "windows.pt"
         torch.save(dict(windows), ids)
-        job.write_text(json.dumps({"folder": str(folder), "tasks": list(tasks), "task_folder": str(task_folder),
-                                   "windows": str(ids), **settings}))  # fmt: skip
-        env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": str(math.ceil(settings["kv_cache_gib"]))}
-        proc = subprocess.run([sys.executable, "-m", "nbl.measure.served_eval", str(job), str(out)], env=env,
-                              capture_output=True, text=True, timeout=timeout_s)  # fmt: skip
-        if proc.returncode != 0:
-            raise RuntimeError(f"evaluation through vLLM failed:\n{error_excerpt(proc.stderr)}")
-        return json.loads(out.read_text())
+        job = {"folder": str(folder), "tasks": list(tasks), "task_folder": str(task_folder), "windows": str(ids),
+               **settings}  # fmt: skip
+        env = {"VLLM_CPU_KVCACHE_SPACE": str(math.ceil(settings["kv_cache_gib"]))}
+        return run_job("nbl.measure.served_eval", job, env, "evaluation through vLLM", timeout_s)
 
 
 def lm_eval_vllm_class() -> type:
@@ -107,8 +97,6 @@ def _run(job: dict[str, Any]) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description="one evaluation through vLLM (see evaluate_served)")
-    parser.add_argument("job", type=Path)
-    parser.add_argument("out", type=Path)
-    args = parser.parse_args()
-    args.out.write_text(json.dumps(_run(json.loads(args.job.read_text())), indent=2))
+    from nbl.serve.jobs import job_main
+
+    job_main(_run, "one evaluation through vLLM (see evaluate_served)")

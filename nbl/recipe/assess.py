@@ -152,7 +152,7 @@ def speed(state: RunState) -> None:
                 state.results["speed"] = served_speed(state.base, state.model, state.tokenizer, state.cfg.speed)
             except RuntimeError as error:  # the engine refused or failed: the evaluation is not lost for it
                 log.error("vLLM speed test failed; results.json records why: %s", error)
-                state.results["speed_error"] = {"engine": "vllm", "error": str(error)}  # the root cause: error_excerpt
+                state.results["speed_error"] = {"engine": "vllm", "error": str(error)}  # the root cause: nbl.serve.jobs.error_excerpt
         else:
             state.results["speed"] = measure_speed(state.base, state.model, state.cfg.speed)
     state.base = None

@@ -16,24 +16,20 @@ Every request has a prompt of its own (fresh random ids per request, case and ro
 prefix caching, so no prefill is a cache hit: the results count the hits (``prefix_cache_hits``, 0) and the
 preemptions (``preemptions``) vLLM saw.
 
-The engines run in a fresh process (``python -m nbl.serve.bench``): vLLM spawns its own processes, and the caller
-(the app, a test) keeps none of its state. :func:`measure` starts it and reads its JSON.
+The engines run in a fresh process (``python -m nbl.serve.bench``, :mod:`nbl.serve.jobs`): :func:`measure` starts it
+and reads its JSON.
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 import math
-import os
 import statistics
-import subprocess
-import sys
-import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
+
+from nbl.serve.jobs import job_main, run_job
 
 
 @dataclass(frozen=True)
@@ -59,26 +55,10 @@ def measure(checkpoints: dict[str, str | Path], settings: ServeSettings, greedy:
     """Speed and KV capacity of each checkpoint (name -> folder) in vLLM: ``{name: {...}}``. ``greedy``: prompts
     (token ids) whose greedy continuations of ``greedy_tokens`` tokens, and the log-probability of each, are also
     returned (``"greedy"``, a list per prompt of (token, logprob) pairs); ``settings.repeats=0``: those alone."""
-    with tempfile.TemporaryDirectory(prefix="nbl-vllm-") as tmp:
-        job, out = Path(tmp) / "job.json", Path(tmp) / "out.json"
-        spec = {"checkpoints": {k: str(v) for k, v in checkpoints.items()}, "greedy": greedy,
-                "greedy_tokens": greedy_tokens, **asdict(settings)}  # fmt: skip
-        job.write_text(json.dumps(spec))
-        env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": str(math.ceil(settings.kv_cache_gib))}
-        proc = subprocess.run([sys.executable, "-m", "nbl.serve.bench", str(job), str(out)], env=env,
-                              capture_output=True, text=True, timeout=timeout_s)  # fmt: skip
-        if proc.returncode != 0:
-            raise RuntimeError(f"vLLM measurement failed:\n{error_excerpt(proc.stderr)}")
-        return json.loads(out.read_text())
-
-
-def error_excerpt(output: str, head: int = 6000, tail: int = 2000) -> str:
-    """What a failed engine's output says, kept short: from its first traceback (the root cause: vLLM's last lines
-    only say that its engine core failed) and its last lines."""
-    start = max(output.find("Traceback (most recent call last)"), 0)
-    if len(output) - start <= head + tail:
-        return output[start:]
-    return f"{output[start : start + head]}\n[... {len(output) - start - head - tail} characters ...]\n{output[-tail:]}"
+    job = {"checkpoints": {k: str(v) for k, v in checkpoints.items()}, "greedy": greedy,
+           "greedy_tokens": greedy_tokens, **asdict(settings)}  # fmt: skip
+    env = {"VLLM_CPU_KVCACHE_SPACE": str(math.ceil(settings.kv_cache_gib))}
+    return run_job("nbl.serve.bench", job, env, "vLLM measurement", timeout_s)
 
 
 def ratio(value: float | None, base: float | None) -> float | None:
@@ -265,8 +245,4 @@ def _run(job: dict[str, Any]) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description="one measurement job (see nbl.serve.bench.measure)")
-    parser.add_argument("job", type=Path)
-    parser.add_argument("out", type=Path)
-    args = parser.parse_args()
-    args.out.write_text(json.dumps(_run(json.loads(args.job.read_text())), indent=2))
+    job_main(_run, "one measurement job (see nbl.serve.bench.measure)")
