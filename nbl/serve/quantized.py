@@ -1,5 +1,7 @@
 """NBL checkpoints with quantized kept layers, in a format vLLM loads: compressed-tensors W8A8 int8.
 
+    python -m nbl.serve.quantized outputs/<run>/checkpoint outputs/<run>/checkpoint-w8a8
+
 W8A8 here is the scheme llm-compressor writes as ``W8A8`` (compressed-tensors' preset): each kept linear layer's
 weights int8, symmetric, one scale per output channel (max |W_row| / 127: no calibration data needed); its inputs
 quantized to int8 per token at run time (dynamic). vLLM runs it on GPUs and on its CPU backend
@@ -85,3 +87,18 @@ def _round_input(module: nn.Module, args: tuple[torch.Tensor, ...]) -> tuple[tor
     amax = x.abs().amax(dim=-1, keepdim=True)
     scale = torch.where(amax > 0, amax / 127, torch.ones_like(amax))
     return ((torch.round(x / scale).clamp(-128, 127) * scale).to(args[0].dtype), *args[1:])
+
+
+if __name__ == "__main__":
+    import argparse
+
+    parser = argparse.ArgumentParser(description="an NBL checkpoint, its kept layers as compressed-tensors W8A8 int8")
+    parser.add_argument("checkpoint", type=Path, help="a folder written by nbl.save_linearized (save_checkpoint=true)")
+    parser.add_argument("out", type=Path)
+    args = parser.parse_args()
+    from transformers import AutoTokenizer
+
+    import nbl
+
+    tokenizer = AutoTokenizer.from_pretrained(args.checkpoint) if (args.checkpoint / "tokenizer_config.json").is_file() else None
+    print(save_w8a8(nbl.load_linearized(args.checkpoint), args.out, tokenizer))
