@@ -91,9 +91,13 @@ def sequential_step_fields(cfg: DictConfig, config: PretrainedConfig, done: list
 def base_eval_fields(cfg: DictConfig, config: PretrainedConfig) -> dict[str, Any]:
     """The unmodified model's evaluation: the model, the eval settings, the code (and the quantization scheme)."""
     scheme = cfg.quantize.scheme
+    settings = OmegaConf.to_container(cfg.eval, resolve=True)
+    settings.pop("kv_cache_gib", None)  # the engine's budget does not change a score
+    if settings.get("backend") == "hf":  # the default: keys written before the engine backend keep their names
+        del settings["backend"]
     return {
         "model": model_fields(cfg, config),
-        "eval": OmegaConf.to_container(cfg.eval, resolve=True),
+        "eval": settings,
         "code": code_identity(),
         **({"quantize": scheme} if scheme != "none" else {}),
     }
