@@ -38,7 +38,7 @@ REPLACEMENTS = {
 }
 
 
-SERVED_KV_GIB = 0.25  # each of the fixture's engines (all alive at once)
+SERVED_KV_GIB = 1  # each of the fixture's engines (all alive at once; the page arithmetic below was checked at 1 GiB)
 W8A8_MIX = [("attention", "linear", [0]), ("attention", "conv", [2], 2, 32), ("mlp", "linear", [3])]
 
 
