@@ -168,7 +168,29 @@ def load_smollm2(dtype: torch.dtype = torch.float32, root: Path | None = None
     return model.eval(), AutoTokenizer.from_pretrained(folder)
 
 
-TINY_FAMILIES: tuple[str, ...] = ("llama", "mistral", "qwen2", "qwen3")
+TINY_FAMILIES: tuple[str, ...] = ("llama", "mistral", "qwen2", "qwen3", "phi3", "granite", "olmo2", "gemma2",
+                                  "gemma3_text", "mixtral", "qwen3_moe", "olmoe")  # fmt: skip
+
+
+def _family_values(model_type: str, num_layers: int, hidden_size: int) -> dict[str, Any]:
+    """What a family's small config sets beyond the common fields: the features the family's forward has (windows
+    shorter than a test prompt, multipliers and soft-capping away from 1 and off, several experts)."""
+    sliding, full = "sliding_attention", "full_attention"
+    if model_type == "granite":  # Granite 3.x's multipliers (8B: 12, 0.22, 1 / 128, 16)
+        return {"embedding_multiplier": 12.0, "residual_multiplier": 0.22, "attention_multiplier": 0.0078125,
+                "logits_scaling": 16.0}  # fmt: skip
+    if model_type == "gemma2":  # global and sliding layers alternate
+        return {"layer_types": [sliding if i % 2 == 0 else full for i in range(num_layers)], "sliding_window": 8,
+                "final_logit_softcapping": 30.0, "attn_logit_softcapping": 50.0, "query_pre_attn_scalar": 16}  # fmt: skip
+    if model_type == "gemma3_text":  # five sliding layers to one global
+        return {"layer_types": [full if (i + 1) % 6 == 0 else sliding for i in range(num_layers)], "sliding_window": 8,
+                "query_pre_attn_scalar": 16}  # fmt: skip
+    if model_type in ("mixtral", "olmoe", "qwen3_moe"):
+        experts = {"num_local_experts" if model_type == "mixtral" else "num_experts": 4, "num_experts_per_tok": 2}
+        if model_type == "qwen3_moe":  # one dense MLP among the routed ones
+            experts |= {"moe_intermediate_size": hidden_size, "decoder_sparse_step": 1, "mlp_only_layers": [1]}
+        return experts
+    return {}
 
 
 def tiny_values(model_type: str = "llama", hidden_size: int = 64, num_layers: int = 4, vocab_size: int = 256
@@ -189,6 +211,7 @@ def tiny_values(model_type: str = "llama", hidden_size: int = 64, num_layers: in
         "pad_token_id": 0,
         "bos_token_id": 1,
         "eos_token_id": 2,
+        **_family_values(model_type, num_layers, hidden_size),
     }
 
 

@@ -167,18 +167,22 @@ def test_statistics_of_another_hidden_size_leave_the_model_untouched():
     assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
 
 
-def test_mixed_sliding_and_full_attention_fails_before_any_surgery():
+def test_mixed_sliding_and_full_attention_keeps_each_attention_in_a_slot_of_its_type():
     config = tiny_config("qwen2")
     config.layer_types = ["full_attention", "sliding_attention", "full_attention", "sliding_attention"]
     config.use_sliding_window, config.sliding_window = True, 8
     model = random_model(config)
     stats = nbl.calibrate(model, token_batches(), progress=False)
-    with pytest.raises(NotImplementedError, match="type-aware cache layout"):
-        nbl.linearize(model, stats, [0, 3])  # layer 1 (sliding) would move into slot 0 (full)
+    with pytest.raises(NotImplementedError, match="every full_attention layer"):
+        nbl.linearize(model, stats, [0, 2])  # positions are read from slot 0, a full one: no full layer would fill it
     assert nbl.replaced_layers(model) == {}
     assert [layer.self_attn.layer_idx for layer in model.model.layers] == [0, 1, 2, 3]
-    nbl.linearize(model, stats, [2, 3])  # a layout that keeps every slot's type works
-    assert nbl.replaced_layers(model) == {2: "linear", 3: "linear"}
+    nbl.linearize(model, stats, [0, 3])  # layer 1 (sliding) keeps slot 1, layer 2 (full) takes slot 0
+    assert [model.model.layers[i].self_attn.layer_idx for i in (1, 2)] == [1, 0]
+    assert [model.model.layers[i].cache_slot for i in (0, 3)] == [2, 3]
+    prompt = torch.randint(3, 256, (2, 12), generator=torch.Generator().manual_seed(1))  # past the 8-token window
+    cached, uncached = greedy_cached_and_uncached(model, prompt)
+    assert torch.equal(cached, uncached)
 
 
 @pytest.mark.parametrize("layers", ["12", [1.5], [True], 3])

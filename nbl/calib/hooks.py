@@ -22,8 +22,9 @@ Batch = torch.Tensor | Mapping[str, torch.Tensor]
 class SubBlockTap:
     """Owns the hooks that feed (input, output) pairs of chosen sub-blocks into accumulators; always removes them.
 
-    Per part, of layer i: attention (x, Attn(LN1(x))) with x the layer input; mlp (h, MLP(LN2(h))) with h the
-    residual stream after the attention; block (x, layer output - x). ``results`` holds one
+    Per part, of layer i: attention (x, path(x)), the attention path (its norms included) on the layer input x;
+    mlp (h, path(h)) with h the residual stream after the attention; block (x, (layer output - x) / s), s the
+    family's residual scale (1 but Granite), which the cosine counts (x against x + s a). ``results`` holds one
     :class:`CalibrationResult` per part; each is fed for the layers it holds. With ``width`` T > 1 the input fed
     is [x_t, ..., x_(t-T+1)] (:func:`shifted_features`; padding counts as zeros, as a conv map sees it at
     inference); the cosine stays that of x itself.
@@ -38,6 +39,7 @@ class SubBlockTap:
         self.results = results
         self.width = width
         self.mask: torch.Tensor | None = None
+        self.scale = get_adapter(model).residual_scale(model.config)
         self._inputs: dict[tuple[str, int], torch.Tensor] = {}
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
 
@@ -71,14 +73,15 @@ class SubBlockTap:
         def hook(module: nn.Module, args: tuple, output: object) -> None:
             out = output[0] if isinstance(output, tuple) else output
             x = self._inputs.pop((part, i)).to(out.device)  # a block's output may leave on another device
-            a = out - x if part == "block" else out  # a block's "output" is what it adds to the stream
+            # a: what the part's path computes, before the residual scale s (a block's: what it adds, over s)
+            a = (out - x) / self.scale if part == "block" else out
             mask = self.mask.to(x.device) if self.mask is not None else None
             result = self.results[part]
             features = x
             if self.width > 1:
                 features = shifted_features(x if mask is None else x * mask.unsqueeze(-1).to(x.dtype), self.width)
             result.accumulators[i].update(features, a, mask)
-            cos = torch.nn.functional.cosine_similarity(x.float(), (x + a).float(), dim=-1)
+            cos = torch.nn.functional.cosine_similarity(x.float(), (x + self.scale * a).float(), dim=-1)
             if mask is not None:
                 cos = cos[mask.bool()]
             result.cosine_sums[i] += float(cos.double().sum())
@@ -87,13 +90,13 @@ class SubBlockTap:
 
 
 def part_modules(adapter: DecoderAdapter, layer: nn.Module, part: Part) -> tuple[nn.Module, nn.Module]:
-    """(entry, exit) of a decoder layer's part: the module whose first argument is the part's input x (read
-    before its norm) and the module whose output is the part's output (a whole layer's: x plus what it adds)."""
-    if part == "attention":
-        return adapter.input_norm(layer), adapter.attention(layer)
-    if part == "mlp":
-        return adapter.post_attention_norm(layer), adapter.mlp(layer)
-    return adapter.input_norm(layer), layer
+    """(entry, exit) of a decoder layer's part: the module whose first argument is the part's input x (the first
+    module of its path, read before any norm) and the module whose output is the part's output (the path's last;
+    a whole layer's: x plus what it adds)."""
+    if part == "block":
+        return next(iter(adapter.path(layer, "attention").values())), layer
+    modules = list(adapter.path(layer, part).values())
+    return modules[0], modules[-1]
 
 
 def unpack_batch(batch: Batch, device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:

@@ -36,9 +36,9 @@ def stream_pass(
     reduce: Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor] | None = None,
 ) -> None:
     """Run the backbone over ``batches`` (no LM head); for each batch call ``visit`` with the stream at
-    ``boundaries`` and the MLP outputs of the layers ``mlps`` (each (batch, seq, d), as the model computes them;
-    with ``reduce``, the stream as ``reduce(states, mask)`` makes it when it is read: e.g. the last tokens alone,
-    so a pass over every boundary of a large model holds only what its visitor reads)."""
+    ``boundaries`` and what the MLPs of the layers ``mlps`` add to it (each (batch, seq, d), as the model computes
+    them; with ``reduce``, the stream as ``reduce(states, mask)`` makes it when it is read: e.g. the last tokens
+    alone, so a pass over every boundary of a large model holds only what its visitor reads)."""
     adapter = get_adapter(model)
     layers = adapter.layers(model)
     n = len(layers)
@@ -46,6 +46,7 @@ def stream_pass(
     bad = [b for b in wanted if not 0 <= b <= n] + [i for i in mlp_layers if not 0 <= i < n]
     if bad:
         raise IndexError(f"boundaries and layers {bad} out of range for a model with {n} decoder layers")
+    scale = adapter.residual_scale(model.config)
     stream: dict[int, torch.Tensor] = {}
     mlp_out: dict[int, torch.Tensor] = {}
     mask: list[torch.Tensor | None] = [None]
@@ -59,7 +60,8 @@ def stream_pass(
 
     def keep_output(i: int) -> Callable[..., None]:
         def hook(module: Any, args: tuple, output: Any) -> None:
-            mlp_out[i] = output[0] if isinstance(output, tuple) else output
+            out = output[0] if isinstance(output, tuple) else output
+            mlp_out[i] = out if scale == 1.0 else out * scale  # what the MLP adds to the stream
 
         return hook
 

@@ -60,10 +60,23 @@ def parameter_report(model: PreTrainedModel) -> ParameterReport:
 def kv_cache_bytes_per_token(
     config: PretrainedConfig, replaced: Mapping[int, ReplacementMode] | None = None, bytes_per_value: int = 2
 ) -> int:
-    """Bytes of K and V one token adds to the cache (all layers that keep attention)."""
+    """Bytes of K and V one token adds to the cache (all layers that keep attention) while the context fits in
+    every layer's window (:func:`kv_cache_bytes`: at a longer context a sliding layer adds nothing more)."""
     adapter = adapter_for_config(config)
     n_attention = config.num_hidden_layers - len(replaced or {})
     return n_attention * 2 * adapter.num_kv_heads(config) * adapter.head_dim(config) * bytes_per_value
+
+
+def kv_cache_bytes(config: PretrainedConfig, replaced: Mapping[int, ReplacementMode] | None, context: int,
+                   bytes_per_value: int = 2) -> int:  # fmt: skip
+    """Bytes of K and V held for one sequence of ``context`` tokens: each kept layer holds them all, a sliding one
+    the last window - 1 (the next token attends to those and itself: transformers' sliding cache), so replacing a
+    sliding layer saves at most its window's worth."""
+    adapter = adapter_for_config(config)
+    per_token = 2 * adapter.num_kv_heads(config) * adapter.head_dim(config) * bytes_per_value
+    windows = [adapter.window(config, i) for i in range(config.num_hidden_layers) if i not in (replaced or {})]
+    held = [context if w is None else min(context, w - 1) for w in windows]
+    return sum(held) * per_token
 
 
 def model_kv_bytes_per_token(model: PreTrainedModel) -> int:
@@ -84,22 +97,19 @@ class FlopModel:
     config: PretrainedConfig
     conv: ConvShape = (2, None)
 
-    def _dims(self) -> tuple[int, int, int, int, int, int]:
+    def _dims(self) -> tuple[int, int, int, int, int]:
         c = self.config
         adapter = adapter_for_config(c)
-        return (
-            adapter.hidden_size(c),
-            c.num_attention_heads,
-            adapter.num_kv_heads(c),
-            adapter.head_dim(c),
-            c.intermediate_size,
-            c.vocab_size,
-        )
+        return adapter.hidden_size(c), c.num_attention_heads, adapter.num_kv_heads(c), adapter.head_dim(c), c.vocab_size
 
-    def layer(self, mode: ReplacementMode | None, context: float, mlp_mode: ReplacementMode | None = None) -> float:
-        """One layer; ``mode``: its attention's replacement (None: kept), ``mlp_mode``: its MLP's."""
-        d, h, kv, hd, ff, _ = self._dims()
-        mlp = {None: 2 * 3 * d * ff, "linear": 2 * d * d, "drop": 0}[mlp_mode]  # gated MLP: gate, up, down
+    def layer(self, mode: ReplacementMode | None, context: float, mlp_mode: ReplacementMode | None = None,
+              index: int = 0) -> float:  # fmt: skip
+        """Layer ``index``; ``mode``: its attention's replacement (None: kept), ``mlp_mode``: its MLP's. A sliding
+        layer attends to at most its window; a routed MLP computes its active experts."""
+        d, h, kv, hd, _ = self._dims()
+        adapter = adapter_for_config(self.config)
+        active = adapter.mlp_params(self.config, index)[1]
+        mlp = {None: 2 * active, "linear": 2 * d * d, "drop": 0}[mlp_mode]
         if mode == "drop":
             return mlp
         if mode == "linear":
@@ -107,7 +117,8 @@ class FlopModel:
         if mode == "conv":
             return mlp + 2 * conv_weights(d, self.conv)
         projections = 2 * (d * h * hd + 2 * d * kv * hd + h * hd * d)
-        scores_and_values = 2 * 2 * context * h * hd
+        seen = min(context, adapter.window(self.config, index) or context)
+        scores_and_values = 2 * 2 * seen * h * hd
         return mlp + projections + scores_and_values
 
     def lm_head(self) -> float:
@@ -116,7 +127,8 @@ class FlopModel:
 
     def token(self, replaced: Modes, context: float, mlps: Modes = _NONE) -> float:
         """``replaced``: layer -> its attention's mode; ``mlps``: layer -> its MLP's mode (a block: drop there)."""
-        return sum(self.layer(replaced.get(i), context, mlps.get(i)) for i in range(self.config.num_hidden_layers))
+        n = self.config.num_hidden_layers
+        return sum(self.layer(replaced.get(i), context, mlps.get(i), i) for i in range(n))
 
     def prefill(self, replaced: Modes, n: int, mlps: Modes = _NONE) -> float:
         """A causal prompt of n tokens (token t attends to t tokens: mean context (n+1)/2), logits for the last."""
@@ -146,12 +158,16 @@ class BytesModel:
     bytes_per_value: int = 2
     conv: ConvShape = (2, None)  # a conv map reads its weights, its bias and its state (the last T - 1 hidden vectors)
 
-    def layer_weights(self, mode: ReplacementMode | None, mlp_mode: ReplacementMode | None = None) -> int:
+    def layer_weights(self, mode: ReplacementMode | None, mlp_mode: ReplacementMode | None = None, index: int = 0,
+                      stored: bool = False) -> int:  # fmt: skip
+        """Weights of layer ``index`` a decoding step reads (a routed MLP: its router and active experts), or with
+        ``stored`` all it holds."""
         c = self.config
         adapter = adapter_for_config(c)
         d, h, kv, hd = adapter.hidden_size(c), c.num_attention_heads, adapter.num_kv_heads(c), adapter.head_dim(c)
-        # gate, up, down and the post-attention norm; or the map that replaced them
-        mlp = {None: 3 * d * c.intermediate_size + d, "linear": d * d + d, "drop": 0}[mlp_mode]
+        kept_mlp = adapter.mlp_params(c, index)[0 if stored else 1]
+        # the MLP and the post-attention norm; or the map that replaced them
+        mlp = {None: kept_mlp + d, "linear": d * d + d, "drop": 0}[mlp_mode]
         if mode == "drop":
             return mlp
         if mode == "linear":
@@ -163,10 +179,9 @@ class BytesModel:
     def decode(self, replaced: Modes, context: int, mlps: Modes = _NONE) -> float:
         """Bytes read by one decoding step with ``context`` cached tokens (logits included)."""
         c = self.config
-        weights = sum(self.layer_weights(replaced.get(i), mlps.get(i)) for i in range(c.num_hidden_layers))
+        weights = sum(self.layer_weights(replaced.get(i), mlps.get(i), i) for i in range(c.num_hidden_layers))
         weights += adapter_for_config(c).hidden_size(c) * (c.vocab_size + 1)  # LM head and final norm
-        kv = context * kv_cache_bytes_per_token(c, replaced, self.bytes_per_value)
-        return weights * self.bytes_per_value + kv
+        return weights * self.bytes_per_value + kv_cache_bytes(c, replaced, context, self.bytes_per_value)
 
     def decode_speedup(self, replaced: Modes, context: int, mlps: Modes = _NONE) -> float:
         return self.decode({}, context) / self.decode(replaced, context, mlps)

@@ -14,10 +14,21 @@ if TYPE_CHECKING:
 
 
 class DecoderAdapter:
-    """Pre-norm decoder-only models laid out as ``model.model.layers[i].{input_layernorm, self_attn, ...}``."""
+    """Decoder-only models laid out as ``model.model.layers[i]``, each layer adding two sub-blocks to the stream:
+    ``h + s * path(h)`` for the attention path, then for the MLP path, where a path is the layer's modules named in
+    ``attention_path`` / ``mlp_path``, applied in that order, and ``s`` the family's residual scale (1 but Granite).
+
+    A map that replaces a sub-block stands in for its whole path (norms on either side included) and is fitted on
+    what the path computes before ``s``; the layer still multiplies by ``s`` (:func:`residual_scale`).
+    """
 
     model_types: ClassVar[tuple[str, ...]] = ()
     causal_lm: ClassVar[str] = ""  # the family's CausalLM class name (transformers' and vLLM's alike)
+    attention_path: ClassVar[tuple[str, ...]] = ("input_layernorm", "self_attn")
+    mlp_path: ClassVar[tuple[str, ...]] = ("post_attention_layernorm", "mlp")
+    # what a replaced MLP's output may be transformed by and folded into (ReplaceMe); None: the path ends in a norm
+    # or in routed experts, where no transform folds
+    mlp_fold: ClassVar[str | None] = "down_proj"
 
     def backbone(self, model: PreTrainedModel) -> nn.Module:
         """The transformer without the LM head (calibration stops here)."""
@@ -33,23 +44,31 @@ class DecoderAdapter:
     def attention(self, layer: nn.Module) -> nn.Module:
         return layer.self_attn
 
-    def input_norm(self, layer: nn.Module) -> nn.Module:
-        return layer.input_layernorm
-
-    def post_attention_norm(self, layer: nn.Module) -> nn.Module:
-        return layer.post_attention_layernorm
-
     def mlp(self, layer: nn.Module) -> nn.Module:
         return layer.mlp
 
+    def path(self, layer: nn.Module, part: str) -> dict[str, nn.Module]:
+        """The modules of a layer's ``attention`` or ``mlp`` path by name, in the order they apply."""
+        names = self.attention_path if part == "attention" else self.mlp_path
+        return {name: getattr(layer, name) for name in names}
+
+    def set_mlp_path(self, layer: nn.Module, modules: dict[str, nn.Module]) -> None:
+        """Swap the MLP path's modules (the layer then computes ``h + s * path(h)`` with these)."""
+        for name, module in modules.items():
+            setattr(layer, name, module)
+
     def mlp_output(self, layer: nn.Module) -> nn.Linear:
         """The MLP's output projection (a transform of the MLP's output folds into it: ReplaceMe)."""
-        return self.mlp(layer).down_proj
+        if self.mlp_fold is None:
+            raise UnsupportedModelError(
+                f"{type(self).__name__.removesuffix('Adapter')}: the MLP sub-block ends in a norm or in routed "
+                "experts, so no transform of its output folds into one projection (ReplaceMe cannot run here)"
+            )
+        return getattr(self.mlp(layer), self.mlp_fold)
 
-    def set_mlp_path(self, layer: nn.Module, norm: nn.Module, mlp: nn.Module) -> None:
-        """Swap the post-attention norm and the MLP (the layer computes ``h + mlp(norm(h))``)."""
-        layer.post_attention_layernorm = norm
-        layer.mlp = mlp
+    def residual_scale(self, config: PretrainedConfig) -> float:
+        """``s``: what the layer multiplies each sub-block's path output by before adding it to the stream."""
+        return 1.0
 
     def hidden_size(self, config: PretrainedConfig) -> int:
         return config.hidden_size
@@ -59,6 +78,21 @@ class DecoderAdapter:
 
     def num_kv_heads(self, config: PretrainedConfig) -> int:
         return getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+
+    def window(self, config: PretrainedConfig, layer: int) -> int | None:
+        """The attention window of ``layer`` (its KV cache holds at most that many tokens), or None: full."""
+        types = getattr(config, "layer_types", None)
+        if types is not None:
+            return config.sliding_window if types[layer] == "sliding_attention" else None
+        if getattr(config, "use_sliding_window", True) is False:  # Qwen2 / Qwen3 keep a sliding_window they ignore
+            return None
+        return getattr(config, "sliding_window", None)
+
+    def mlp_params(self, config: PretrainedConfig, layer: int) -> tuple[int, int]:
+        """(stored, read per token) weights of the MLP of ``layer``: a gated MLP reads all of them; a routed expert
+        block its router and the experts a token is sent to."""
+        n = 3 * self.hidden_size(config) * config.intermediate_size
+        return n, n
 
 
 class LlamaAdapter(DecoderAdapter):
@@ -87,7 +121,101 @@ class Qwen3Adapter(DecoderAdapter):
     causal_lm = "Qwen3ForCausalLM"
 
 
-ADAPTERS: tuple[type[DecoderAdapter], ...] = (LlamaAdapter, MistralAdapter, Qwen2Adapter, Qwen3Adapter)
+class Phi3Adapter(DecoderAdapter):
+    """Phi-3 / Phi-4: fused ``qkv_proj`` and ``gate_up_proj`` (the MLP granularity replaces the fused MLP whole);
+    the residual dropouts are the identity in evaluation."""
+
+    model_types = ("phi3",)
+    causal_lm = "Phi3ForCausalLM"
+
+
+class GraniteAdapter(DecoderAdapter):
+    """Granite 3.x: both sub-blocks scaled by ``residual_multiplier`` before the residual add (the embedding and
+    attention multipliers act outside the replaced paths, or inside the attention that goes)."""
+
+    model_types = ("granite",)
+    causal_lm = "GraniteForCausalLM"
+
+    def residual_scale(self, config: PretrainedConfig) -> float:
+        return float(config.residual_multiplier)
+
+
+class Olmo2Adapter(DecoderAdapter):
+    """OLMo 2: no norm before the attention or the MLP, one after each (``h + norm(attn(h))``)."""
+
+    model_types = ("olmo2",)
+    causal_lm = "Olmo2ForCausalLM"
+    attention_path = ("self_attn", "post_attention_layernorm")
+    mlp_path = ("mlp", "post_feedforward_layernorm")
+    mlp_fold = None
+
+
+class Gemma2Adapter(DecoderAdapter):
+    """Gemma 2: norms on both sides of the attention and of the MLP (``h + post_norm(attn(input_norm(h)))``);
+    sliding and global layers alternate (``config.layer_types``); the embedding scale and the logit soft-capping act
+    outside the replaced paths."""
+
+    model_types = ("gemma2",)
+    causal_lm = "Gemma2ForCausalLM"
+    attention_path = ("input_layernorm", "self_attn", "post_attention_layernorm")
+    mlp_path = ("pre_feedforward_layernorm", "mlp", "post_feedforward_layernorm")
+    mlp_fold = None
+
+
+class Gemma3Adapter(Gemma2Adapter):
+    """Gemma 3 text models (five sliding layers to one global; q / k norms inside the attention)."""
+
+    model_types = ("gemma3_text",)
+    causal_lm = "Gemma3ForCausalLM"
+
+
+class MoeAdapter(DecoderAdapter):
+    """Routed expert MLPs (``mlp`` a sparse MoE block): the attention's replacement is the dense families'; the MLP
+    granularity replaces the whole routed block (router, experts, shared expert) by one map of the stream."""
+
+    mlp_fold = None
+    experts_field: ClassVar[str] = "num_experts"
+    expert_size_field: ClassVar[str] = "intermediate_size"
+
+    def routed(self, config: PretrainedConfig, layer: int) -> bool:
+        return True
+
+    def mlp_params(self, config: PretrainedConfig, layer: int) -> tuple[int, int]:
+        if not self.routed(config, layer):
+            return super().mlp_params(config, layer)
+        d, experts = self.hidden_size(config), getattr(config, self.experts_field)
+        expert = 3 * d * getattr(config, self.expert_size_field)
+        router = d * experts
+        return router + experts * expert, router + config.num_experts_per_tok * expert
+
+
+class MixtralAdapter(MoeAdapter):
+    model_types = ("mixtral",)
+    causal_lm = "MixtralForCausalLM"
+    experts_field = "num_local_experts"
+
+
+class Qwen3MoeAdapter(MoeAdapter):
+    """Qwen3-MoE (dense MLPs in ``mlp_only_layers`` and off the ``decoder_sparse_step``)."""
+
+    model_types = ("qwen3_moe",)
+    causal_lm = "Qwen3MoeForCausalLM"
+    expert_size_field = "moe_intermediate_size"
+
+    def routed(self, config: PretrainedConfig, layer: int) -> bool:
+        sparse = config.num_experts > 0 and (layer + 1) % config.decoder_sparse_step == 0
+        return layer not in config.mlp_only_layers and sparse
+
+
+class OlmoeAdapter(MoeAdapter):
+    model_types = ("olmoe",)
+    causal_lm = "OlmoeForCausalLM"
+
+
+ADAPTERS: tuple[type[DecoderAdapter], ...] = (
+    LlamaAdapter, MistralAdapter, Qwen2Adapter, Qwen3Adapter, Phi3Adapter, GraniteAdapter, Olmo2Adapter,
+    Gemma2Adapter, Gemma3Adapter, MixtralAdapter, Qwen3MoeAdapter, OlmoeAdapter,
+)  # fmt: skip
 SUPPORTED_MODEL_TYPES: tuple[str, ...] = tuple(t for a in ADAPTERS for t in a.model_types)
 
 

@@ -54,6 +54,8 @@ def replaceme_transforms(model: PreTrainedModel, batches: Iterable[Batch], runs:
     """Per run start s: ReplaceMe's least-squares T (d x d, float64), all runs fitted in one pass; ``ridge`` adds
     ridge * tr(M^T M) / d * I to M^T M (ReplaceMe's alpha, relative to the MLP output's scale as the maps' is)."""
     check_runs(len(get_adapter(model).layers(model)), runs, "ReplaceMe", block_before=True)
+    for s, _ in runs:  # a family whose MLP output cannot take a transform is refused before the pass
+        get_adapter(model).mlp_output(get_adapter(model).layers(model)[s - 1])
     d = get_adapter(model).hidden_size(model.config)
     gram = {s: torch.zeros(d, d, dtype=torch.float64) for s, _ in runs}
     cross = {s: torch.zeros(d, d, dtype=torch.float64) for s, _ in runs}

@@ -164,8 +164,9 @@ def slot_of(cache: Cache, index: int, make: Callable[[], ReplacedSlot]) -> Repla
             f"cache slot {index} holds keys and values, but this model keeps no attention there: the cache was "
             "filled by another model (an NBL model's kept attentions use the first slots, its replaced layers the rest)"
         )
-    layers[index] = make()
-    return layers[index]
+    layers[index] = made = make()
+    made.is_sliding = slot.is_sliding  # the type of the slot taken over: each type's masks read its first live slot
+    return made
 
 
 def padding_of(x: torch.Tensor) -> torch.Tensor | None:

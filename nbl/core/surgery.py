@@ -1,10 +1,12 @@
 """In-place replacement of decoder sub-blocks by a linear map (NBL) or by nothing (drop).
 
-Three granularities (``Part``), all expressed with two module swaps, so a model may mix them:
-- attention: the decoder layer becomes a :class:`LinearizedDecoderLayer`, ``h + Attn(LN1(h))`` -> ``h + (W h + b)``;
-- mlp: inside the layer, ``LN2`` becomes the identity and the MLP an :class:`MlpMap`, ``h + MLP(LN2(h))`` ->
-  ``h + (W h + b)``; the attention (and its KV cache) stays;
-- block: the whole layer ``x -> x + Attn(..) + MLP(..)`` becomes ``x + (W x + b)``: stored as the layer's
+Three granularities (``Part``), all expressed with two module swaps, so a model may mix them (a sub-block is the
+path of modules its family's adapter names, norms on either side included; ``s`` the family's residual scale):
+- attention: the decoder layer becomes a :class:`LinearizedDecoderLayer`, ``h + s * path(h)`` ->
+  ``h + s * (W h + b)``;
+- mlp: inside the layer, the MLP becomes an :class:`MlpMap` and the path's norms the identity, ``h + s * path(h)``
+  -> ``h + s * (W h + b)``; the attention (and its KV cache) stays;
+- block: the whole layer ``x -> x + Attn(..) + MLP(..)`` becomes ``x + s * (W x + b)``: stored as the layer's
   attention map with its MLP dropped, the same function, so checkpoints and accounting need no third case.
 
 An attention sub-block may also become a :class:`ConvMap` (``mode="conv"``): a map of the last T inputs, whose
@@ -38,7 +40,7 @@ PARTS: tuple[str, ...] = ("attention", "mlp", "block")
 
 
 class MlpMap(nn.Module):
-    """Stands in for LN2 + MLP: ``W h + b``, or zero (MLP drop). The layer adds it to the residual stream."""
+    """Stands in for the MLP path: ``W h + b``, or zero (MLP drop). The layer adds it to the residual stream."""
 
     def __init__(self, linear: nn.Linear | None) -> None:
         super().__init__()
@@ -120,21 +122,22 @@ def shifted_features(x: torch.Tensor, width: int) -> torch.Tensor:
 
 
 class LinearizedDecoderLayer(nn.Module):
-    """A decoder layer whose attention sub-block ``h + Attn(LN1(h))`` became ``h + (W h + b)``, ``h``, or a
-    :class:`ConvMap` of the last T inputs.
+    """A decoder layer whose attention sub-block ``h + s * path(h)`` became ``h + s * (W h + b)``, ``h``, or a
+    :class:`ConvMap` of the last T inputs (``s``: the family's residual scale, 1 but Granite).
 
-    It keeps the original MLP and post-attention norm under their original names, so checkpoint keys
-    of the untouched parts do not change. No KV cache, no mask: a linear map mixes no information across
-    tokens, a conv map only the last T inputs. With a cache it owns the slot ``cache_slot`` there
+    It keeps the modules of the MLP path under their original names (``mlp_path``, in the order they apply), so
+    checkpoint keys of the untouched parts do not change. No KV cache, no mask: a linear map mixes no information
+    across tokens, a conv map only the last T inputs. With a cache it owns the slot ``cache_slot`` there
     (:mod:`nbl.core.decode_state`): empty, or a conv map's last T - 1 inputs.
     """
 
-    def __init__(
-        self, mlp: nn.Module, post_attention_layernorm: nn.Module, attn_linear: nn.Linear | ConvMap | None
-    ) -> None:
+    def __init__(self, mlp_path: dict[str, nn.Module], attn_linear: nn.Linear | ConvMap | None, scale: float = 1.0
+                 ) -> None:  # fmt: skip
         nn.Module.__init__(self)  # not super(): the family's decoder class may follow in the MRO
-        self.mlp = mlp
-        self.post_attention_layernorm = post_attention_layernorm
+        for name, module in mlp_path.items():
+            setattr(self, name, module)
+        self.mlp_path = tuple(mlp_path)
+        self.residual_scale = scale
         self.attn_linear = attn_linear
         self.cache_slot: int | None = None  # set by assign_cache_slots
 
@@ -160,10 +163,16 @@ class LinearizedDecoderLayer(nn.Module):
             if padding is not None:  # padding enters the convolution as zeros (the statistics count it so)
                 x = x * padding
             state = slot if isinstance(slot, ConvSlot) else ConvSlot(conv.width)  # no cache: a sequence's start
-            hidden_states = hidden_states + conv(state.extend(x))
+            hidden_states = hidden_states + self._scaled(conv(state.extend(x)))
         elif self.attn_linear is not None:
-            hidden_states = hidden_states + self.attn_linear(hidden_states)
-        return hidden_states + self.mlp(self.post_attention_layernorm(hidden_states))
+            hidden_states = hidden_states + self._scaled(self.attn_linear(hidden_states))
+        added = hidden_states
+        for name in self.mlp_path:
+            added = getattr(self, name)(added)
+        return hidden_states + self._scaled(added)
+
+    def _scaled(self, added: torch.Tensor) -> torch.Tensor:
+        return added if self.residual_scale == 1.0 else added * self.residual_scale
 
     def slot(self, cache: Cache) -> ReplacedSlot:
         """This layer's slot in ``cache``, put in place if the cache has none there yet."""
@@ -260,7 +269,7 @@ def _replace_layer(model: PreTrainedModel, index: int, linear: nn.Linear | ConvM
     layers = adapter.layers(model)
     old = layers[index]
     cls = _linearized_class(type(old))
-    new = cls(adapter.mlp(old), adapter.post_attention_norm(old), linear)
+    new = cls(adapter.path(old, "mlp"), linear, adapter.residual_scale(model.config))
     if _accelerate_hook(old) is not None:
         # a dispatched model (device_map): the old layer's hook moved the hidden states onto its device;
         # the new layer gets one that does the same (the MLP and norm keep their own, offloading, hooks)
@@ -271,9 +280,13 @@ def _replace_layer(model: PreTrainedModel, index: int, linear: nn.Linear | ConvM
 
 
 def _replace_mlp(model: PreTrainedModel, index: int, linear: nn.Linear | None) -> None:
-    """LN2 + MLP of layer ``index`` -> :class:`MlpMap` (works in original and linearized layers alike)."""
+    """The MLP path of layer ``index`` (its norms and the MLP) -> :class:`MlpMap` where the MLP was, the identity
+    where its norms were (works in original and linearized layers alike)."""
     adapter = get_adapter(model)
-    adapter.set_mlp_path(adapter.layers(model)[index], nn.Identity(), MlpMap(linear))
+    layer = adapter.layers(model)[index]
+    path = adapter.path(layer, "mlp")
+    adapter.set_mlp_path(layer, {name: MlpMap(linear) if m is adapter.mlp(layer) else nn.Identity()
+                                 for name, m in path.items()})  # fmt: skip
 
 
 def _replace(model: PreTrainedModel, index: int, part: Part, linear: nn.Linear | ConvMap | None) -> None:
@@ -302,37 +315,47 @@ def execution_device(module: nn.Module) -> torch.device:
     return next(module.parameters()).device
 
 
+def _slot_types(model: PreTrainedModel) -> list[str]:
+    """The attention type of each slot of a cache made for the model's configuration (one slot per layer)."""
+    n = len(get_adapter(model).layers(model))
+    types = getattr(model.config, "layer_types", None)
+    return list(types) if types is not None else ["full_attention"] * n
+
+
 def slot_plan(model: PreTrainedModel, replaced: Iterable[int]) -> dict[int, int]:
     """Layer index -> KV-cache slot for the layers that keep attention once ``replaced`` are gone.
 
-    The kept layers fill slots 0..m-1 in order: transformers reads the cache length (hence positions
-    and masks) from slot 0, so with layer 0 replaced slot 0 must still be live; the replaced layers own the
-    slots after them (:func:`assign_cache_slots`), which hold no keys or values. Raises before any surgery
-    when a slot's attention type (sliding / full) would change.
+    A cache made for the model's configuration has one slot per layer, of that layer's attention type (full, or
+    sliding within a window: ``config.layer_types``). Each kept layer takes the first free slot of its own type, so
+    the kept attentions of each type fill that type's first slots, in layer order (with one type: slots 0..m-1);
+    the replaced layers own the slots left over (:func:`assign_cache_slots`), which hold no keys or values.
+    transformers reads the cache length (hence positions) from slot 0 and each type's masks from the first slot of
+    that type, so those are live. Raises before any surgery when every kept layer differs in type from slot 0.
     """
-    gone = set(replaced)
-    n = len(get_adapter(model).layers(model))
-    layer_types = getattr(model.config, "layer_types", None)
-    kept = [i for i in range(n) if i not in gone]
-    for slot, index in enumerate(kept):
-        if layer_types is not None and layer_types[slot] != layer_types[index]:
-            raise NotImplementedError(
-                f"layer {index} ({layer_types[index]}) would use cache slot {slot} ({layer_types[slot]}): "
-                "models mixing attention types need a type-aware cache layout"
-            )
-    return {index: slot for slot, index in enumerate(kept)}
+    gone, types = set(replaced), _slot_types(model)
+    free: dict[str, list[int]] = {}
+    for slot, kind in enumerate(types):
+        free.setdefault(kind, []).append(slot)
+    plan = {i: free[types[i]].pop(0) for i in range(len(types)) if i not in gone}
+    if plan and 0 not in plan.values():
+        raise NotImplementedError(
+            f"every {types[0]} layer would be replaced while others keep their attention: transformers reads "
+            f"positions from cache slot 0, which only a {types[0]} layer fills; keep one of them"
+        )
+    return plan
 
 
 def assign_cache_slots(model: PreTrainedModel) -> None:
-    """Renumber the remaining attention modules into compact KV-cache slots (see :func:`slot_plan`); each replaced
-    layer takes one of the slots after them, in layer order (:mod:`nbl.core.decode_state`)."""
+    """Renumber the remaining attention modules into their cache slots (see :func:`slot_plan`); each replaced layer
+    takes one of the slots left over, in layer order (:mod:`nbl.core.decode_state`)."""
     adapter = get_adapter(model)
     layers = adapter.layers(model)
     kept = slot_plan(model, replaced_layers(model))
     for index, slot in kept.items():
         adapter.attention(layers[index]).layer_idx = slot
+    left = [slot for slot in range(len(layers)) if slot not in set(kept.values())]
     replaced = [layer for layer in layers if isinstance(layer, LinearizedDecoderLayer)]
-    for slot, layer in enumerate(replaced, start=len(kept)):
+    for slot, layer in zip(left, replaced, strict=True):
         layer.cache_slot = slot
     from nbl.core.causal_lm import adopt
 
@@ -425,7 +448,7 @@ def linearize(
     maps: Mapping[int, tuple[torch.Tensor, torch.Tensor]] | None = None,
     rank: int | None = None,
 ) -> dict[int, ReplacementMode]:
-    """Replace ``part`` (LN1 + attention, LN2 + MLP, or the whole block) of each listed layer in place;
+    """Replace ``part`` (the attention path, the MLP path, or the whole block) of each listed layer in place;
     returns the replaced layers and modes.
 
     ``stats`` maps a layer index to its calibration accumulator for that part (``CalibrationResult`` works); for

@@ -50,8 +50,9 @@ def budget_metric(config: PretrainedConfig, target: str, prompt_len: int, conv: 
         return lambda attention, mlps: flops.prefill_speedup(attention, prompt_len, mlps)
     if target == "params":
         weights, layers = BytesModel(config, conv=conv), range(config.num_hidden_layers)
-        base = sum(weights.layer_weights(None) for _ in layers)
-        return lambda attention, mlps: 1 - sum(weights.layer_weights(attention.get(i), mlps.get(i)) for i in layers) / base
+        base = sum(weights.layer_weights(None, index=i, stored=True) for i in layers)
+        return lambda attention, mlps: 1 - sum(weights.layer_weights(attention.get(i), mlps.get(i), i, True)
+                                               for i in layers) / base  # fmt: skip
     raise ValueError(f"unknown budget.target {target!r}; choose from {BUDGET_TARGETS}")
 
 

@@ -302,13 +302,13 @@ def layers_restored(model: PreTrainedModel, indices: Iterable[int]) -> Iterator[
     the originals again after it (also on errors), with the cache slots of the original layout."""
     adapter = get_adapter(model)
     layers = adapter.layers(model)
-    originals = {i: (layers[i], adapter.post_attention_norm(layers[i]), adapter.mlp(layers[i])) for i in indices}
+    originals = {i: (layers[i], adapter.path(layers[i], "mlp")) for i in indices}
     try:
         yield
     finally:
-        for i, (layer, norm, mlp) in originals.items():
+        for i, (layer, mlp_path) in originals.items():
             layers[i] = layer
-            adapter.set_mlp_path(layer, norm, mlp)  # an MLP replacement swaps modules inside the layer
+            adapter.set_mlp_path(layer, mlp_path)  # an MLP replacement swaps modules inside the layer
         assign_cache_slots(model)
 
 

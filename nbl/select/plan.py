@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Literal
 
 import torch
 
-from nbl.core.accounting import BytesModel, FlopModel, kv_cache_bytes_per_token
+from nbl.core.accounting import BytesModel, FlopModel, kv_cache_bytes
 from nbl.core.surgery import ReplacementMode
 from nbl.select.damage import DIVERGENCES, Probe, layers_restored, reference_states, single_layer_damage
 
@@ -44,7 +44,7 @@ def target_metric(config: PretrainedConfig, kind: TargetKind, prompt_len: int, c
     """Plan -> the predicted quantity the target bounds from below (higher = faster or smaller).
 
     prefill / decode: FLOP-model speed-up (prompt of ``prompt_len``; one step at ``context``); decode_bytes:
-    bytes-model speed-up at ``context``; kv: fraction of the KV cache removed; params: fraction of the decoder
+    bytes-model speed-up at ``context``; kv: fraction of the KV cache removed at ``context``; params: fraction of the decoder
     layers' weights removed.
     """
     flops, bytes_model = FlopModel(config), BytesModel(config)
@@ -55,11 +55,11 @@ def target_metric(config: PretrainedConfig, kind: TargetKind, prompt_len: int, c
     if kind == "decode_bytes":
         return lambda plan: bytes_model.decode_speedup(plan, context)
     if kind == "kv":
-        return lambda plan: 1 - kv_cache_bytes_per_token(config, plan) / kv_cache_bytes_per_token(config, {})
+        return lambda plan: 1 - kv_cache_bytes(config, plan, context) / kv_cache_bytes(config, {}, context)
     if kind == "params":
         layers = range(config.num_hidden_layers)
-        base = sum(bytes_model.layer_weights(None) for _ in layers)
-        return lambda plan: 1 - sum(bytes_model.layer_weights(plan.get(i)) for i in layers) / base
+        base = sum(bytes_model.layer_weights(None, index=i, stored=True) for i in layers)
+        return lambda plan: 1 - sum(bytes_model.layer_weights(plan.get(i), None, i, True) for i in layers) / base
     raise ValueError(f"unknown plan target {kind!r}; choose from {TARGETS}")
 
 
