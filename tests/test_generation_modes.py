@@ -8,20 +8,29 @@ from transformers import StaticCache
 import nbl
 from nbl.calib.hooks import calibrate
 from nbl.core.decode_state import ConvSlot, ReplacedSlot
-from tests.conftest import make_tiny, token_batches
+from tests.conftest import FAMILIES, make_tiny, token_batches
 
 MODES = ("linear", "drop", "conv")
 LAYERS = [0, 2]  # layer 0 replaced: the kept attentions' slots start at layer 1
+# Gemma 2 (sliding, global, sliding, global; 8-token windows, shorter than what these tests generate): a sliding and
+# a global layer replaced, so each type's kept attention moves into its type's first slot
+LAYERS_OF = {"gemma2": [0, 1]}
 GREEDY = {"do_sample": False, "pad_token_id": 0}
+
+
+@pytest.fixture(params=(*FAMILIES, "gemma2"))
+def family(request) -> str:
+    return request.param
 
 
 def replaced(family: str, mode: str, width: int = 2, seed: int = 0):
     model = make_tiny(family, seed=seed)
+    layers = LAYERS_OF.get(family, LAYERS)
     if mode == "conv":
-        stats = calibrate(model, token_batches(n_batches=3), LAYERS, progress=False, width=width)
+        stats = calibrate(model, token_batches(n_batches=3), layers, progress=False, width=width)
     else:
         stats = nbl.calibrate(model, token_batches(n_batches=3), progress=False)
-    nbl.linearize(model, stats, LAYERS, mode=mode)
+    nbl.linearize(model, stats, layers, mode=mode)
     return model
 
 

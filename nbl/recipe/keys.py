@@ -28,6 +28,8 @@ def model_fields(cfg: DictConfig, config: PretrainedConfig) -> dict[str, Any]:
     fields = OmegaConf.to_container(cfg.model, resolve=True)
     fields.pop("name", None)
     fields.pop("device_map", None)
+    if cfg.model.source == "embedded" and cfg.model.name != "smollm2-135m":
+        fields["embedded"] = cfg.model.name  # which embedded weights (SmolLM2's keys predate a second one)
     if cfg.model.random_weights or cfg.model.source == "tiny":
         fields["seed"] = cfg.seed
     elif cfg.model.source == "hub":

@@ -11,7 +11,7 @@ from omegaconf import DictConfig, OmegaConf
 from nbl.cache import stats_entry
 from nbl.calib import distributed
 from nbl.calib.passes import HookPass, LayerwisePass
-from nbl.models import DTYPES, config_json, load_smollm2, random_model, resolve_device, smollm2_folder, tiny_config
+from nbl.models import DTYPES, config_json, embedded_folder, random_model, resolve_device, smollm2_folder, tiny_config
 from nbl.recipe.keys import calibration_fields
 from nbl.recipe.launch import claim_output_dir
 from nbl.recipe.state import RunState
@@ -28,7 +28,7 @@ def model_config(model_cfg: DictConfig, cache_dir: Path | None = None) -> Pretra
     from transformers import AutoConfig
 
     if model_cfg.source == "embedded":
-        return AutoConfig.from_pretrained(smollm2_folder(cache_dir))
+        return AutoConfig.from_pretrained(embedded_folder(model_cfg.name, cache_dir))
     if model_cfg.source == "hub":
         return AutoConfig.from_pretrained(model_cfg.path, revision=model_cfg.revision)
     if model_cfg.source == "tiny":  # it shares the embedded model's tokenizer, hence its vocabulary
@@ -39,8 +39,10 @@ def model_config(model_cfg: DictConfig, cache_dir: Path | None = None) -> Pretra
 def load_tokenizer(model_cfg: DictConfig, cache_dir: Path | None = None) -> PreTrainedTokenizerBase:
     from transformers import AutoTokenizer
 
-    if model_cfg.source in ("embedded", "tiny"):
-        return AutoTokenizer.from_pretrained(smollm2_folder(cache_dir, weights=model_cfg.source == "embedded"))
+    if model_cfg.source == "embedded":
+        return AutoTokenizer.from_pretrained(embedded_folder(model_cfg.name, cache_dir))
+    if model_cfg.source == "tiny":
+        return AutoTokenizer.from_pretrained(smollm2_folder(cache_dir, weights=False))
     return AutoTokenizer.from_pretrained(model_cfg.path, revision=model_cfg.revision)
 
 
@@ -51,7 +53,8 @@ def load_model(model_cfg: DictConfig, config: PretrainedConfig, device: torch.de
 
     dtype = DTYPES[model_cfg.dtype]
     if model_cfg.source == "embedded":
-        return load_smollm2(dtype, cache_dir)[0].to(device)
+        model = AutoModelForCausalLM.from_pretrained(embedded_folder(model_cfg.name, cache_dir), dtype=dtype)
+        return model.to(device).eval()
     if model_cfg.source == "tiny" or model_cfg.random_weights:
         with torch.device(device):
             return random_model(config, dtype, seed)

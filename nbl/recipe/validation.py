@@ -17,7 +17,7 @@ from omegaconf import DictConfig
 from nbl.core.adapters import adapter_for_config
 from nbl.data import TEXT_SOURCES, load_texts
 from nbl.measure.offline_tasks import OFFLINE_TASKS, is_builtin_task
-from nbl.models import architecture, config_json, resolve_device, smollm2_folder, tiny_values
+from nbl.models import architecture, config_json, embedded_folder, resolve_device, smollm2_folder, tiny_values
 from nbl.recipe.schema import ConfigError, checked_config
 from nbl.replace.registry import get_replacement
 from nbl.select.budget import BudgetMetric, budget_metric, budget_value, joint_bound, units_for_budget
@@ -28,7 +28,7 @@ from nbl.serve import CPU_HEAD_SIZES
 def read_architecture(model_cfg: DictConfig, cache_dir: Path | None = None) -> SimpleNamespace:
     """The configured model's architecture from its config.json (the tiny model: its fields), no weights loaded."""
     if model_cfg.source == "embedded":
-        return architecture(config_json(smollm2_folder(cache_dir)))
+        return architecture(config_json(embedded_folder(model_cfg.name, cache_dir)))
     if model_cfg.source == "hub":
         values = config_json(model_cfg.path, model_cfg.revision)
         if "nbl" in values or str(values.get("model_type", "")).startswith("nbl_") or (
