@@ -186,7 +186,10 @@ def _convert_gguf(gguf: Path, folder: Path) -> None:
     """A GGUF model, dequantized by transformers, written as a plain folder of its family (tokenizer included)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name).save_pretrained(folder)
+    if _gguf_fields(gguf, "general.architecture")["general.architecture"].startswith("gemma"):
+        gemma_tokenizer(gguf).save_pretrained(folder)
+    else:
+        AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name).save_pretrained(folder)
     quantized = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     # GGUF-loaded models refuse save_pretrained: copy the dequantized weights into a plain model of the family.
     config = quantized.config
@@ -195,6 +198,44 @@ def _convert_gguf(gguf: Path, folder: Path) -> None:
     plain = type(quantized)(config)
     plain.load_state_dict(quantized.state_dict())
     plain.save_pretrained(folder)
+
+
+def _gguf_fields(gguf: Path, *names: str) -> dict[str, Any]:
+    """Metadata fields of a GGUF file: a string or number each, a list for array fields."""
+    from gguf import GGUFReader, GGUFValueType
+
+    fields = GGUFReader(gguf).fields
+    out: dict[str, Any] = {}
+    for name in names:
+        field = fields[name]
+        values = [field.parts[i] for i in field.data]
+        kind = field.types[-1]
+        values = [str(bytes(v), "utf-8") if kind == GGUFValueType.STRING else v.tolist()[0] for v in values]
+        out[name] = values if field.types[0] == GGUFValueType.ARRAY else values[0]
+    return out
+
+
+def gemma_tokenizer(gguf: Path) -> PreTrainedTokenizerBase:
+    """Gemma's tokenizer from a GGUF file's vocabulary. transformers 5.17 builds it with no merges (its GGUF
+    converter passes a dummy list), which splits text into characters; Gemma's tokenizer is a SentencePiece BPE
+    model, whose merges are its pieces ranked by score (what transformers' own SentencePiece conversion does).
+    Control tokens are special, user-defined ones (whitespace runs, markup) added tokens, as SentencePiece matches
+    them whole."""
+    from tokenizers import AddedToken
+    from transformers import GemmaTokenizer
+    from transformers.convert_slow_tokenizer import generate_merges
+
+    keys = ("tokenizer.ggml.tokens", "tokenizer.ggml.scores", "tokenizer.ggml.token_type",
+            "tokenizer.ggml.add_bos_token")  # fmt: skip
+    f = _gguf_fields(gguf, *keys)
+    tokens, scores, types = f[keys[0]], f[keys[1]], f[keys[2]]
+    vocab = {t: i for i, t in enumerate(tokens)}
+    normal = {t: s for t, s, kind in zip(tokens, scores, types, strict=True) if kind == 1}  # 1: a normal piece
+    tokenizer = GemmaTokenizer(vocab=vocab, merges=generate_merges(vocab, normal), add_bos_token=bool(f[keys[3]]))
+    kinds = list(zip(tokens, types, strict=True))
+    tokenizer.add_tokens([AddedToken(t, special=True, normalized=False) for t, k in kinds if k == 3], special_tokens=True)
+    tokenizer.add_tokens([AddedToken(t, normalized=False) for t, k in kinds if k == 4])
+    return tokenizer
 
 
 def load_smollm2(dtype: torch.dtype = torch.float32, root: Path | None = None
@@ -220,12 +261,13 @@ def _family_values(model_type: str, num_layers: int, hidden_size: int) -> dict[s
     if model_type == "granite":  # Granite 3.x's multipliers (8B: 12, 0.22, 1 / 128, 16)
         return {"embedding_multiplier": 12.0, "residual_multiplier": 0.22, "attention_multiplier": 0.0078125,
                 "logits_scaling": 16.0}  # fmt: skip
-    if model_type == "gemma2":  # global and sliding layers alternate
+    if model_type == "gemma2":  # global and sliding layers alternate; Gemma's head is its embedding
         return {"layer_types": [sliding if i % 2 == 0 else full for i in range(num_layers)], "sliding_window": 8,
-                "final_logit_softcapping": 30.0, "attn_logit_softcapping": 50.0, "query_pre_attn_scalar": 16}  # fmt: skip
+                "final_logit_softcapping": 30.0, "attn_logit_softcapping": 50.0, "query_pre_attn_scalar": 16,
+                "tie_word_embeddings": True}  # fmt: skip
     if model_type == "gemma3_text":  # five sliding layers to one global
         return {"layer_types": [full if (i + 1) % 6 == 0 else sliding for i in range(num_layers)], "sliding_window": 8,
-                "query_pre_attn_scalar": 16}  # fmt: skip
+                "query_pre_attn_scalar": 16, "tie_word_embeddings": True}  # fmt: skip
     if model_type in ("mixtral", "olmoe", "qwen3_moe"):
         experts = {"num_local_experts" if model_type == "mixtral" else "num_experts": 4, "num_experts_per_tok": 2}
         if model_type == "qwen3_moe":  # one dense MLP among the routed ones

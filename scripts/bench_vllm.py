@@ -74,6 +74,12 @@ def _rate(value: float | None, digits: int) -> str:
     return "-" if value is None else f"{value:.{digits}f}"  # None: noise left the rate unmeasurable
 
 
+def _budget(results: dict) -> str:
+    """The KV budget the engines took (vLLM's own kv_cache_memory_bytes), in GiB."""
+    taken = {r.get("kv_cache_bytes") for r in results["served"].values()}
+    return " / ".join("?" if b is None else f"{b / 2**30:g} GiB" for b in sorted(taken, key=str))
+
+
 def table(results: dict, settings: ServeSettings) -> str:
     exact = {
         name: f"{sum(e['same_tokens'])} of {e['prompts']} (max logprob diff {e['max_logprob_diff']:.1e})"
@@ -98,7 +104,7 @@ def table(results: dict, settings: ServeSettings) -> str:
         f"Settings: prompt {s.prompt_len} + {s.new_tokens} tokens at batch 1; {s.batch} prompts of "
         f"{s.batch_prompt_len} + {s.new_tokens}; long context {s.long_prompt_len} + {s.new_tokens}; KV-bound: as "
         f"many requests of {s.long_prompt_len} + {s.new_tokens} at once as the KV budget holds; every prompt new, "
-        f"no prefix caching; {s.repeats} rounds after {s.warmup} warm-up, medians; KV budget {s.kv_cache_gib} GiB "
+        f"no prefix caching; {s.repeats} rounds after {s.warmup} warm-up, medians; KV budget {_budget(results)} "
         f"each; {s.dtype}; {'eager' if s.enforce_eager else 'compiled'} engines.",
     ]
     return "\n".join(lines) + "\n"
@@ -111,8 +117,8 @@ def main() -> None:
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     # 32 new tokens and a batch of 32 keep the run under an hour on 2 cores (64 x 64 took 72 s a round); the KV
-    # budget holds about 5 requests of 2,048 + 32 tokens for the base model
-    settings = ServeSettings(new_tokens=32, batch=32, kv_cache_gib=0.5)
+    # budget holds 10 requests of 2,048 + 32 tokens for the base model
+    settings = ServeSettings(new_tokens=32, batch=32, kv_cache_gib=1)
     if args.quick:
         settings = ServeSettings(
             prompt_len=64,
@@ -121,7 +127,7 @@ def main() -> None:
             batch_prompt_len=32,
             long_prompt_len=128,
             repeats=1,
-            kv_cache_gib=0.02,
+            kv_cache_gib=0.05,
             enforce_eager=True,
         )
     folders = checkpoints(args.out)

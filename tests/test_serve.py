@@ -31,6 +31,12 @@ REPLACEMENTS = {
     "mistral": [("attention", "linear", [0]), ("block", "linear", [2])],
     "qwen2": [("mlp", "drop", [1]), ("attention", "linear", [3])],
     "qwen3": [("block", "drop", [1]), ("attention", "drop", [2])],
+    "phi3": [("attention", "linear", [2]), ("mlp", "linear", [1]), ("attention", "drop", [0])],
+    # Gemma: sliding (8-token windows, shorter than the prompts and continuations) and global layers, norms after
+    # the attention and the MLP; Gemma 3's six layers are five sliding and one global
+    "gemma2": [("attention", "linear", [1]), ("mlp", "linear", [2]), ("attention", "drop", [0])],
+    "gemma3_text": [("attention", "linear", [5]), ("mlp", "drop", [1]), ("block", "linear", [3])],
+    "gemma3_text-conv": [("attention", "conv", [2], 2, 32), ("attention", "linear", [4])],
     "llama-conv": [("attention", "conv", [1], 2, None), ("attention", "conv", [2], 2, 32), ("mlp", "linear", [3])],
     "mistral-conv": [("attention", "conv", [3], 3, 48), ("attention", "linear", [1])],
     "qwen2-conv": [("attention", "conv", [0, 2], 3, None), ("block", "drop", [3])],
@@ -43,8 +49,10 @@ W8A8_MIX = [("attention", "linear", [0]), ("attention", "conv", [2], 2, 32), ("m
 
 
 def _tiny(family: str):
-    """A 4-layer model vLLM's CPU attention takes (head_dim 64) with the embedded tokenizer's vocabulary."""
-    return random_model(tiny_config(family, hidden_size=256, num_layers=4, vocab_size=49152), seed=0)
+    """A 4-layer model (Gemma 3: 6, one global layer) vLLM's CPU attention takes (head_dim 64) with the embedded
+    tokenizer's vocabulary."""
+    layers = 6 if family == "gemma3_text" else 4
+    return random_model(tiny_config(family, hidden_size=256, num_layers=layers, vocab_size=49152), seed=0)
 
 
 def _replaced(name: str, tokenizer, folder: Path, replacements: list | None = None) -> Path:
@@ -153,6 +161,10 @@ def test_bad_checkpoints_are_refused_before_anything_loads(tmp_path, tokenizer):
         with pytest.raises(CheckpointError, match=message):
             check_checkpoint(config, folder)
     config.nbl = json.loads((folder / "nbl.json").read_text())
+    olmo = tiny_config("olmo2")
+    olmo.model_type, olmo.nbl = "nbl_olmo2", {**config.nbl, "model_type": "olmo2"}
+    with pytest.raises(CheckpointError, match=r"'nbl_olmo2': the plugin serves .* nbl\.load_linearized serves it there"):
+        check_checkpoint(olmo)  # a family NBL replaces in transformers, not (yet) in vLLM
     weights = folder / "model.safetensors"
     with open(weights, "r+b") as f:
         f.truncate(weights.stat().st_size - 100)  # the header intact, the last tensor cut short
@@ -340,6 +352,8 @@ def test_the_benchmark_never_hits_the_prefix_cache_and_fills_the_kv_budget(serve
             mp.setenv(key, value)
         results = measure({"base": folders["llama-base"], "nbl": folders["llama"]}, settings)
     base, replaced = results["base"], results["nbl"]
+    # the engines took the budget asked for (the legacy VLLM_CPU_KVCACHE_SPACE once rounded it up to whole GiB)
+    assert base["kv_cache_bytes"] == replaced["kv_cache_bytes"] == int(settings.kv_cache_gib * 2**30)
     assert base["prefix_cache_hits"] == replaced["prefix_cache_hits"] == 0
     assert base["preemptions"] == replaced["preemptions"] == 0
     assert replaced["concurrent_requests"] >= 2 * base["concurrent_requests"] > 0

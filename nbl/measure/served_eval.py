@@ -31,8 +31,8 @@ def evaluate_served(folder: Path, tasks: Sequence[str], task_folder: Path, windo
         torch.save(dict(windows), ids)
         job = {"folder": str(folder), "tasks": list(tasks), "task_folder": str(task_folder), "windows": str(ids),
                **settings}  # fmt: skip
-        env = {"VLLM_CPU_KVCACHE_SPACE": str(math.ceil(settings["kv_cache_gib"]))}
-        return run_job("nbl.measure.served_eval", job, env, "evaluation through vLLM", timeout_s)
+        # the budget goes as kv_cache_memory_bytes alone (VLLM_CPU_KVCACHE_SPACE would override it in whole GiB)
+        return run_job("nbl.measure.served_eval", job, {}, "evaluation through vLLM", timeout_s)
 
 
 def lm_eval_vllm_class() -> type:

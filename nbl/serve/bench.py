@@ -22,7 +22,6 @@ and reads its JSON.
 
 from __future__ import annotations
 
-import math
 import statistics
 import time
 from dataclasses import asdict, dataclass
@@ -57,8 +56,9 @@ def measure(checkpoints: dict[str, str | Path], settings: ServeSettings, greedy:
     returned (``"greedy"``, a list per prompt of (token, logprob) pairs); ``settings.repeats=0``: those alone."""
     job = {"checkpoints": {k: str(v) for k, v in checkpoints.items()}, "greedy": greedy,
            "greedy_tokens": greedy_tokens, **asdict(settings)}  # fmt: skip
-    env = {"VLLM_CPU_KVCACHE_SPACE": str(math.ceil(settings.kv_cache_gib))}
-    return run_job("nbl.serve.bench", job, env, "vLLM measurement", timeout_s)
+    # no VLLM_CPU_KVCACHE_SPACE: vLLM's CPU backend lets that legacy setting (whole GiB) override
+    # kv_cache_memory_bytes, which turned a 0.5 GiB budget into 1 GiB
+    return run_job("nbl.serve.bench", job, {}, "vLLM measurement", timeout_s)
 
 
 def ratio(value: float | None, base: float | None) -> float | None:
@@ -210,7 +210,8 @@ def _capacity(llm: Any, s: ServeSettings) -> dict[str, Any]:
     tokens = getattr(cache, "kv_cache_size_tokens", None) or cache.num_gpu_blocks * cache.block_size
     concurrency = getattr(cache, "kv_cache_max_concurrency", None) or tokens / max_len
     return {"kv_cache_tokens": tokens, "max_concurrency": concurrency, "kv_blocks": cache.num_gpu_blocks,
-            "block_size": cache.block_size, "concurrent_requests": int(concurrency) if s.concurrency else 0}  # fmt: skip
+            "block_size": cache.block_size, "concurrent_requests": int(concurrency) if s.concurrency else 0,
+            "kv_cache_bytes": cache.kv_cache_memory_bytes}  # fmt: skip  (the budget the engine took)
 
 
 def _run(job: dict[str, Any]) -> dict[str, Any]:

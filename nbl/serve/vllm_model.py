@@ -26,14 +26,14 @@ import os
 import re
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
 from vllm.config import get_current_vllm_config
 from vllm.forward_context import get_forward_context
 from vllm.logger import init_logger
-from vllm.model_executor.layers.layernorm import RMSNorm
+from vllm.model_executor.layers.layernorm import GemmaRMSNorm, RMSNorm
 from vllm.model_executor.layers.linear import ColumnParallelLinear, RowParallelLinear
 from vllm.model_executor.layers.mamba import short_conv  # noqa: F401  (registers the op vllm::short_conv)
 from vllm.model_executor.layers.mamba.abstract import MambaBase
@@ -49,18 +49,32 @@ from vllm.v1.attention.backends.registry import MambaAttentionBackendEnum
 from nbl.core.adapters import ADAPTERS
 from nbl.core.checkpoint import serving_architecture
 from nbl.serve.partition import ENV, balanced_partition
-from nbl.serve.vllm_plugin import ServedPlan, check_checkpoint
+from nbl.serve.vllm_plugin import SERVED_FAMILIES, ServedPlan, check_checkpoint
 
 logger = init_logger(__name__)
 
-# model_type -> (vLLM module with the CausalLM class, module whose Model calls make_layers, the MLP class there,
-# whether that MLP takes a bias argument)
-FAMILIES: dict[str, tuple[str, str, str, bool]] = {
-    "llama": ("llama", "llama", "LlamaMLP", True),
-    "mistral": ("mistral", "llama", "LlamaMLP", True),  # MistralDecoderLayer builds Llama's MLP
-    "qwen2": ("qwen2", "qwen2", "Qwen2MLP", False),
-    "qwen3": ("qwen3", "qwen2", "Qwen2MLP", False),  # Qwen3Model is a Qwen2Model
+class ServedFamily(NamedTuple):
+    """Where vLLM keeps a family's model and how its layers build an MLP and a norm."""
+
+    causal_module: str  # the vLLM module with the CausalLM class
+    layers_module: str  # the module whose Model calls make_layers
+    mlp: str  # the MLP class there
+    mlp_bias: bool  # whether that MLP takes a bias argument
+    activation: str = "hidden_act"  # the config field its activation comes from
+    norm: type[nn.Module] = RMSNorm  # the family's norm (Gemma's scales by 1 + w)
+
+
+FAMILIES: dict[str, ServedFamily] = {
+    "llama": ServedFamily("llama", "llama", "LlamaMLP", True),
+    "mistral": ServedFamily("mistral", "llama", "LlamaMLP", True),  # MistralDecoderLayer builds Llama's MLP
+    "qwen2": ServedFamily("qwen2", "qwen2", "Qwen2MLP", False),
+    "qwen3": ServedFamily("qwen3", "qwen2", "Qwen2MLP", False),  # Qwen3Model is a Qwen2Model
+    "phi3": ServedFamily("phi3", "llama", "LlamaMLP", True),  # vLLM's Phi3ForCausalLM is its Llama, fused names
+    "gemma2": ServedFamily("gemma2", "gemma2", "Gemma2MLP", False, "hidden_activation", GemmaRMSNorm),
+    "gemma3_text": ServedFamily("gemma3", "gemma3", "Gemma3MLP", False, "hidden_activation", GemmaRMSNorm),
 }
+if set(FAMILIES) != set(SERVED_FAMILIES):
+    raise ImportError(f"nbl.serve.vllm_model builds {sorted(FAMILIES)}, the plugin registers {sorted(SERVED_FAMILIES)}")
 
 
 def _module(name: str) -> Any:
@@ -202,25 +216,28 @@ def conv_step(h: torch.Tensor, state: torch.Tensor, slots: torch.Tensor, starts:
 
 class AttentionReplaced(nn.Module):
     """A decoder layer whose attention sub-block became ``h + (W h + b)``, ``h + conv(h)`` or ``h``: no attention
-    module, no KV cache. Its MLP part is the family's MLP behind an RMSNorm, a replaced MLP (:class:`Map` behind
-    :class:`AddOnly`), or nothing (a replaced block)."""
+    module, no KV cache. Its MLP part is the family's MLP path under the family's names (the first module the norm
+    that takes the fused add, as vLLM's layers call it; Gemma's a norm after the MLP too), a replaced MLP
+    (:class:`Map` behind :class:`AddOnly`), or nothing (a replaced block)."""
 
-    def __init__(self, attention_map: nn.Module | None, post_norm: nn.Module | None, mlp: nn.Module | None) -> None:
+    def __init__(self, attention_map: nn.Module | None, mlp_path: dict[str, nn.Module] | None) -> None:
         super().__init__()
         self.attn_linear = attention_map
-        if mlp is not None:
-            self.post_attention_layernorm, self.mlp = post_norm, mlp
-        else:
-            self.mlp = None
+        self.mlp_path = tuple(mlp_path or ())
+        for name, module in (mlp_path or {}).items():
+            setattr(self, name, module)
 
     def forward(self, positions: torch.Tensor, hidden_states: torch.Tensor, residual: torch.Tensor | None,
                 **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
         h = hidden_states if residual is None else hidden_states + residual  # the residual stream entering
         added = self.attn_linear(h) if self.attn_linear is not None else torch.zeros_like(h)
-        if self.mlp is None:  # a replaced block: the stream leaves as h + added
+        if not self.mlp_path:  # a replaced block: the stream leaves as h + added
             return added, h
-        hidden_states, residual = self.post_attention_layernorm(added, h)  # residual = h + added
-        return self.mlp(hidden_states), residual
+        first, *rest = self.mlp_path
+        hidden_states, residual = getattr(self, first)(added, h)  # residual = h + added
+        for name in rest:
+            hidden_states = getattr(self, name)(hidden_states)
+        return hidden_states, residual
 
 
 def _attention_map(plan: ServedPlan, i: int, d: int, prefix: str) -> nn.Module | None:
@@ -231,31 +248,39 @@ def _attention_map(plan: ServedPlan, i: int, d: int, prefix: str) -> nn.Module |
     return row_map(d, d, f"{prefix}.attn_linear") if mode == "linear" else None
 
 
-def _layer_builder(vllm_config: Any, plan: ServedPlan, mlp_class: type[nn.Module], mlp_bias: bool
+def _replaced_mlp_path(names: tuple[str, ...], d: int, linear: bool, prefix: str) -> dict[str, nn.Module]:
+    """A replaced MLP path under the family's names: the fused add alone, the map where the MLP was, nothing else."""
+    return {name: AddOnly() if k == 0 else Map(d, linear, f"{prefix}.mlp") if name == "mlp" else nn.Identity()
+            for k, name in enumerate(names)}  # fmt: skip
+
+
+def _layer_builder(vllm_config: Any, plan: ServedPlan, model_type: str
                    ) -> Callable[[Callable[[str], nn.Module], str], nn.Module]:  # fmt: skip
     """(the family's layer factory, a layer's prefix) -> that layer, as the checkpoint's replacement says."""
     config = vllm_config.model_config.hf_config
+    served, names = FAMILIES[model_type], _adapter(model_type).mlp_path
+    mlp_class = getattr(_module(served.layers_module), served.mlp)
     d = config.hidden_size
 
-    def family_mlp(prefix: str) -> nn.Module:
-        kwargs = {"bias": getattr(config, "mlp_bias", False)} if mlp_bias else {}
-        return mlp_class(d, config.intermediate_size, config.hidden_act, vllm_config.quant_config,
-                         prefix=f"{prefix}.mlp", **kwargs)  # fmt: skip
+    def family_path(prefix: str) -> dict[str, nn.Module]:
+        kwargs = {"bias": getattr(config, "mlp_bias", False)} if served.mlp_bias else {}
+        mlp = mlp_class(d, config.intermediate_size, getattr(config, served.activation), vllm_config.quant_config,
+                        prefix=f"{prefix}.mlp", **kwargs)  # fmt: skip
+        return {name: mlp if name == "mlp" else served.norm(d, eps=config.rms_norm_eps) for name in names}
 
     def build(family_layer: Callable[[str], nn.Module], prefix: str) -> nn.Module:
         i = int(prefix.rsplit(".", 1)[-1])
         mlp = plan["mlp"].get(i)
-        if i not in plan["attention"]:  # vLLM's own layer, its MLP swapped for the map if that was replaced
+        if i not in plan["attention"]:  # vLLM's own layer, its MLP path swapped for the map if that was replaced
             layer = family_layer(prefix=prefix)
-            if mlp is not None:
-                layer.post_attention_layernorm, layer.mlp = AddOnly(), Map(d, mlp == "linear", f"{prefix}.mlp")
+            for name, module in (_replaced_mlp_path(names, d, mlp == "linear", prefix) if mlp else {}).items():
+                setattr(layer, name, module)
             return layer
         attention_map = _attention_map(plan, i, d, prefix)
         if mlp == "drop":  # a replaced block (or an attention map beside a dropped MLP: the same function)
-            return AttentionReplaced(attention_map, None, None)
-        if mlp == "linear":
-            return AttentionReplaced(attention_map, AddOnly(), Map(d, True, f"{prefix}.mlp"))
-        return AttentionReplaced(attention_map, RMSNorm(d, eps=config.rms_norm_eps), family_mlp(prefix))
+            return AttentionReplaced(attention_map, None)
+        path = _replaced_mlp_path(names, d, True, prefix) if mlp == "linear" else family_path(prefix)
+        return AttentionReplaced(attention_map, path)
 
     return build
 
@@ -335,10 +360,13 @@ def _check_partition(plan: ServedPlan, layers: int, stages: int) -> None:
                        os.environ.get(ENV, "vLLM's even cut"))  # fmt: skip
 
 
+def _adapter(model_type: str) -> type:
+    return next(a for a in ADAPTERS if model_type in a.model_types)
+
+
 def _nbl_class(model_type: str, conv: bool) -> type[nn.Module]:
-    causal_module, layers_module, mlp_name, mlp_bias = FAMILIES[model_type]
-    adapter = next(a for a in ADAPTERS if model_type in a.model_types)
-    family = getattr(_module(causal_module), adapter.causal_lm)
+    adapter = _adapter(model_type)
+    family = getattr(_module(FAMILIES[model_type].causal_module), adapter.causal_lm)
 
     def __init__(self: nn.Module, *, vllm_config: Any, prefix: str = "") -> None:
         plan = check_checkpoint(vllm_config.model_config.hf_config, vllm_config.model_config.model)
@@ -347,8 +375,7 @@ def _nbl_class(model_type: str, conv: bool) -> type[nn.Module]:
         if vllm_config.parallel_config.pipeline_parallel_size > 1:
             _check_partition(plan, vllm_config.model_config.hf_config.num_hidden_layers,
                              vllm_config.parallel_config.pipeline_parallel_size)  # fmt: skip
-        module = _module(layers_module)
-        with _replaced_layers(module, _layer_builder(vllm_config, plan, getattr(module, mlp_name), mlp_bias)):
+        with _replaced_layers(_module(FAMILIES[model_type].layers_module), _layer_builder(vllm_config, plan, model_type)):
             family.__init__(self, vllm_config=vllm_config, prefix=prefix)
 
     name = serving_architecture(model_type, conv=conv)
@@ -362,7 +389,13 @@ NblLlamaForCausalLM = _nbl_class("llama", conv=False)
 NblMistralForCausalLM = _nbl_class("mistral", conv=False)
 NblQwen2ForCausalLM = _nbl_class("qwen2", conv=False)
 NblQwen3ForCausalLM = _nbl_class("qwen3", conv=False)
+NblPhi3ForCausalLM = _nbl_class("phi3", conv=False)
+NblGemma2ForCausalLM = _nbl_class("gemma2", conv=False)
+NblGemma3ForCausalLM = _nbl_class("gemma3_text", conv=False)
 NblConvLlamaForCausalLM = _nbl_class("llama", conv=True)
 NblConvMistralForCausalLM = _nbl_class("mistral", conv=True)
 NblConvQwen2ForCausalLM = _nbl_class("qwen2", conv=True)
 NblConvQwen3ForCausalLM = _nbl_class("qwen3", conv=True)
+NblConvPhi3ForCausalLM = _nbl_class("phi3", conv=True)
+NblConvGemma2ForCausalLM = _nbl_class("gemma2", conv=True)
+NblConvGemma3ForCausalLM = _nbl_class("gemma3_text", conv=True)

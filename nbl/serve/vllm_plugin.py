@@ -19,6 +19,8 @@ from nbl.core.causal_lm import family_model_type
 from nbl.core.checkpoint import CheckpointError, declared_replacement, serving_architecture, weight_files
 
 MODES = {"attention": ("linear", "drop", "conv"), "mlp": ("linear", "drop")}
+# the families whose NBL checkpoints vLLM serves (nbl.serve.vllm_model builds each); the others run in transformers
+SERVED_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma2", "gemma3_text")
 SERVED_VERSIONS = (2, 3)  # format 3 declares model_type nbl_<family>: its config class is registered below
 
 
@@ -33,8 +35,9 @@ class ServedPlan(TypedDict):
 
 
 def register() -> None:
-    """Register ``Nbl<Family>ForCausalLM`` and ``NblConv<Family>ForCausalLM`` for every supported family (lazily: the model code is imported only when
-    vLLM builds such a model). Safe to call more than once."""
+    """Register ``Nbl<Family>ForCausalLM`` and ``NblConv<Family>ForCausalLM`` for every served family
+    (``SERVED_FAMILIES``; lazily: the model code is imported only when vLLM builds such a model). Safe to call more
+    than once."""
     from vllm import ModelRegistry
 
     from nbl.core.causal_lm import register_auto_classes
@@ -42,12 +45,11 @@ def register() -> None:
     register_auto_classes(models=False)  # vLLM reads a checkpoint's config through transformers' AutoConfig
     _register_served_configs()
     known = set(ModelRegistry.get_supported_archs())
-    for adapter in ADAPTERS:
-        for model_type in adapter.model_types:
-            for conv in (False, True):
-                name = serving_architecture(model_type, conv=conv)
-                if name not in known:
-                    ModelRegistry.register_model(name, f"nbl.serve.vllm_model:{name}")
+    for model_type in SERVED_FAMILIES:
+        for conv in (False, True):
+            name = serving_architecture(model_type, conv=conv)
+            if name not in known:
+                ModelRegistry.register_model(name, f"nbl.serve.vllm_model:{name}")
 
 
 def mark_conv_layers(config: Any) -> None:
@@ -60,6 +62,9 @@ def mark_conv_layers(config: Any) -> None:
     if not conv or not types:
         return
     config.layer_types = ["conv" if str(i) in conv else t for i, t in enumerate(types)]
+    rope = getattr(config, "rope_parameters", None)
+    if isinstance(rope, dict) and all(t in rope for t in types):  # one rotary table per layer type (Gemma 3)
+        rope["conv"] = rope[types[int(next(iter(conv)))]]  # never read: a conv layer has no attention
     if "sliding_attention" not in types and hasattr(config, "max_window_layers"):
         config.max_window_layers = config.num_hidden_layers
 
@@ -93,18 +98,16 @@ def _register_served_configs() -> None:
     classes, which it consults before transformers' AutoConfig)."""
     from vllm.transformers_utils.config import _CONFIG_REGISTRY
 
-    for adapter in ADAPTERS:
-        for model_type in adapter.model_types:
-            served = served_config_class(model_type)
-            _CONFIG_REGISTRY.setdefault(served.model_type, served)
+    for model_type in SERVED_FAMILIES:
+        served = served_config_class(model_type)
+        _CONFIG_REGISTRY.setdefault(served.model_type, served)
 
 
 def __getattr__(name: str) -> type:
     """``Served<NblConfig>`` by name (unpickling in vLLM's workers)."""
-    for adapter in ADAPTERS:
-        for model_type in adapter.model_types:
-            if served_config_class(model_type).__name__ == name:
-                return served_config_class(model_type)
+    for model_type in SERVED_FAMILIES:
+        if served_config_class(model_type).__name__ == name:
+            return served_config_class(model_type)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
@@ -123,10 +126,11 @@ def check_checkpoint(config: Any, folder: str | Path | None = None) -> ServedPla
         )
     if meta.get("format_version") not in SERVED_VERSIONS:
         raise CheckpointError(f"NBL checkpoint format {meta.get('format_version')}: this plugin serves {SERVED_VERSIONS}")
-    supported = [t for a in ADAPTERS for t in a.model_types]
     family = family_model_type(config.model_type)
-    if family not in supported:
-        raise CheckpointError(f"model_type {config.model_type!r}: the plugin serves {', '.join(supported)}")
+    if family not in SERVED_FAMILIES:
+        known = [t for a in ADAPTERS for t in a.model_types]
+        runs = " (NBL replaces its layers in transformers: nbl.load_linearized serves it there)" if family in known else ""
+        raise CheckpointError(f"model_type {config.model_type!r}: the plugin serves {', '.join(SERVED_FAMILIES)}{runs}")
     if meta.get("model_type") != family:
         raise CheckpointError(
             f"the replacement was made on a {meta.get('model_type')!r} model, but the config is of model_type "
