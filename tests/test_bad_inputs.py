@@ -171,7 +171,7 @@ def test_a_full_disk_while_converting_says_where_and_leaves_nothing(tmp_path, mo
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(nbl.models, "_convert_smollm2", full)
-    with pytest.raises(OSError, match=r"could not write the converted SmolLM2 model into .* point cache_dir"):
+    with pytest.raises(OSError, match=r"could not write the converted model smollm2-135m-instruct into .* point cache_dir"):
         nbl.models.smollm2_folder(tmp_path)
     assert [p.name for p in (tmp_path / "models").iterdir()] == [".smollm2-135m-instruct.lock"]
 

@@ -62,7 +62,11 @@ def test_prompt_lookup_gives_the_greedy_tokens(family, mode):
 
 
 @pytest.mark.parametrize("mode", MODES)
-def test_assisted_generation_gives_the_greedy_tokens_with_an_nbl_model_on_either_side(family, mode):
+def test_assisted_generation_gives_the_greedy_tokens_with_an_nbl_model_on_either_side(family, mode, request):
+    if (family, mode) == ("gemma2", "drop"):  # a known failure, kept visible: it must fail until it is fixed
+        request.applymarker(pytest.mark.xfail(raises=RuntimeError, strict=True, reason=(
+            "the NBL assistant's sliding-window cache is updated twice between crops past its 8-token window and "
+            "holds 10 keys where the mask is sized for 8 (transformers' past recording); not yet understood")))  # fmt: skip
     nbl_model = replaced(family, mode)
     other = make_tiny(family, seed=1)
     ids = prompt()

@@ -82,7 +82,13 @@ class NblCausalLM:
 
         install_cache_slots(self, cache)  # before generation asks the cache's slots to record their past
         if getattr(generation_config, "is_assistant", False):
-            cache.activate_past_recording()  # transformers asked it of the slots there were, before these
+            # transformers asked it of its own layers when it made the cache (once: re-asking on every candidate round
+            # kept Gemma 2's sliding layers growing past the window their masks are sized for); ours, made after
+            from nbl.core.decode_state import ConvSlot
+
+            for slot in cache.layers:
+                if isinstance(slot, ConvSlot):
+                    slot.activate_past_recording()
 
     def save_pretrained(self, save_directory: str | Path, *, max_shard_size: int | str | None = None,
                         **kwargs: Any) -> None:  # fmt: skip
