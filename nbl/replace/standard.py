@@ -62,7 +62,7 @@ class Conv(Replacement):
     needs = ("statistics", "calibration_windows")  # the chosen layers' shifted inputs, in one more pass
     granularities: ClassVar[tuple[str, ...]] = ("attention",)
     adds_parameters = True
-    served_by = "transformers only (the vLLM plugin has no place for its decode state)"
+    served_by = "transformers; vLLM with the nbl plugin (as a hybrid model: the state in its cache manager)"
     probe_mode = "linear"  # chosen with the one-token maps, whose statistics every layer has
     counts_as = "conv"
     publication = "this project (docs/results.md, richer closed-form maps)"
