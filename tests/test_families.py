@@ -13,7 +13,6 @@ import torch
 from transformers import DynamicCache
 
 import nbl
-from nbl.calib.layerwise import calibrate_layerwise_parts
 from nbl.core.accounting import BytesModel, FlopModel, kv_cache_bytes
 from nbl.core.adapters import UnsupportedModelError
 from nbl.core.block_fits import replaceme_transforms
@@ -21,7 +20,7 @@ from nbl.models import random_model, tiny_config
 from tests.conftest import greedy_cached_and_uncached, token_batches
 from tests.test_checkpoint import assert_reloads_the_same_in_a_fresh_process
 from tests.test_granularity import _with_output
-from tests.test_layerwise import _assert_same_statistics
+from tests.test_layerwise import assert_layerwise_equals_hooks_on_a_mixed_model
 
 NEW_FAMILIES = ("phi3", "granite", "olmo2", "gemma2", "gemma3_text", "mixtral", "qwen3_moe", "olmoe")
 # (entry, exit) of each sub-block's path, as the family's decoder layer computes h + s * exit(..(entry(h)))
@@ -200,13 +199,5 @@ def test_replaceme_is_refused_before_any_pass_where_no_transform_folds(family):
 def test_layerwise_statistics_of_a_mixed_model_equal_the_one_pass_hooks(family):
     """The layer-by-layer carrier runs each layer with what the model's forward hands it (Gemma 3: a sliding or a
     global mask and rotary table per layer), so its sums are the hooks' on every family."""
-    model = _tiny(family)
-    batches = token_batches(n_batches=2)
-    stats = nbl.calibrate_parts(model, batches, ("attention", "mlp"), progress=False)
-    nbl.linearize(model, stats["attention"], [0], part="attention")
-    nbl.linearize(model, stats["mlp"], [2], part="mlp")
-    parts = ("attention", "mlp", "block")
-    got = calibrate_layerwise_parts(model, batches, parts, progress=False)
-    expected = nbl.calibrate_parts(model, batches, parts, progress=False)
-    for p in parts:
-        _assert_same_statistics(got[p], expected[p])
+    got = assert_layerwise_equals_hooks_on_a_mixed_model(_tiny(family), attention=0, mlp=2)
+    assert 0 not in got["attention"] and 2 not in got["mlp"] and not {0, 2} & set(got["block"])

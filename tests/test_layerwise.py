@@ -34,18 +34,24 @@ def test_layerwise_statistics_equal_the_one_pass_hooks(family):
     )
 
 
-def test_layerwise_statistics_of_every_part_in_one_pass_equal_the_hooks_on_a_mixed_model(family):
-    model = make_tiny(family)
+def assert_layerwise_equals_hooks_on_a_mixed_model(model, attention: int, mlp: int) -> dict:
+    """``model`` with the attention of layer ``attention`` and the MLP of layer ``mlp`` replaced: the layer-by-layer
+    statistics of every part equal the one-pass hooks'; returns the layer-by-layer ones."""
     batches = token_batches(n_batches=2)
     stats = nbl.calibrate_parts(model, batches, ("attention", "mlp"), progress=False)
-    nbl.linearize(model, stats["attention"], [1], part="attention")
-    nbl.linearize(model, stats["mlp"], [2], part="mlp")
+    nbl.linearize(model, stats["attention"], [attention], part="attention")
+    nbl.linearize(model, stats["mlp"], [mlp], part="mlp")
     parts = ("attention", "mlp", "block")
     got = calibrate_layerwise_parts(model, batches, parts, progress=False)
     expected = nbl.calibrate_parts(model, batches, parts, progress=False)
-    assert [list(got[p]) for p in parts] == [[0, 2, 3], [0, 1, 3], [0, 3]]
     for p in parts:
         _assert_same_statistics(got[p], expected[p])
+    return got
+
+
+def test_layerwise_statistics_of_every_part_in_one_pass_equal_the_hooks_on_a_mixed_model(family):
+    got = assert_layerwise_equals_hooks_on_a_mixed_model(make_tiny(family), attention=1, mlp=2)
+    assert [list(got[p]) for p in ("attention", "mlp", "block")] == [[0, 2, 3], [0, 1, 3], [0, 3]]
 
 
 def test_layerwise_counts_no_padding_and_skips_replaced_layers():
