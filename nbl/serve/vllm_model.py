@@ -62,6 +62,7 @@ class ServedFamily(NamedTuple):
     mlp_bias: bool  # whether that MLP takes a bias argument
     activation: str = "hidden_act"  # the config field its activation comes from
     norm: type[nn.Module] = RMSNorm  # the family's norm (Gemma's scales by 1 + w)
+    fused_add: bool = True  # its layers pass (hidden_states, residual); False: one tensor, sub-blocks scaled (Granite)
 
 
 FAMILIES: dict[str, ServedFamily] = {
@@ -70,6 +71,7 @@ FAMILIES: dict[str, ServedFamily] = {
     "qwen2": ServedFamily("qwen2", "qwen2", "Qwen2MLP", False),
     "qwen3": ServedFamily("qwen3", "qwen2", "Qwen2MLP", False),  # Qwen3Model is a Qwen2Model
     "phi3": ServedFamily("phi3", "llama", "LlamaMLP", True),  # vLLM's Phi3ForCausalLM is its Llama, fused names
+    "granite": ServedFamily("granite", "granite", "GraniteMLP", True, fused_add=False),
     "gemma2": ServedFamily("gemma2", "gemma2", "Gemma2MLP", False, "hidden_activation", GemmaRMSNorm),
     "gemma3_text": ServedFamily("gemma3", "gemma3", "Gemma3MLP", False, "hidden_activation", GemmaRMSNorm),
 }
@@ -240,6 +242,27 @@ class AttentionReplaced(nn.Module):
         return hidden_states, residual
 
 
+class ScaledAttentionReplaced(AttentionReplaced):
+    """:class:`AttentionReplaced` for families whose layers pass one tensor and scale each sub-block's output by
+    the residual multiplier ``s`` before adding it (Granite): ``h + s * map(h)``, then ``+ s * mlp_path(.)``. The
+    maps were fitted on what the paths compute before ``s`` (as :class:`nbl.core.surgery.LinearizedDecoderLayer`)."""
+
+    def __init__(self, attention_map: nn.Module | None, mlp_path: dict[str, nn.Module] | None, scale: float) -> None:
+        super().__init__(attention_map, mlp_path)
+        self.scale = scale
+
+    def forward(self, positions: torch.Tensor, hidden_states: torch.Tensor, **kwargs: Any) -> torch.Tensor:  # type: ignore[override]
+        h = hidden_states
+        if self.attn_linear is not None:
+            h = h + self.scale * self.attn_linear(h)
+        if not self.mlp_path:
+            return h
+        added = h
+        for name in self.mlp_path:
+            added = getattr(self, name)(added)
+        return h + self.scale * added
+
+
 def _attention_map(plan: ServedPlan, i: int, d: int, prefix: str) -> nn.Module | None:
     mode = plan["attention"][i]
     if mode == "conv":
@@ -248,9 +271,12 @@ def _attention_map(plan: ServedPlan, i: int, d: int, prefix: str) -> nn.Module |
     return row_map(d, d, f"{prefix}.attn_linear") if mode == "linear" else None
 
 
-def _replaced_mlp_path(names: tuple[str, ...], d: int, linear: bool, prefix: str) -> dict[str, nn.Module]:
-    """A replaced MLP path under the family's names: the fused add alone, the map where the MLP was, nothing else."""
-    return {name: AddOnly() if k == 0 else Map(d, linear, f"{prefix}.mlp") if name == "mlp" else nn.Identity()
+def _replaced_mlp_path(names: tuple[str, ...], d: int, linear: bool, prefix: str, fused_add: bool
+                      ) -> dict[str, nn.Module]:  # fmt: skip
+    """A replaced MLP path under the family's names: the map where the MLP was, nothing else (the first module the
+    fused add alone, where the family's layers fuse it into that norm)."""
+    first = AddOnly() if fused_add else nn.Identity()
+    return {name: first if k == 0 else Map(d, linear, f"{prefix}.mlp") if name == "mlp" else nn.Identity()
             for k, name in enumerate(names)}  # fmt: skip
 
 
@@ -273,13 +299,15 @@ def _layer_builder(vllm_config: Any, plan: ServedPlan, model_type: str
         mlp = plan["mlp"].get(i)
         if i not in plan["attention"]:  # vLLM's own layer, its MLP path swapped for the map if that was replaced
             layer = family_layer(prefix=prefix)
-            for name, module in (_replaced_mlp_path(names, d, mlp == "linear", prefix) if mlp else {}).items():
+            for name, module in (_replaced_mlp_path(names, d, mlp == "linear", prefix, served.fused_add)
+                                 if mlp else {}).items():  # fmt: skip
                 setattr(layer, name, module)
             return layer
         attention_map = _attention_map(plan, i, d, prefix)
-        if mlp == "drop":  # a replaced block (or an attention map beside a dropped MLP: the same function)
-            return AttentionReplaced(attention_map, None)
-        path = _replaced_mlp_path(names, d, True, prefix) if mlp == "linear" else family_path(prefix)
+        # a replaced block (or an attention map beside a dropped MLP: the same function) has no MLP path
+        path = None if mlp == "drop" else _replaced_mlp_path(names, d, True, prefix, served.fused_add) if mlp else family_path(prefix)
+        if not served.fused_add:
+            return ScaledAttentionReplaced(attention_map, path, _adapter(model_type)().residual_scale(config))
         return AttentionReplaced(attention_map, path)
 
     return build
@@ -390,6 +418,7 @@ NblMistralForCausalLM = _nbl_class("mistral", conv=False)
 NblQwen2ForCausalLM = _nbl_class("qwen2", conv=False)
 NblQwen3ForCausalLM = _nbl_class("qwen3", conv=False)
 NblPhi3ForCausalLM = _nbl_class("phi3", conv=False)
+NblGraniteForCausalLM = _nbl_class("granite", conv=False)
 NblGemma2ForCausalLM = _nbl_class("gemma2", conv=False)
 NblGemma3ForCausalLM = _nbl_class("gemma3_text", conv=False)
 NblConvLlamaForCausalLM = _nbl_class("llama", conv=True)
@@ -397,5 +426,6 @@ NblConvMistralForCausalLM = _nbl_class("mistral", conv=True)
 NblConvQwen2ForCausalLM = _nbl_class("qwen2", conv=True)
 NblConvQwen3ForCausalLM = _nbl_class("qwen3", conv=True)
 NblConvPhi3ForCausalLM = _nbl_class("phi3", conv=True)
+NblConvGraniteForCausalLM = _nbl_class("granite", conv=True)
 NblConvGemma2ForCausalLM = _nbl_class("gemma2", conv=True)
 NblConvGemma3ForCausalLM = _nbl_class("gemma3_text", conv=True)
