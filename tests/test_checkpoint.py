@@ -11,59 +11,68 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import nbl
-from tests.conftest import make_tiny, token_batches
+from tests.conftest import FAMILIES, make_tiny, token_batches
 
 RELOAD = textwrap.dedent(
     """
-    import sys, torch
+    import json, sys, torch
     from safetensors.torch import load_file, save_file
     import nbl
-    model = nbl.load_linearized(sys.argv[1])
-    ids = load_file(sys.argv[2])["ids"]
-    with torch.no_grad():
-        logits = model(ids).logits
-    gen = model.generate(ids[:1, :6], max_new_tokens=8, do_sample=False, use_cache=True, pad_token_id=0)
-    save_file({"logits": logits.contiguous(), "gen": gen}, sys.argv[3])
-    print(sorted(nbl.replaced_layers(model).items()), sorted(nbl.replaced_mlps(model).items()))
+    ids = load_file(sys.argv[1])["ids"]
+    printed = {}
+    for k, folder in enumerate(sys.argv[3:]):
+        model = nbl.load_linearized(folder)
+        with torch.no_grad():
+            logits = model(ids).logits
+        gen = model.generate(ids[:1, :6], max_new_tokens=8, do_sample=False, use_cache=True, pad_token_id=0)
+        save_file({"logits": logits.contiguous(), "gen": gen}, f"{sys.argv[2]}-{k}")
+        printed[folder] = f"{sorted(nbl.replaced_layers(model).items())} {sorted(nbl.replaced_mlps(model).items())}"
+    print(json.dumps(printed))
     """
 )
 
 
-def assert_reloads_the_same_in_a_fresh_process(model, folder, tmp_path, atol: float = 0.0) -> str:
-    """Reload the checkpoint ``folder`` in a new Python process: logits (within ``atol``) and cached generation
-    must equal ``model``'s exactly; returns what it printed (its attention and MLP replacements)."""
+def reload_in_a_fresh_process(models: dict[str, tuple[torch.nn.Module, Path]], tmp_path: Path,
+                              atol: dict[str, float] | None = None) -> dict[str, str]:  # fmt: skip
+    """Reload each checkpoint (name -> (model, folder)) in one new Python process (one start for all of them):
+    logits (within ``atol[name]``, default exact) and cached generation must equal the model's; returns what the
+    process printed per name (its attention and MLP replacements)."""
     ids = torch.randint(3, 256, (2, 16), generator=torch.Generator().manual_seed(5))
     save_file({"ids": ids}, str(tmp_path / "ids.safetensors"))
-    proc = subprocess.run(
-        [sys.executable, "-c", RELOAD, str(folder), str(tmp_path / "ids.safetensors"), str(tmp_path / "out")],
-        capture_output=True,
-        text=True,
-        cwd=tmp_path,  # nothing relative to the working directory may be needed
-    )
+    folders = [str(folder) for _, folder in models.values()]
+    proc = subprocess.run([sys.executable, "-c", RELOAD, str(tmp_path / "ids.safetensors"), str(tmp_path / "out"),
+                           *folders], capture_output=True, text=True, cwd=tmp_path)  # fmt: skip
+    # (cwd: nothing relative to the working directory may be needed)
     assert proc.returncode == 0, proc.stderr
-    out = load_file(str(tmp_path / "out"))
-    with torch.no_grad():
-        torch.testing.assert_close(out["logits"], model(ids).logits, rtol=0, atol=atol)
-    expected = model.generate(ids[:1, :6], max_new_tokens=8, do_sample=False, use_cache=True, pad_token_id=0)
-    assert torch.equal(out["gen"], expected)
-    return proc.stdout
+    printed = json.loads(proc.stdout.strip().splitlines()[-1])
+    for k, (name, (model, _)) in enumerate(models.items()):
+        out = load_file(str(tmp_path / f"out-{k}"))
+        with torch.no_grad():
+            torch.testing.assert_close(out["logits"], model(ids).logits, rtol=0, atol=(atol or {}).get(name, 0.0))
+        expected = model.generate(ids[:1, :6], max_new_tokens=8, do_sample=False, use_cache=True, pad_token_id=0)
+        assert torch.equal(out["gen"], expected), name
+    return {name: printed[str(folder)] for name, (_, folder) in models.items()}
 
 
-@pytest.mark.parametrize("model_type", ["llama", "qwen2", "qwen3"])
-def test_round_trip_in_a_fresh_process(tmp_path, model_type):
-    model = make_tiny(model_type)
-    stats = nbl.calibrate(model, token_batches(n_batches=2), progress=False)
-    nbl.linearize(model, stats, [0, 2], mode="linear")
-    nbl.linearize(model, stats, [3], mode="drop")
-    folder = nbl.save_linearized(model, tmp_path / "ckpt")
-    assert json.loads((folder / "nbl.json").read_text())["replaced_layers"] == {
-        "0": "linear",
-        "2": "linear",
-        "3": "drop",
-    }
-    assert not list(folder.glob("*.bin")) and not list(folder.glob("*.pkl"))
-    printed = assert_reloads_the_same_in_a_fresh_process(model, folder, tmp_path)
-    assert "[(0, 'linear'), (2, 'linear'), (3, 'drop')] []" in printed
+def assert_reloads_the_same_in_a_fresh_process(model, folder, tmp_path, atol: float = 0.0) -> str:
+    """:func:`reload_in_a_fresh_process` of one checkpoint."""
+    return reload_in_a_fresh_process({"model": (model, Path(folder))}, tmp_path, {"model": atol})["model"]
+
+
+def test_round_trip_in_a_fresh_process(tmp_path):
+    models = {}
+    for model_type in ("llama", "qwen2", "qwen3"):
+        model = make_tiny(model_type)
+        stats = nbl.calibrate(model, token_batches(n_batches=2), progress=False)
+        nbl.linearize(model, stats, [0, 2], mode="linear")
+        nbl.linearize(model, stats, [3], mode="drop")
+        folder = nbl.save_linearized(model, tmp_path / model_type)
+        assert json.loads((folder / "nbl.json").read_text())["replaced_layers"] == {"0": "linear", "2": "linear",
+                                                                                   "3": "drop"}  # fmt: skip
+        assert not list(folder.glob("*.bin")) and not list(folder.glob("*.pkl"))
+        models[model_type] = (model, folder)
+    printed = reload_in_a_fresh_process(models, tmp_path)
+    assert set(printed.values()) == {"[(0, 'linear'), (2, 'linear'), (3, 'drop')] []"}
 
 
 def test_loading_a_plain_folder_fails_clearly(tmp_path):
@@ -108,38 +117,42 @@ PLAIN_TRANSFORMERS = textwrap.dedent(
     """
     import sys, torch
     from transformers import AutoModelForCausalLM
-    try:
-        AutoModelForCausalLM.from_pretrained(sys.argv[1])
-    except ValueError as err:
-        print("refused:", str(err).splitlines()[0])
+    ids, out, folders = torch.load(sys.argv[1]), sys.argv[2], sys.argv[3:]
+    for folder in folders:
+        try:
+            AutoModelForCausalLM.from_pretrained(folder)
+        except ValueError as err:
+            print("refused:", str(err).splitlines()[0])
     import nbl
     nbl.register_auto_classes()
-    model = AutoModelForCausalLM.from_pretrained(sys.argv[1])
-    ids = torch.load(sys.argv[2])
-    with torch.no_grad():
-        torch.save(model(ids).logits, sys.argv[3])
-    print(type(model).__name__, sorted(nbl.replaced_layers(model).items()))
+    for k, folder in enumerate(folders):
+        model = AutoModelForCausalLM.from_pretrained(folder)
+        with torch.no_grad():
+            torch.save(model(ids).logits, f"{out}-{k}")
+        print(type(model).__name__, sorted(nbl.replaced_layers(model).items()))
     """
 )
 
 
-def test_plain_transformers_refuses_a_checkpoint_and_loads_it_right_once_nbl_registers(tmp_path, family):
+def test_plain_transformers_refuses_a_checkpoint_and_loads_it_right_once_nbl_registers(tmp_path):
     """Without nbl, transformers meets an unknown model type (never the family's class with random attention);
-    after nbl.register_auto_classes(), AutoModelForCausalLM builds the NBL model, equal to the saved one."""
-    model = _conv_and_linear(family)
-    folder = nbl.save_linearized(model, tmp_path / "ckpt", max_shard_size="40KB")
-    assert json.loads((folder / "config.json").read_text())["model_type"] == f"nbl_{family}"
+    after nbl.register_auto_classes(), AutoModelForCausalLM builds the NBL model, equal to the saved one (every
+    family in one fresh process)."""
+    models = {family: _conv_and_linear(family) for family in FAMILIES}
+    folders = [nbl.save_linearized(m, tmp_path / family, max_shard_size="40KB") for family, m in models.items()]
     ids = torch.randint(3, 256, (2, 11), generator=torch.Generator().manual_seed(3))
     torch.save(ids, tmp_path / "ids.pt")
-    proc = subprocess.run([sys.executable, "-c", PLAIN_TRANSFORMERS, str(folder), str(tmp_path / "ids.pt"),
-                           str(tmp_path / "out.pt")], capture_output=True, text=True, cwd=tmp_path)  # fmt: skip
+    proc = subprocess.run([sys.executable, "-c", PLAIN_TRANSFORMERS, str(tmp_path / "ids.pt"), str(tmp_path / "out"),
+                           *map(str, folders)], capture_output=True, text=True, cwd=tmp_path)  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     lines = proc.stdout.splitlines()
-    assert lines[0].startswith(f"refused: The checkpoint you are trying to load has model type `nbl_{family}`")
-    cls = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2", "qwen3": "Qwen3"}[family]
-    assert lines[-1] == f"Nbl{cls}ForCausalLM [(0, 'linear'), (1, 'conv'), (3, 'drop')]"
-    with torch.no_grad():
-        torch.testing.assert_close(torch.load(tmp_path / "out.pt"), model(ids).logits, rtol=0, atol=0)
+    names = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2", "qwen3": "Qwen3"}
+    for k, (family, model) in enumerate(models.items()):
+        assert json.loads((folders[k] / "config.json").read_text())["model_type"] == f"nbl_{family}"
+        assert lines[k].startswith(f"refused: The checkpoint you are trying to load has model type `nbl_{family}`")
+        assert lines[len(models) + k] == f"Nbl{names[family]}ForCausalLM [(0, 'linear'), (1, 'conv'), (3, 'drop')]"
+        with torch.no_grad():
+            torch.testing.assert_close(torch.load(tmp_path / f"out-{k}"), model(ids).logits, rtol=0, atol=0)
 
 
 def test_sharded_checkpoints_index_their_shards_and_a_new_save_leaves_no_stale_one(tmp_path):

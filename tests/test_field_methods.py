@@ -321,7 +321,9 @@ def test_replaceme_from_the_app_writes_an_ordinary_checkpoint_and_says_how_it_is
 
 
 def test_finercut_with_a_budget_stops_at_the_first_step_that_reaches_it(tmp_path, nbl_cache):
-    results = _app(tmp_path, "method=finercut", "budget.target=prefill", "budget.value=1.2")
+    # short held-out windows: each candidate's divergence is over 49,152-way next-token distributions
+    results = _app(tmp_path, "method=finercut", "budget.target=prefill", "budget.value=1.2", "calibration.seq_len=256",
+                   "selection.holdout_sequences=2")
     budget, steps = results["budget"], results["greedy_steps"]
     assert budget["predicted"] >= 1.2 and budget["units"] == len(steps) == results["num_layers"]
     assert results["predicted"]["prefill_speedup"] == pytest.approx(budget["predicted"])
