@@ -174,6 +174,7 @@ def test_launcher_configs(launcher, target):
         (["eval=quick", "eval.limit=0"], "eval.limit=0 must be > 0"),
         (["eval=quick", "eval.perplexity.seq_len=1"], "eval.perplexity.seq_len=1 must be >= 2"),
         (["speed.repeats=0"], "speed.repeats=0 must be >= 1"),
+        (["speed=vllm", "speed.kv_cache_gib=0"], "speed.kv_cache_gib=0.0 must be > 0 (GiB)"),
         (["+num_layer=3"], "num_layer"),
         (["replacement.granularity=mlp", "selection=plan"], "selection=plan chooses attention units: add replacement.granularity=attention (got mlp)"),
         (["replacement.granularity=joint", "selection=greedy"], "granularity=joint does not support selection=greedy"),

@@ -216,7 +216,7 @@ class SpeedSchema:
     saturating_batch: int = 64  # vllm: prompts served at once
     batch_prompt_len: int = 128  # vllm: their length
     long_prompt_len: int = 2048  # vllm: the long-context case
-    kv_cache_gib: int = 2  # vllm: the KV budget each engine gets
+    kv_cache_gib: float = 2  # vllm: the KV budget each engine gets (GiB; fractions allowed)
     enforce_eager: bool = False  # vllm: no torch.compile
 
     def check(self) -> None:
@@ -226,8 +226,10 @@ class SpeedSchema:
             _positive(f"speed.{key}", getattr(self, key))
         _positive("speed.warmup", self.warmup, minimum=0)
         if self.engine is SpeedEngine.vllm:
-            for key in ("saturating_batch", "batch_prompt_len", "long_prompt_len", "kv_cache_gib"):
+            for key in ("saturating_batch", "batch_prompt_len", "long_prompt_len"):
                 _positive(f"speed.{key}", getattr(self, key))
+            if not (math.isfinite(self.kv_cache_gib) and self.kv_cache_gib > 0):
+                raise ConfigError(f"speed.kv_cache_gib={self.kv_cache_gib} must be > 0 (GiB)")
             _positive("speed.new_tokens", self.new_tokens, minimum=2)  # decode speed needs a step after the first
             if importlib.util.find_spec("vllm") is None:
                 raise ConfigError('speed.engine=vllm needs vLLM: pip install -e ".[serve-cpu]" (or ".[serve]" on GPUs)')
