@@ -27,6 +27,12 @@ IN_PROCESS = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
 # per checkpoint, its family and a mix of replacements: (part, mode, layers[, width, rank]); 4 layers each. Every
 # family also with convolution maps (widths 2 and 3, full rank and two factors) beside the other modes.
 REPLACEMENTS = {
+    # routed experts (4, 2 active): a replaced layer keeps its routed block (or Qwen3-MoE's dense MLP of layer 1).
+    # First: engines in one process share vLLM's parallel groups, made by the first engine, and only a MoE model's
+    # first engine makes the expert-parallel group (each served alone in its own process needs no such order)
+    "mixtral": [("attention", "linear", [1]), ("mlp", "linear", [2]), ("attention", "drop", [3])],
+    "qwen3_moe": [("attention", "linear", [1]), ("block", "linear", [2]), ("mlp", "drop", [0])],
+    "olmoe-conv": [("attention", "conv", [2], 2, 32), ("mlp", "linear", [1]), ("attention", "linear", [3])],
     "llama": [("attention", "linear", [1]), ("attention", "drop", [3]), ("mlp", "linear", [2])],
     "qwen2": [("mlp", "drop", [1]), ("attention", "linear", [3])],
     "phi3": [("attention", "linear", [2]), ("mlp", "linear", [1]), ("attention", "drop", [0])],

@@ -63,6 +63,8 @@ class ServedFamily(NamedTuple):
     activation: str = "hidden_act"  # the config field its activation comes from
     norm: type[nn.Module] = RMSNorm  # the family's norm (Gemma's scales by 1 + w)
     fused_add: bool = True  # its layers pass (hidden_states, residual); False: one tensor, sub-blocks scaled (Granite)
+    mlp_name: str = "mlp"  # the MLP's name in vLLM's layer (Mixtral's routed block: block_sparse_moe)
+    routed: bool = False  # MoE: a replaced layer is the family's own, its attention taken out (see _without_attention)
 
 
 FAMILIES: dict[str, ServedFamily] = {
@@ -72,6 +74,9 @@ FAMILIES: dict[str, ServedFamily] = {
     "qwen3": ServedFamily("qwen3", "qwen2", "Qwen2MLP", False),  # Qwen3Model is a Qwen2Model
     "phi3": ServedFamily("phi3", "llama", "LlamaMLP", True),  # vLLM's Phi3ForCausalLM is its Llama, fused names
     "granite": ServedFamily("granite", "granite", "GraniteMLP", True, fused_add=False),
+    "mixtral": ServedFamily("mixtral", "mixtral", "MixtralMoE", False, mlp_name="block_sparse_moe", routed=True),
+    "qwen3_moe": ServedFamily("qwen3_moe", "qwen3_moe", "Qwen3MoeSparseMoeBlock", False, routed=True),
+    "olmoe": ServedFamily("olmoe", "olmoe", "OlmoeMoE", False, routed=True),
     "gemma2": ServedFamily("gemma2", "gemma2", "Gemma2MLP", False, "hidden_activation", GemmaRMSNorm),
     "gemma3_text": ServedFamily("gemma3", "gemma3", "Gemma3MLP", False, "hidden_activation", GemmaRMSNorm),
 }
@@ -223,7 +228,7 @@ class AttentionReplaced(nn.Module):
     (:class:`Map` behind :class:`AddOnly`), or nothing (a replaced block)."""
 
     def __init__(self, attention_map: nn.Module | None, mlp_path: dict[str, nn.Module] | None) -> None:
-        super().__init__()
+        nn.Module.__init__(self)  # not super(): a family's decoder-layer class may follow in the MRO
         self.attn_linear = attention_map
         self.mlp_path = tuple(mlp_path or ())
         for name, module in (mlp_path or {}).items():
@@ -251,7 +256,8 @@ class ScaledAttentionReplaced(AttentionReplaced):
         super().__init__(attention_map, mlp_path)
         self.scale = scale
 
-    def forward(self, positions: torch.Tensor, hidden_states: torch.Tensor, **kwargs: Any) -> torch.Tensor:  # type: ignore[override]
+    def forward(self, positions: torch.Tensor, hidden_states: torch.Tensor,  # type: ignore[override]
+                **kwargs: Any) -> torch.Tensor:  # fmt: skip
         h = hidden_states
         if self.attn_linear is not None:
             h = h + self.scale * self.attn_linear(h)
@@ -261,6 +267,38 @@ class ScaledAttentionReplaced(AttentionReplaced):
         for name in self.mlp_path:
             added = getattr(self, name)(added)
         return h + self.scale * added
+
+
+def _without_attention(layer: nn.Module, prefix: str, attention_map: nn.Module | None, names: tuple[str, ...],
+                       mlp_name: str, path: dict[str, nn.Module] | None) -> nn.Module:  # fmt: skip
+    """The family's own decoder layer (MoE families: their model classes check every layer's class and collect its
+    routed block) turned into :class:`AttentionReplaced`: its attention and input norm deleted, the attention's
+    registration for a KV cache withdrawn, its MLP path its own routed block (``path`` None), a map (``path``) or
+    nothing (``{}``: a replaced block)."""
+    context = get_current_vllm_config().compilation_config.static_forward_context
+    for name in [n for n in context if n.startswith(f"{prefix}.self_attn.")]:
+        del context[name]  # no attention registered: no KV cache for this layer
+    kept = {("mlp" if n == mlp_name else n): m for n, m in layer.named_children() if n in (*names, mlp_name)}
+    modules = kept if path is None else path
+    for name, _ in list(layer.named_children()):
+        delattr(layer, name)
+    layer.__class__ = _replaced_class(type(layer))
+    served_path = {(mlp_name if n == "mlp" else n): modules[n] for n in names} if modules else None
+    AttentionReplaced.__init__(layer, attention_map, served_path)
+    if served_path is None:  # a replaced block: the model class still reads the layer's MLP (a placeholder, unused)
+        setattr(layer, mlp_name, nn.Identity())
+    return layer
+
+
+_REPLACED_CLASSES: dict[type, type] = {}
+
+
+def _replaced_class(family_layer: type) -> type:
+    """:class:`AttentionReplaced` that is also an instance of the family's decoder-layer class (its forward first)."""
+    if family_layer not in _REPLACED_CLASSES:
+        name = f"Replaced{family_layer.__name__}"
+        _REPLACED_CLASSES[family_layer] = type(name, (AttentionReplaced, family_layer), {"__module__": __name__})
+    return _REPLACED_CLASSES[family_layer]
 
 
 def _attention_map(plan: ServedPlan, i: int, d: int, prefix: str) -> nn.Module | None:
@@ -301,11 +339,17 @@ def _layer_builder(vllm_config: Any, plan: ServedPlan, model_type: str
             layer = family_layer(prefix=prefix)
             for name, module in (_replaced_mlp_path(names, d, mlp == "linear", prefix, served.fused_add)
                                  if mlp else {}).items():  # fmt: skip
-                setattr(layer, name, module)
+                setattr(layer, served.mlp_name if name == "mlp" else name, module)
             return layer
         attention_map = _attention_map(plan, i, d, prefix)
+        if served.routed:
+            path = {} if mlp == "drop" else _replaced_mlp_path(names, d, True, prefix, True) if mlp else None
+            return _without_attention(family_layer(prefix=prefix), prefix, attention_map, names, served.mlp_name, path)
         # a replaced block (or an attention map beside a dropped MLP: the same function) has no MLP path
-        path = None if mlp == "drop" else _replaced_mlp_path(names, d, True, prefix, served.fused_add) if mlp else family_path(prefix)
+        if mlp == "drop":
+            path = None
+        else:
+            path = _replaced_mlp_path(names, d, True, prefix, served.fused_add) if mlp else family_path(prefix)
         if not served.fused_add:
             return ScaledAttentionReplaced(attention_map, path, _adapter(model_type)().residual_scale(config))
         return AttentionReplaced(attention_map, path)
@@ -348,7 +392,7 @@ def conv_weight_names(plan: ServedPlan) -> Callable[[str], str]:
     return rename
 
 
-def _hybrid_methods(family: type[nn.Module]) -> dict[str, Any]:
+def _hybrid_methods() -> dict[str, Any]:
     """What makes the family's class a hybrid model for vLLM: the convolution state's shape, dtype and copy rule,
     read from the checkpoint's declared maps (one width for all: vLLM sizes one state page for every state layer)."""
 
@@ -366,16 +410,46 @@ def _hybrid_methods(family: type[nn.Module]) -> dict[str, Any]:
     def get_mamba_state_copy_func(cls: type) -> tuple[Any, ...]:
         return MambaStateCopyFuncCalculator.short_conv_state_copy_func()
 
-    def load_weights(self: nn.Module, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
-        rename = conv_weight_names(check_checkpoint(self.config))
-        return family.load_weights(self, ((rename(name), w) for name, w in weights))
-
     return {
         "get_mamba_state_shape_from_config": classmethod(get_mamba_state_shape_from_config),
         "get_mamba_state_dtype_from_config": classmethod(get_mamba_state_dtype_from_config),
         "get_mamba_state_copy_func": classmethod(get_mamba_state_copy_func),
-        "load_weights": load_weights,
     }
+
+
+def _load_weights(family: type[nn.Module], mlp_name: str) -> Callable[..., set[str]]:
+    """The family's weight loader, the checkpoint's names renamed to the served modules' (conv maps' parameters,
+    the MLP under vLLM's name for it where transformers' differs: Mixtral's ``mlp`` is vLLM's ``block_sparse_moe``)."""
+    mlp = re.compile(r"(layers\.\d+)\.mlp\.")
+
+    def load_weights(self: nn.Module, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
+        conv = conv_weight_names(check_checkpoint(self.config))
+
+        def rename(name: str) -> str:
+            name = conv(name)
+            return mlp.sub(rf"\1.{mlp_name}.", name) if mlp_name != "mlp" else name
+
+        return family.load_weights(self, ((rename(name), w) for name, w in _per_expert(weights)))
+
+    return load_weights
+
+
+def _per_expert(weights: Iterable[tuple[str, torch.Tensor]]) -> Iterator[tuple[str, torch.Tensor]]:
+    """transformers 5's fused expert tensors (``experts.gate_up_proj``: experts x 2I x d, gate rows first;
+    ``experts.down_proj``: experts x d x I), as an NBL checkpoint stores them, split into the per-expert weights
+    vLLM's MoE loaders read (``experts.<e>.gate_proj.weight``, ...; Mixtral's maps them to w1 / w3 / w2). Other
+    weights pass unchanged."""
+    for name, w in weights:
+        base, _, field = name.rpartition(".experts.")
+        if field == "gate_up_proj" and w.dim() == 3:
+            for e, (gate, up) in enumerate(t.chunk(2, dim=0) for t in w):
+                yield f"{base}.experts.{e}.gate_proj.weight", gate
+                yield f"{base}.experts.{e}.up_proj.weight", up
+        elif field == "down_proj" and w.dim() == 3:
+            for e, down in enumerate(w):
+                yield f"{base}.experts.{e}.down_proj.weight", down
+        else:
+            yield name, w
 
 
 def _check_partition(plan: ServedPlan, layers: int, stages: int) -> None:
@@ -408,9 +482,10 @@ def _nbl_class(model_type: str, conv: bool) -> type[nn.Module]:
 
     name = serving_architecture(model_type, conv=conv)
     doc = f"vLLM's {adapter.causal_lm}, its replaced layers built by NBL (nbl.serve.vllm_model)."
-    namespace = {"__init__": __init__, "__doc__": doc, "__module__": __name__}
+    namespace = {"__init__": __init__, "__doc__": doc, "__module__": __name__,
+                 "load_weights": _load_weights(family, FAMILIES[model_type].mlp_name)}  # fmt: skip
     bases: tuple[type, ...] = (family, IsHybrid, HasInnerState) if conv else (family,)
-    return type(name, bases, {**namespace, **(_hybrid_methods(family) if conv else {})})
+    return type(name, bases, {**namespace, **(_hybrid_methods() if conv else {})})
 
 
 NblLlamaForCausalLM = _nbl_class("llama", conv=False)
@@ -419,6 +494,9 @@ NblQwen2ForCausalLM = _nbl_class("qwen2", conv=False)
 NblQwen3ForCausalLM = _nbl_class("qwen3", conv=False)
 NblPhi3ForCausalLM = _nbl_class("phi3", conv=False)
 NblGraniteForCausalLM = _nbl_class("granite", conv=False)
+NblMixtralForCausalLM = _nbl_class("mixtral", conv=False)
+NblQwen3MoeForCausalLM = _nbl_class("qwen3_moe", conv=False)
+NblOlmoeForCausalLM = _nbl_class("olmoe", conv=False)
 NblGemma2ForCausalLM = _nbl_class("gemma2", conv=False)
 NblGemma3ForCausalLM = _nbl_class("gemma3_text", conv=False)
 NblConvLlamaForCausalLM = _nbl_class("llama", conv=True)
@@ -427,5 +505,8 @@ NblConvQwen2ForCausalLM = _nbl_class("qwen2", conv=True)
 NblConvQwen3ForCausalLM = _nbl_class("qwen3", conv=True)
 NblConvPhi3ForCausalLM = _nbl_class("phi3", conv=True)
 NblConvGraniteForCausalLM = _nbl_class("granite", conv=True)
+NblConvMixtralForCausalLM = _nbl_class("mixtral", conv=True)
+NblConvQwen3MoeForCausalLM = _nbl_class("qwen3_moe", conv=True)
+NblConvOlmoeForCausalLM = _nbl_class("olmoe", conv=True)
 NblConvGemma2ForCausalLM = _nbl_class("gemma2", conv=True)
 NblConvGemma3ForCausalLM = _nbl_class("gemma3_text", conv=True)

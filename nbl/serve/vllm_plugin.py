@@ -20,7 +20,8 @@ from nbl.core.checkpoint import CheckpointError, declared_replacement, serving_a
 
 MODES = {"attention": ("linear", "drop", "conv"), "mlp": ("linear", "drop")}
 # the families whose NBL checkpoints vLLM serves (nbl.serve.vllm_model builds each); the others run in transformers
-SERVED_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "granite", "gemma2", "gemma3_text")
+SERVED_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "granite", "mixtral", "qwen3_moe", "olmoe", "gemma2",
+                   "gemma3_text")
 SERVED_VERSIONS = (2, 3)  # format 3 declares model_type nbl_<family>: its config class is registered below
 
 
@@ -185,10 +186,13 @@ def _check_weights(folder: Path, plan: ServedPlan, n: int) -> None:
             "attn_linear.down": factors,
             "self_attn.o_proj.weight": attention is None,
             "mlp.linear.weight": mlp == "linear",
-            "mlp.down_proj.weight": mlp is None,
         }
         for name, present in expected.items():
             if (prefix + name in names) != present:
                 problems.append(f"{prefix}{name} {'missing' if present else 'present'}")
+        # the MLP's own weights (a dense MLP's projections, or a router and its experts) where it is kept
+        own = any(n.startswith(f"{prefix}mlp.") and not n.startswith(f"{prefix}mlp.linear.") for n in names)
+        if own != (mlp is None):
+            problems.append(f"{prefix}mlp's own weights {'missing' if mlp is None else 'present'}")
     if problems:
         raise CheckpointError(f"the weights do not match the declared replacement: {', '.join(problems[:6])}")
