@@ -269,23 +269,19 @@ class ScaledAttentionReplaced(AttentionReplaced):
         return h + self.scale * added
 
 
-def _without_attention(layer: nn.Module, prefix: str, attention_map: nn.Module | None, names: tuple[str, ...],
-                       mlp_name: str, path: dict[str, nn.Module] | None) -> nn.Module:  # fmt: skip
+def _without_attention(layer: nn.Module, prefix: str, attention_map: nn.Module | None,
+                       mlp_path: dict[str, nn.Module] | None, mlp_name: str) -> nn.Module:  # fmt: skip
     """The family's own decoder layer (MoE families: their model classes check every layer's class and collect its
-    routed block) turned into :class:`AttentionReplaced`: its attention and input norm deleted, the attention's
-    registration for a KV cache withdrawn, its MLP path its own routed block (``path`` None), a map (``path``) or
-    nothing (``{}``: a replaced block)."""
+    routed block) turned into :class:`AttentionReplaced` with ``mlp_path`` (its own modules, a map, or None: a
+    replaced block): every module it had deleted, its attention's registration for a KV cache withdrawn."""
     context = get_current_vllm_config().compilation_config.static_forward_context
     for name in [n for n in context if n.startswith(f"{prefix}.self_attn.")]:
         del context[name]  # no attention registered: no KV cache for this layer
-    kept = {("mlp" if n == mlp_name else n): m for n, m in layer.named_children() if n in (*names, mlp_name)}
-    modules = kept if path is None else path
     for name, _ in list(layer.named_children()):
         delattr(layer, name)
     layer.__class__ = _replaced_class(type(layer))
-    served_path = {(mlp_name if n == "mlp" else n): modules[n] for n in names} if modules else None
-    AttentionReplaced.__init__(layer, attention_map, served_path)
-    if served_path is None:  # a replaced block: the model class still reads the layer's MLP (a placeholder, unused)
+    AttentionReplaced.__init__(layer, attention_map, mlp_path)
+    if mlp_path is None:  # a replaced block: the model class still reads the layer's MLP (a placeholder, unused)
         setattr(layer, mlp_name, nn.Identity())
     return layer
 
@@ -309,12 +305,12 @@ def _attention_map(plan: ServedPlan, i: int, d: int, prefix: str) -> nn.Module |
     return row_map(d, d, f"{prefix}.attn_linear") if mode == "linear" else None
 
 
-def _replaced_mlp_path(names: tuple[str, ...], d: int, linear: bool, prefix: str, fused_add: bool
-                      ) -> dict[str, nn.Module]:  # fmt: skip
-    """A replaced MLP path under the family's names: the map where the MLP was, nothing else (the first module the
-    fused add alone, where the family's layers fuse it into that norm)."""
+def _replaced_mlp_path(names: tuple[str, ...], mlp_name: str, d: int, linear: bool, prefix: str, fused_add: bool
+                       ) -> dict[str, nn.Module]:  # fmt: skip
+    """A replaced MLP path under the served layer's names: the map where the MLP (``mlp_name``) was, nothing else
+    (the first module the fused add alone, where the family's layers fuse it into that norm)."""
     first = AddOnly() if fused_add else nn.Identity()
-    return {name: first if k == 0 else Map(d, linear, f"{prefix}.mlp") if name == "mlp" else nn.Identity()
+    return {name: first if k == 0 else Map(d, linear, f"{prefix}.{mlp_name}") if name == mlp_name else nn.Identity()
             for k, name in enumerate(names)}  # fmt: skip
 
 
@@ -322,7 +318,9 @@ def _layer_builder(vllm_config: Any, plan: ServedPlan, model_type: str
                    ) -> Callable[[Callable[[str], nn.Module], str], nn.Module]:  # fmt: skip
     """(the family's layer factory, a layer's prefix) -> that layer, as the checkpoint's replacement says."""
     config = vllm_config.model_config.hf_config
-    served, names = FAMILIES[model_type], _adapter(model_type).mlp_path
+    served = FAMILIES[model_type]
+    # the MLP path's modules as vLLM's layer names them (Mixtral's routed block: block_sparse_moe, not mlp)
+    names = tuple(served.mlp_name if n == "mlp" else n for n in _adapter(model_type).mlp_path)
     mlp_class = getattr(_module(served.layers_module), served.mlp)
     d = config.hidden_size
 
@@ -330,26 +328,29 @@ def _layer_builder(vllm_config: Any, plan: ServedPlan, model_type: str
         kwargs = {"bias": getattr(config, "mlp_bias", False)} if served.mlp_bias else {}
         mlp = mlp_class(d, config.intermediate_size, getattr(config, served.activation), vllm_config.quant_config,
                         prefix=f"{prefix}.mlp", **kwargs)  # fmt: skip
-        return {name: mlp if name == "mlp" else served.norm(d, eps=config.rms_norm_eps) for name in names}
+        return {name: mlp if name == served.mlp_name else served.norm(d, eps=config.rms_norm_eps) for name in names}
+
+    def replaced_path(linear: bool, prefix: str) -> dict[str, nn.Module]:
+        return _replaced_mlp_path(names, served.mlp_name, d, linear, prefix, served.fused_add)
 
     def build(family_layer: Callable[[str], nn.Module], prefix: str) -> nn.Module:
         i = int(prefix.rsplit(".", 1)[-1])
         mlp = plan["mlp"].get(i)
         if i not in plan["attention"]:  # vLLM's own layer, its MLP path swapped for the map if that was replaced
             layer = family_layer(prefix=prefix)
-            for name, module in (_replaced_mlp_path(names, d, mlp == "linear", prefix, served.fused_add)
-                                 if mlp else {}).items():  # fmt: skip
-                setattr(layer, served.mlp_name if name == "mlp" else name, module)
+            for name, module in (replaced_path(mlp == "linear", prefix) if mlp else {}).items():
+                setattr(layer, name, module)
             return layer
         attention_map = _attention_map(plan, i, d, prefix)
-        if served.routed:
-            path = {} if mlp == "drop" else _replaced_mlp_path(names, d, True, prefix, True) if mlp else None
-            return _without_attention(family_layer(prefix=prefix), prefix, attention_map, names, served.mlp_name, path)
-        # a replaced block (or an attention map beside a dropped MLP: the same function) has no MLP path
-        if mlp == "drop":
+        layer = family_layer(prefix=prefix) if served.routed else None  # MoE: its own layer, attention taken out
+        if mlp == "drop":  # a replaced block (or an attention map beside a dropped MLP: the same function)
             path = None
-        else:
-            path = _replaced_mlp_path(names, d, True, prefix, served.fused_add) if mlp else family_path(prefix)
+        elif mlp:
+            path = replaced_path(True, prefix)
+        else:  # the family's MLP path: the routed layer's own modules, or built
+            path = {n: getattr(layer, n) for n in names} if layer is not None else family_path(prefix)
+        if layer is not None:
+            return _without_attention(layer, prefix, attention_map, path, served.mlp_name)
         if not served.fused_add:
             return ScaledAttentionReplaced(attention_map, path, _adapter(model_type)().residual_scale(config))
         return AttentionReplaced(attention_map, path)
