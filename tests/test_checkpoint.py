@@ -40,9 +40,9 @@ def reload_in_a_fresh_process(models: dict[str, tuple[torch.nn.Module, Path]], t
     ids = torch.randint(3, 256, (2, 16), generator=torch.Generator().manual_seed(5))
     save_file({"ids": ids}, str(tmp_path / "ids.safetensors"))
     folders = [str(folder) for _, folder in models.values()]
+    # cwd: nothing relative to the working directory may be needed
     proc = subprocess.run([sys.executable, "-c", RELOAD, str(tmp_path / "ids.safetensors"), str(tmp_path / "out"),
                            *folders], capture_output=True, text=True, cwd=tmp_path)  # fmt: skip
-    # (cwd: nothing relative to the working directory may be needed)
     assert proc.returncode == 0, proc.stderr
     printed = json.loads(proc.stdout.strip().splitlines()[-1])
     for k, (name, (model, _)) in enumerate(models.items()):
