@@ -38,6 +38,8 @@ REPLACEMENTS = {
     "phi3": [("attention", "linear", [2]), ("mlp", "linear", [1]), ("attention", "drop", [0])],
     # Granite: one tensor through its layers, each sub-block scaled by residual_multiplier before it is added
     "granite": [("attention", "linear", [1]), ("mlp", "linear", [2]), ("block", "linear", [0]), ("attention", "drop", [3])],
+    # OLMo 2 (NBL's own vLLM model): norms after the sub-blocks only, q / k norms over the whole projections
+    "olmo2": [("attention", "linear", [1]), ("mlp", "linear", [2]), ("block", "linear", [0]), ("attention", "drop", [3])],
     # Gemma: sliding (8-token windows, shorter than the prompts and continuations) and global layers, norms after
     # the attention and the MLP; Gemma 3's six layers are five sliding and one global
     "gemma2": [("attention", "linear", [1]), ("mlp", "linear", [2]), ("attention", "drop", [0])],
@@ -61,8 +63,8 @@ def _tiny(family: str):
     return random_model(tiny_config(family, hidden_size=256, num_layers=layers, vocab_size=49152), seed=0)
 
 
-def _replaced(name: str, tokenizer, folder: Path, replacements: list | None = None) -> Path:
-    model = _tiny(name.split("-")[0])
+def _replaced(name: str, tokenizer, folder: Path, replacements: list | None = None, model=None) -> Path:
+    model = model or _tiny(name.split("-")[0])
     g = torch.Generator().manual_seed(0)
     batches = [torch.randint(3, 49152, (2, 64), generator=g) for _ in range(12)]  # (T d) + 1 tokens for width 3
     for part, mode, layers, *conv in replacements or REPLACEMENTS[name]:
@@ -170,8 +172,10 @@ def test_bad_checkpoints_are_refused_before_anything_loads(tmp_path, tokenizer):
     config.nbl = json.loads((folder / "nbl.json").read_text())
     olmo = tiny_config("olmo2")
     olmo.model_type, olmo.nbl = "nbl_olmo2", {**config.nbl, "model_type": "olmo2"}
-    with pytest.raises(CheckpointError, match=r"'nbl_olmo2': the plugin serves .* nbl\.load_linearized serves it there"):
-        check_checkpoint(olmo)  # a family NBL replaces in transformers, not (yet) in vLLM
+    with pytest.MonkeyPatch.context() as mp:  # a family NBL replaces in transformers that the plugin would not serve
+        mp.setattr("nbl.serve.vllm_plugin.SERVED_FAMILIES", ("llama",))
+        with pytest.raises(CheckpointError, match=r"'nbl_olmo2': the plugin serves llama \(NBL replaces its layers"):
+            check_checkpoint(olmo)
     weights = folder / "model.safetensors"
     with open(weights, "r+b") as f:
         f.truncate(weights.stat().st_size - 100)  # the header intact, the last tensor cut short
@@ -332,20 +336,26 @@ def test_conv_state_survives_prefix_caching_and_chunked_prefill(tmp_path, tokeni
 
 def test_tensor_parallel_maps_are_split_and_exact(tmp_path, tokenizer):
     """TP = 2 on this CPU (vLLM's multiprocessing executor, one core per rank): linear, conv (full and factors) and
-    MLP maps as parallel linears, each rank holding half of each; greedy tokens equal to transformers'."""
+    MLP maps as parallel linears, each rank holding half of each; greedy tokens equal to transformers'. With them an
+    OLMo 2 of one KV head (both ranks hold it): its q / k norms span the whole projections, split over the ranks."""
     mix = [("attention", "linear", [0]), ("attention", "conv", [1], 2, None), ("attention", "conv", [3], 2, 32),
            ("mlp", "linear", [2])]  # fmt: skip
-    folder = _replaced("llama", tokenizer, tmp_path / "tp", mix)
+    folders = {"llama": _replaced("llama", tokenizer, tmp_path / "tp", mix)}
+    config = tiny_config("olmo2", hidden_size=256, num_layers=4, vocab_size=49152)
+    config.num_key_value_heads = 1
+    olmo = [("attention", "conv", [1], 2, 32), ("mlp", "linear", [2])]
+    folders["olmo2"] = _replaced("olmo2", tokenizer, tmp_path / "olmo2", olmo, random_model(config, seed=0))
     prompts = [tokenizer(p).input_ids for p in ("The capital of France is", "A")]
     settings = ServeSettings(repeats=0, kv_cache_gib=0.25, enforce_eager=True, prompt_len=32, long_prompt_len=32,
                              batch_prompt_len=32, new_tokens=12, tensor_parallel_size=2)  # fmt: skip
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("VLLM_CPU_OMP_THREADS_BIND", "0|1")  # vLLM's own binding wants a NUMA node per rank
-        served = measure({"tp": folder}, settings, greedy=prompts, greedy_tokens=12)["tp"]
-    reference = transformers_greedy(nbl.load_linearized(folder), prompts, 12)
-    assert [[t for t, _ in row] for row in served["greedy"]] == [[t for t, _ in row] for row in reference]
-    worst = max(abs(a[1] - b[1]) for r, v in zip(reference, served["greedy"], strict=True) for a, b in zip(r, v, strict=True))
-    assert worst < 1e-3, worst
+        results = measure(folders, settings, greedy=prompts, greedy_tokens=12)
+    for name, folder in folders.items():
+        reference, served = transformers_greedy(nbl.load_linearized(folder), prompts, 12), results[name]["greedy"]
+        assert [[t for t, _ in row] for row in served] == [[t for t, _ in row] for row in reference], name
+        worst = max(abs(a[1] - b[1]) for r, v in zip(reference, served, strict=True) for a, b in zip(r, v, strict=True))
+        assert worst < 1e-3, (name, worst)
 
 
 def test_the_benchmark_never_hits_the_prefix_cache_and_fills_the_kv_budget(served, tokenizer, tmp_path):

@@ -56,13 +56,13 @@ logger = init_logger(__name__)
 class ServedFamily(NamedTuple):
     """Where vLLM keeps a family's model and how its layers build an MLP and a norm."""
 
-    causal_module: str  # the vLLM module with the CausalLM class
+    causal_module: str  # the vLLM module with the CausalLM class (a dotted path: NBL's own, OLMo 2)
     layers_module: str  # the module whose Model calls make_layers
     mlp: str  # the MLP class there
     mlp_bias: bool  # whether that MLP takes a bias argument
     activation: str = "hidden_act"  # the config field its activation comes from
     norm: type[nn.Module] = RMSNorm  # the family's norm (Gemma's scales by 1 + w)
-    fused_add: bool = True  # its layers pass (hidden_states, residual); False: one tensor, sub-blocks scaled (Granite)
+    fused_add: bool = True  # its layers pass (hidden_states, residual); False: one tensor (Granite, OLMo 2)
     mlp_name: str = "mlp"  # the MLP's name in vLLM's layer (Mixtral's routed block: block_sparse_moe)
     routed: bool = False  # MoE: a replaced layer is the family's own, its attention taken out (see _without_attention)
 
@@ -74,6 +74,7 @@ FAMILIES: dict[str, ServedFamily] = {
     "qwen3": ServedFamily("qwen3", "qwen2", "Qwen2MLP", False),  # Qwen3Model is a Qwen2Model
     "phi3": ServedFamily("phi3", "llama", "LlamaMLP", True),  # vLLM's Phi3ForCausalLM is its Llama, fused names
     "granite": ServedFamily("granite", "granite", "GraniteMLP", True, fused_add=False),
+    "olmo2": ServedFamily("nbl.serve.vllm_olmo2", "nbl.serve.vllm_olmo2", "LlamaMLP", True, fused_add=False),
     "mixtral": ServedFamily("mixtral", "mixtral", "MixtralMoE", False, mlp_name="block_sparse_moe", routed=True),
     "qwen3_moe": ServedFamily("qwen3_moe", "qwen3_moe", "Qwen3MoeSparseMoeBlock", False, routed=True),
     "olmoe": ServedFamily("olmoe", "olmoe", "OlmoeMoE", False, routed=True),
@@ -85,7 +86,7 @@ if set(FAMILIES) != set(SERVED_FAMILIES):
 
 
 def _module(name: str) -> Any:
-    return importlib.import_module(f"vllm.model_executor.models.{name}")
+    return importlib.import_module(name if "." in name else f"vllm.model_executor.models.{name}")
 
 
 def row_map(d_in: int, d_out: int, prefix: str, bias: bool = True, input_is_parallel: bool = False) -> nn.Module:
@@ -248,9 +249,10 @@ class AttentionReplaced(nn.Module):
 
 
 class ScaledAttentionReplaced(AttentionReplaced):
-    """:class:`AttentionReplaced` for families whose layers pass one tensor and scale each sub-block's output by
-    the residual multiplier ``s`` before adding it (Granite): ``h + s * map(h)``, then ``+ s * mlp_path(.)``. The
-    maps were fitted on what the paths compute before ``s`` (as :class:`nbl.core.surgery.LinearizedDecoderLayer`)."""
+    """:class:`AttentionReplaced` for families whose layers pass one tensor (Granite, OLMo 2) and may scale each
+    sub-block's output by a residual multiplier ``s`` before adding it (Granite; 1 elsewhere): ``h + s * map(h)``,
+    then ``+ s * mlp_path(.)``. The maps were fitted on what the paths compute before ``s`` (as
+    :class:`nbl.core.surgery.LinearizedDecoderLayer`)."""
 
     def __init__(self, attention_map: nn.Module | None, mlp_path: dict[str, nn.Module] | None, scale: float) -> None:
         super().__init__(attention_map, mlp_path)
@@ -308,9 +310,9 @@ def _attention_map(plan: ServedPlan, i: int, d: int, prefix: str) -> nn.Module |
 def _replaced_mlp_path(names: tuple[str, ...], mlp_name: str, d: int, linear: bool, prefix: str, fused_add: bool
                        ) -> dict[str, nn.Module]:  # fmt: skip
     """A replaced MLP path under the served layer's names: the map where the MLP (``mlp_name``) was, nothing else
-    (the first module the fused add alone, where the family's layers fuse it into that norm)."""
+    (a norm before it the fused add alone, where the family's layers fuse the add into that norm)."""
     first = AddOnly() if fused_add else nn.Identity()
-    return {name: first if k == 0 else Map(d, linear, f"{prefix}.{mlp_name}") if name == mlp_name else nn.Identity()
+    return {name: Map(d, linear, f"{prefix}.{mlp_name}") if name == mlp_name else first if k == 0 else nn.Identity()
             for k, name in enumerate(names)}  # fmt: skip
 
 
@@ -495,6 +497,7 @@ NblQwen2ForCausalLM = _nbl_class("qwen2", conv=False)
 NblQwen3ForCausalLM = _nbl_class("qwen3", conv=False)
 NblPhi3ForCausalLM = _nbl_class("phi3", conv=False)
 NblGraniteForCausalLM = _nbl_class("granite", conv=False)
+NblOlmo2ForCausalLM = _nbl_class("olmo2", conv=False)
 NblMixtralForCausalLM = _nbl_class("mixtral", conv=False)
 NblQwen3MoeForCausalLM = _nbl_class("qwen3_moe", conv=False)
 NblOlmoeForCausalLM = _nbl_class("olmoe", conv=False)
@@ -506,6 +509,7 @@ NblConvQwen2ForCausalLM = _nbl_class("qwen2", conv=True)
 NblConvQwen3ForCausalLM = _nbl_class("qwen3", conv=True)
 NblConvPhi3ForCausalLM = _nbl_class("phi3", conv=True)
 NblConvGraniteForCausalLM = _nbl_class("granite", conv=True)
+NblConvOlmo2ForCausalLM = _nbl_class("olmo2", conv=True)
 NblConvMixtralForCausalLM = _nbl_class("mixtral", conv=True)
 NblConvQwen3MoeForCausalLM = _nbl_class("qwen3_moe", conv=True)
 NblConvOlmoeForCausalLM = _nbl_class("olmoe", conv=True)

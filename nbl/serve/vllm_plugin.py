@@ -20,8 +20,8 @@ from nbl.core.checkpoint import CheckpointError, declared_replacement, serving_a
 
 MODES = {"attention": ("linear", "drop", "conv"), "mlp": ("linear", "drop")}
 # the families whose NBL checkpoints vLLM serves (nbl.serve.vllm_model builds each); the others run in transformers
-SERVED_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "granite", "mixtral", "qwen3_moe", "olmoe", "gemma2",
-                   "gemma3_text")
+SERVED_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "granite", "olmo2", "mixtral", "qwen3_moe", "olmoe",
+                   "gemma2", "gemma3_text")
 SERVED_VERSIONS = (2, 3)  # format 3 declares model_type nbl_<family>: its config class is registered below
 
 
