@@ -175,6 +175,7 @@ def test_launcher_configs(launcher, target):
         (["eval=quick", "eval.perplexity.seq_len=1"], "eval.perplexity.seq_len=1 must be >= 2"),
         (["speed.repeats=0"], "speed.repeats=0 must be >= 1"),
         (["speed=vllm", "speed.kv_cache_gib=0"], "speed.kv_cache_gib=0.0 must be > 0 (GiB)"),
+        (["eval=quick", "eval.backend=vllm", "eval.kv_cache_gib=-1"], "eval.kv_cache_gib=-1.0 must be > 0 (GiB)"),
         (["+num_layer=3"], "num_layer"),
         (["replacement.granularity=mlp", "selection=plan"], "selection=plan chooses attention units: add replacement.granularity=attention (got mlp)"),
         (["replacement.granularity=joint", "selection=greedy"], "granularity=joint does not support selection=greedy"),

@@ -65,6 +65,12 @@ def _positive(key: str, value: float | None, allow_none: bool = False, minimum: 
         raise ConfigError(f"{key}={value} must be >= {minimum}")
 
 
+def _kv_budget(key: str, gib: float) -> None:
+    """A vLLM engine's KV budget in GiB: any positive amount (fractions too)."""
+    if not (math.isfinite(gib) and gib > 0):
+        raise ConfigError(f"{key}={gib} must be > 0 (GiB)")
+
+
 @dataclass
 class ModelSchema:
     name: str
@@ -191,8 +197,10 @@ class EvalSchema:
     kv_cache_gib: float = 2  # vllm: the engine's KV budget
 
     def check(self) -> None:
-        if self.backend is EvalBackend.vllm and importlib.util.find_spec("vllm") is None:
-            raise ConfigError('eval.backend=vllm needs vLLM: pip install -e ".[serve-cpu]" (or ".[serve]" on GPUs)')
+        if self.backend is EvalBackend.vllm:
+            _kv_budget("eval.kv_cache_gib", self.kv_cache_gib)
+            if importlib.util.find_spec("vllm") is None:
+                raise ConfigError('eval.backend=vllm needs vLLM: pip install -e ".[serve-cpu]" (or ".[serve]" on GPUs)')
         if self.limit is not None and not self.limit > 0:
             raise ConfigError(f"eval.limit={self.limit} must be > 0 (or null for the full sets)")
         _positive("eval.batch_size", self.batch_size)
@@ -228,8 +236,7 @@ class SpeedSchema:
         if self.engine is SpeedEngine.vllm:
             for key in ("saturating_batch", "batch_prompt_len", "long_prompt_len"):
                 _positive(f"speed.{key}", getattr(self, key))
-            if not (math.isfinite(self.kv_cache_gib) and self.kv_cache_gib > 0):
-                raise ConfigError(f"speed.kv_cache_gib={self.kv_cache_gib} must be > 0 (GiB)")
+            _kv_budget("speed.kv_cache_gib", self.kv_cache_gib)
             _positive("speed.new_tokens", self.new_tokens, minimum=2)  # decode speed needs a step after the first
             if importlib.util.find_spec("vllm") is None:
                 raise ConfigError('speed.engine=vllm needs vLLM: pip install -e ".[serve-cpu]" (or ".[serve]" on GPUs)')
