@@ -254,6 +254,26 @@ def test_too_little_text_for_the_windows_names_the_settings(tmp_path, monkeypatc
         run_experiment(cfg, RunContext(tmp_path / "run"))
 
 
+def test_bos_started_perplexity_windows_without_a_bos_token_are_refused_before_the_weights_load(
+        tmp_path, monkeypatch, nbl_cache):  # fmt: skip
+    import nbl.recipe.prepare
+    from nbl.recipe.run import run_experiment
+    from nbl.recipe.state import RunContext
+
+    load_tokenizer = nbl.recipe.prepare.load_tokenizer
+
+    def without_bos(*args, **kwargs):
+        tokenizer = load_tokenizer(*args, **kwargs)
+        tokenizer.bos_token = None
+        return tokenizer
+
+    monkeypatch.setattr(nbl.recipe.prepare, "load_tokenizer", without_bos)
+    monkeypatch.setattr(nbl.recipe.prepare, "load_model", lambda *a, **k: pytest.fail("weights loaded"))
+    cfg = _compose("experiment=smoke", "eval=quick", "eval.perplexity.windows=documents")
+    with pytest.raises(ValueError, match=r"eval.perplexity.windows=documents .* has none: use eval.perplexity.windows"):
+        run_experiment(cfg, RunContext(tmp_path / "run"))
+
+
 def test_explicit_layers_name_the_folder_by_their_count():
     run_dir = str(_compose("experiment=smoke", "layers=[1,2]", "num_layers=3", hydra=True).hydra.run.dir)
     assert "_explicit-linear-k2_" in run_dir

@@ -108,3 +108,43 @@ def test_unsupported_lm_eval_version_is_named(monkeypatch):
     monkeypatch.setattr(importlib.metadata, "version", lambda name: "0.3.0")
     with pytest.raises(RuntimeError, match=r"lm-eval 0\.3\.0 is not supported"):
         check_lm_eval_version()
+
+
+def test_perplexity_windows_start_at_each_documents_bos_when_asked(converted_models, tmp_path):
+    """``eval.perplexity.windows=documents``: every window the model is scored on starts at a document's BOS (what
+    models trained with one expect at position 0: Gemma); the default cuts them from the joined text."""
+    from transformers import AutoTokenizer
+
+    from nbl.data import load_texts, token_sequences
+    from nbl.recipe.assess import evaluate_model
+
+    tokenizer = AutoTokenizer.from_pretrained(converted_models / "smollm2-135m-instruct")
+    model = nbl.models.random_model(nbl.models.tiny_config("llama", vocab_size=len(tokenizer)), seed=0)
+    scores = {}
+    for windows in ("stream", "documents"):
+        settings = {"tasks": [], "limit": None, "batch_size": 2, "num_fewshot": {}, "offline": True, "domains": [],
+                    "perplexity": {"source": "wikipedia", "seq_len": 64, "num_sequences": 3, "windows": windows}}  # fmt: skip
+        ids = token_sequences(tokenizer, load_texts("wikipedia"), 3, 64, seed=0, windows=windows)
+        assert (ids[:, 0] == tokenizer.bos_token_id).all() == (windows == "documents")
+        scores[windows] = evaluate_model(model, tokenizer, OmegaConf.create(settings), tmp_path)["perplexity"]
+        assert scores[windows] == pytest.approx(perplexity(model, ids), rel=1e-6)
+    assert scores["stream"] != scores["documents"]
+
+
+def test_documents_windows_key_the_base_evaluation_apart_while_stream_keeps_the_old_key():
+    """A cached evaluation of the base model is never reused across window kinds; keys written before the setting
+    existed (stream windows) stay valid (their names are pinned in tests/test_cache_keys.py)."""
+    from hydra import compose, initialize_config_dir
+
+    from nbl.__main__ import CONF_DIR
+    from nbl.recipe.keys import base_eval_fields
+    from nbl.recipe.schema import checked_config
+
+    evals = {}
+    for windows in ("stream", "documents"):
+        with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+            cfg = checked_config(compose("config", overrides=[f"eval.perplexity.windows={windows}"]))
+        evals[windows] = base_eval_fields(cfg, make_tiny("llama").config)["eval"]
+    assert "windows" not in evals["stream"]["perplexity"] and evals["documents"]["perplexity"]["windows"] == "documents"
+    evals["documents"]["perplexity"].pop("windows")
+    assert evals["documents"] == evals["stream"]  # the windows are the only difference

@@ -34,10 +34,11 @@ def evaluate_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, e
     """lm-eval tasks and perplexity of one model, in this process (``eval.backend=hf``) or served by vLLM."""
     start = time.perf_counter()
     ppl = eval_cfg.perplexity
+    kind = str(ppl.get("windows", "stream")) if ppl else "stream"
     windows = {
-        text: token_sequences(tokenizer, load_texts(text), ppl.num_sequences, ppl.seq_len, seed=0)
+        text: token_sequences(tokenizer, load_texts(text), ppl.num_sequences, ppl.seq_len, seed=0, windows=kind)
         for text in ([ppl.source, *eval_cfg.domains] if ppl else [])
-    }  # the perplexity text, then further texts with the same window count and length
+    }  # the perplexity text, then further texts with the same window count, length and kind
     if eval_cfg.get("backend", "hf") == "vllm":
         tasks, scores = served_evaluation(model, tokenizer, eval_cfg, cache_dir, windows)
     else:

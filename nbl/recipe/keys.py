@@ -97,6 +97,8 @@ def base_eval_fields(cfg: DictConfig, config: PretrainedConfig) -> dict[str, Any
     settings.pop("kv_cache_gib", None)  # the engine's budget does not change a score
     if settings.get("backend") == "hf":  # the default: keys written before the engine backend keep their names
         del settings["backend"]
+    if (settings.get("perplexity") or {}).get("windows") == "stream":  # likewise, before windows could be documents
+        del settings["perplexity"]["windows"]
     return {
         "model": model_fields(cfg, config),
         "eval": settings,

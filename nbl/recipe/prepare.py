@@ -14,6 +14,7 @@ from nbl.calib.passes import HookPass, LayerwisePass
 from nbl.models import DTYPES, config_json, embedded_folder, random_model, resolve_device, smollm2_folder, tiny_config
 from nbl.recipe.keys import calibration_fields
 from nbl.recipe.launch import claim_output_dir
+from nbl.recipe.schema import ConfigError
 from nbl.recipe.state import RunState
 from nbl.recipe.windows import Windows, finetune_batches
 
@@ -94,6 +95,10 @@ def load(state: RunState) -> None:
     (offloaded calibration: it waits on the CPU, each layer visits the device only while it calibrates)."""
     cfg = state.cfg
     state.tokenizer = load_tokenizer(cfg.model, state.cache_dir)
+    ppl = cfg.eval.perplexity
+    if ppl is not None and ppl.windows == "documents" and state.tokenizer.bos_token_id is None:
+        raise ConfigError("eval.perplexity.windows=documents starts each window at a BOS token, and this model's "
+                          "tokenizer has none: use eval.perplexity.windows=stream")  # fmt: skip
     state.windows = Windows(state.tokenizer, cfg, cfg.selection.holdout_sequences if state.needs_heldout_windows else 0)
     stored = stats_entry(state.cache_dir / "stats", calibration_fields(cfg, state.config)).is_file()
     if state.needs_heldout_windows or not stored:

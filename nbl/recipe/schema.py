@@ -177,6 +177,7 @@ class PerplexitySchema:
     source: str
     seq_len: int = 512
     num_sequences: int = 8
+    windows: Windows = Windows.stream  # documents: each window starts at a document's BOS (models trained so: Gemma)
 
     def check(self) -> None:
         _positive("eval.perplexity.seq_len", self.seq_len, minimum=2)
