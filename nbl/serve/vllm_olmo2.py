@@ -77,8 +77,8 @@ class Olmo2Attention(nn.Module):
         if heads % tp or (kv_heads % tp if kv_heads >= tp else tp % kv_heads):
             raise ValueError(f"OLMo 2 with {heads} heads and {kv_heads} KV heads cannot be split over {tp} ranks")
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
-        self.q_size = heads // tp * self.head_dim
-        self.kv_size = max(1, kv_heads // tp) * self.head_dim
+        local_kv_heads = max(1, kv_heads // tp)
+        self.q_size, self.kv_size = heads // tp * self.head_dim, local_kv_heads * self.head_dim
         replicas = max(1, tp // kv_heads)  # ranks that hold the same KV head (vLLM's QKVParallelLinear)
         bias = getattr(config, "attention_bias", False)
         self.qkv_proj = QKVParallelLinear(config.hidden_size, self.head_dim, heads, kv_heads, bias=bias,
@@ -88,7 +88,7 @@ class Olmo2Attention(nn.Module):
                                      config.rms_norm_eps)  # fmt: skip
         self.rotary_emb = get_rope(self.head_dim, max_position=config.max_position_embeddings,
                                    rope_parameters=config.rope_parameters)  # fmt: skip
-        self.attn = Attention(heads // tp, self.head_dim, self.head_dim**-0.5, num_kv_heads=self.kv_size // self.head_dim,
+        self.attn = Attention(heads // tp, self.head_dim, self.head_dim**-0.5, num_kv_heads=local_kv_heads,
                               cache_config=cache_config, quant_config=quant_config, prefix=f"{prefix}.attn")  # fmt: skip
         self.o_proj = RowParallelLinear(heads * self.head_dim, config.hidden_size, bias=bias, quant_config=quant_config,
                                         prefix=f"{prefix}.o_proj")  # fmt: skip
